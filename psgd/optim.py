@@ -1,0 +1,143 @@
+"""Update rules that apply a gradient to a flat parameter vector, in place.
+
+The same classes run in the single-process trainer and on the parameter server, where
+``params`` may be one shard's range of the vector. A step allocates nothing: each rule
+keeps one scratch vector. Its state is a dict of plain arrays, saved and restored exactly.
+
+L2 weight decay adds ``weight_decay * w`` to the gradient of every weight-matrix entry
+(``decay_mask`` is 1 there and 0 on biases); as the server applies it to the weights it
+holds, it is never stale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import ConfigError
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Which rule and its constants. ``momentum`` is mu for momentum and nesterov."""
+
+    name: str = "momentum"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    adagrad_eps: float = 1e-8
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OptimizerSpec":
+        try:
+            return cls(str(d["name"]), float(d["momentum"]), float(d["weight_decay"]), float(d["adagrad_eps"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"malformed optimizer description: {exc!r}") from None
+
+
+class Optimizer:
+    """Base: holds the scratch vector and weight decay; subclasses implement ``_apply``."""
+
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, spec: OptimizerSpec, size: int, dtype=np.float32, decay_mask: np.ndarray | None = None):
+        self.spec = spec
+        self.size = size
+        self.dtype = np.dtype(dtype)
+        self._scratch = np.empty(size, self.dtype)
+        self._decay = None
+        if spec.weight_decay:
+            mask = np.ones(size, self.dtype) if decay_mask is None else np.asarray(decay_mask, self.dtype)
+            if mask.shape != (size,):
+                raise ConfigError(f"decay mask has shape {mask.shape}, expected ({size},)")
+            self._decay = mask * spec.weight_decay
+            self._decayed_grad = np.empty(size, self.dtype)
+        for name in self.state_names:
+            setattr(self, name, np.zeros(size, self.dtype))
+
+    def step(self, params: np.ndarray, grad: np.ndarray, lr: float) -> None:
+        """``params -= update(grad)`` in place; ``grad`` is only read (it may be a wire buffer)."""
+        if self._decay is not None:
+            np.multiply(params, self._decay, out=self._decayed_grad)
+            self._decayed_grad += grad
+            grad = self._decayed_grad
+        self._apply(params, grad, lr)
+
+    def _apply(self, params, grad, lr):
+        raise NotImplementedError
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name).copy() for name in self.state_names}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        for name in self.state_names:
+            value = np.asarray(state[name])
+            if value.shape != (self.size,):
+                raise ConfigError(f"optimizer state {name!r} has shape {value.shape}, expected ({self.size},)")
+            getattr(self, name)[...] = value
+
+
+class SGD(Optimizer):
+    def _apply(self, params, grad, lr):
+        np.multiply(grad, lr, out=self._scratch)
+        params -= self._scratch
+
+
+class Momentum(Optimizer):
+    """Classical momentum: v <- mu v - lr g; w <- w + v."""
+
+    state_names = ("velocity",)
+
+    def _apply(self, params, grad, lr):
+        self.velocity *= self.spec.momentum
+        np.multiply(grad, lr, out=self._scratch)
+        self.velocity -= self._scratch
+        params += self.velocity
+
+
+class Nesterov(Momentum):
+    """Nesterov momentum in Sutskever's form: v <- mu v - lr g; w <- w + mu v - lr g."""
+
+    def _apply(self, params, grad, lr):
+        self.velocity *= self.spec.momentum
+        np.multiply(grad, lr, out=self._scratch)
+        self.velocity -= self._scratch
+        params -= self._scratch
+        np.multiply(self.velocity, self.spec.momentum, out=self._scratch)
+        params += self._scratch
+
+
+class Adagrad(Optimizer):
+    """Per-element rates, as Downpour ran on its servers: w <- w - lr g / (sqrt(sum g^2) + eps)."""
+
+    state_names = ("sum_sq",)
+
+    def _apply(self, params, grad, lr):
+        s = self._scratch
+        np.multiply(grad, grad, out=s)
+        self.sum_sq += s
+        np.sqrt(self.sum_sq, out=s)
+        s += self.spec.adagrad_eps
+        np.divide(grad, s, out=s)
+        s *= lr
+        params -= s
+
+
+_RULES = {"sgd": SGD, "momentum": Momentum, "nesterov": Nesterov, "adagrad": Adagrad}
+
+
+def make_optimizer(spec: OptimizerSpec, size: int, dtype=np.float32, decay_mask=None) -> Optimizer:
+    return _RULES[spec.name](spec, size, dtype, decay_mask)
