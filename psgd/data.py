@@ -1,0 +1,194 @@
+"""Data sets in memory: loading, validation split, sharding, minibatches, augmentation.
+
+A :class:`Dataset` is inputs ``X`` (N, D) float32 and targets ``y``: integer class labels
+(N,) for classification, or reals (N, K) for regression. Everything here is seeded and
+deterministic, so every worker of a cluster derives the same split and the same shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import mnist
+from .errors import DataError
+
+NPZ_TEST_FRACTION = 0.1  # held out as the test set of an .npz that brings none
+
+
+@dataclass(frozen=True)
+class Dataset:
+    X: np.ndarray
+    y: np.ndarray
+    n_classes: int = 0  # 0 for real-valued targets
+    image_shape: tuple[int, int] | None = None  # (H, W) when rows are images, for augmentation
+    name: str = ""
+
+    def __len__(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def n_inputs(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def n_outputs(self) -> int:
+        return self.n_classes if self.n_classes else (1 if self.y.ndim == 1 else self.y.shape[1])
+
+    def n_outputs_for(self, loss: str) -> int:
+        """Output units a network needs: one 0/1 unit for two classes under ``bce``."""
+        return 1 if loss == "bce" and self.n_classes == 2 else self.n_outputs
+
+    def subset(self, index: np.ndarray) -> "Dataset":
+        return replace(self, X=self.X[index], y=self.y[index])
+
+    def targets_for(self, loss: str) -> np.ndarray:
+        """Targets in the form the loss wants: labels for softmax_ce, (N, K) floats otherwise."""
+        if loss == "softmax_ce":
+            if not self.n_classes:
+                raise DataError(f"{self.name}: softmax_ce needs class labels, the data has real targets")
+            return self.y
+        if loss == "bce" and self.n_classes:
+            if self.n_classes == 2:
+                return self.y.astype(self.X.dtype).reshape(-1, 1)
+            return np.eye(self.n_classes, dtype=self.X.dtype)[self.y]
+        y = self.y.astype(self.X.dtype)
+        return y.reshape(-1, 1) if y.ndim == 1 else y
+
+
+def load(name: str, data_dir: Path | None = None, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """``(train, test)`` for ``"mnist"`` or the path of an ``.npz`` with arrays X and y."""
+    if name == "mnist":
+        return load_mnist(data_dir)
+    path = Path(name)
+    if path.suffix == ".npz" or path.is_file():
+        return load_npz(path, seed)
+    raise DataError(f"unknown data set {name!r}: give 'mnist' or the path of an .npz file with arrays X and y")
+
+
+def load_mnist(data_dir: Path | None = None) -> tuple[Dataset, Dataset]:
+    """MNIST with pixels scaled to [0, 1], images flattened to 784 columns."""
+    raw = mnist.load(data_dir)
+
+    def make(images, labels):
+        X = images.reshape(images.shape[0], -1).astype(np.float32)
+        X *= 1.0 / 255.0
+        return Dataset(X, labels.astype(np.int64), 10, (28, 28), "mnist")
+
+    return make(raw["train_images"], raw["train_labels"]), make(raw["test_images"], raw["test_labels"])
+
+
+def load_npz(path: Path, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """An ``.npz`` with ``X`` (N, D) and ``y``: integer labels (N,) or real targets (N,) / (N, K).
+
+    With ``X_test`` and ``y_test`` those are the test set; otherwise a seeded 10% is held out."""
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npz ({exc})") from None
+    for key in ("X", "y"):
+        if key not in arrays:
+            raise DataError(f"{path}: needs arrays 'X' and 'y', has {sorted(arrays)}")
+
+    def make(X, y, part):
+        X = np.asarray(X)
+        if X.ndim == 1:
+            X = X.reshape(-1, 1)
+        if X.ndim != 2 or len(X) != len(y) or not np.issubdtype(X.dtype, np.number):
+            raise DataError(f"{path}: {part} X must be numeric (N, D) with one y per row; got X {X.shape}, y {np.shape(y)}")
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        if np.issubdtype(y.dtype, np.integer):
+            if y.ndim != 1 or y.min() < 0:
+                raise DataError(f"{path}: integer y must be class labels 0..K-1, shape (N,)")
+            return Dataset(X, y.astype(np.int64), int(y.max()) + 1, None, path.name)
+        return Dataset(X, np.asarray(y, np.float32), 0, None, path.name)
+
+    train = make(arrays["X"], arrays["y"], "training")
+    if "X_test" in arrays and "y_test" in arrays:
+        test = make(arrays["X_test"], arrays["y_test"], "test")
+        if train.n_classes:
+            test = replace(test, n_classes=max(train.n_classes, test.n_classes))
+            train = replace(train, n_classes=test.n_classes)
+        return train, test
+    return split(train, max(1, int(len(train) * NPZ_TEST_FRACTION)), seed)
+
+
+def split(data: Dataset, n_held_out: int, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """``(rest, held_out)``: a seeded random ``n_held_out`` rows set apart (e.g. validation)."""
+    if not 0 < n_held_out < len(data):
+        raise DataError(f"cannot hold out {n_held_out} of {len(data)} examples")
+    order = np.random.default_rng(seed).permutation(len(data))
+    return data.subset(np.sort(order[n_held_out:])), data.subset(np.sort(order[:n_held_out]))
+
+
+def shard_indices(n: int, shard: int, num_shards: int, seed: int = 0) -> np.ndarray:
+    """Rows of shard ``shard`` of ``num_shards``: disjoint, nearly equal, together all of 0..n-1."""
+    if not 0 <= shard < num_shards:
+        raise DataError(f"shard {shard} is not in 0..{num_shards - 1}")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(np.array_split(order, num_shards)[shard])
+
+
+def shard(data: Dataset, shard_id: int, num_shards: int, seed: int = 0) -> Dataset:
+    return data.subset(shard_indices(len(data), shard_id, num_shards, seed))
+
+
+class Minibatches:
+    """Endless seeded minibatches, reshuffled every epoch, gathered into reused buffers.
+
+    ``next()`` returns ``(X, T)`` views that stay valid until the following call. The last
+    batch of an epoch may be smaller; ``epoch`` counts completed passes.
+    """
+
+    def __init__(self, X: np.ndarray, T: np.ndarray, batch_size: int, seed: int = 0,
+                 augment_shape: tuple[int, int] | None = None):
+        if batch_size <= 0:
+            raise DataError(f"batch size must be > 0, got {batch_size}")
+        self.X, self.T, self.batch_size = X, T, min(batch_size, len(X))
+        self.rng = np.random.default_rng(seed)
+        self.augment_shape = augment_shape
+        self.epoch = 0
+        self._order = self.rng.permutation(len(X))
+        self._pos = 0
+        self._xbuf = np.empty((self.batch_size, X.shape[1]), X.dtype)
+        self._tbuf = np.empty((self.batch_size,) + T.shape[1:], T.dtype)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._pos >= len(self._order):
+            self.epoch += 1
+            self._order = self.rng.permutation(len(self.X))
+            self._pos = 0
+        idx = self._order[self._pos:self._pos + self.batch_size]
+        self._pos += len(idx)
+        x, t = self._xbuf[:len(idx)], self._tbuf[:len(idx)]
+        np.take(self.X, idx, axis=0, out=x)
+        np.take(self.T, idx, axis=0, out=t)
+        if self.augment_shape is not None:
+            x[...] = random_shift(x, self.augment_shape, self.rng)
+        return x, t
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.X) // self.batch_size)
+
+
+def random_shift(X: np.ndarray, shape: tuple[int, int], rng: np.random.Generator, max_shift: int = 2) -> np.ndarray:
+    """Each image (a row of ``X``) moved by up to ``max_shift`` pixels in x and y, zero-filled."""
+    B = X.shape[0]
+    H, W = shape
+    p = max_shift
+    padded = np.zeros((B, H + 2 * p, W + 2 * p), X.dtype)
+    padded[:, p:p + H, p:p + W] = X.reshape(B, H, W)
+    dy = rng.integers(0, 2 * p + 1, B)
+    dx = rng.integers(0, 2 * p + 1, B)
+    rows = (dy[:, None] + np.arange(H))[:, :, None]
+    cols = (dx[:, None] + np.arange(W))[:, None, :]
+    return padded[np.arange(B)[:, None, None], rows, cols].reshape(B, H * W)

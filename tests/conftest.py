@@ -1,0 +1,28 @@
+"""Shared fixtures: where MNIST lives, and small helpers every layer of tests uses."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def mnist_data_dir() -> Path:
+    """$PSGD_DATA_DIR if set (CI points it at ../shared/datasets), else ../shared/datasets."""
+    env = os.environ.get("PSGD_DATA_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = mnist_data_dir()
+    if not any((d / sub / "train-images-idx3-ubyte.gz").exists() for sub in ("mnist", ".")):
+        pytest.fail(f"MNIST not found under {d}: set PSGD_DATA_DIR to the folder holding mnist/")
+    return d
+
+
+@pytest.fixture(scope="session")
+def mnist(data_dir):
+    from psgd.data import load_mnist
+    return load_mnist(data_dir)
