@@ -1,0 +1,253 @@
+"""The ``psgd`` command: the only module that imports click.
+
+Every option can also come from an environment variable ``PSGD_<OPTION>`` (upper case,
+dashes as underscores), and a whole training run from ``--config FILE`` (JSON, the
+form written to a run directory's config.json); options given explicitly win.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .config import TRANSPORTS, TrainConfig
+from .errors import PsgdError
+from .functions import ACTIVATIONS, LOSSES
+from .network import ModelSpec, parse_sizes
+from .optim import OPTIMIZERS, OptimizerSpec
+from .schedules import SCHEDULES, ScheduleSpec
+
+
+class PsgdGroup(click.Group):
+    """Turns any PsgdError into a one-line message and exit status 2, not a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PsgdError as exc:
+            click.echo(f"psgd: error: {exc}", err=True)
+            ctx.exit(2)
+
+
+def env_option(*decls, **kwargs):
+    """A click option that also reads PSGD_<NAME> from the environment."""
+    name = next(d for d in decls if d.startswith("--")).lstrip("-").split("/")[0]
+    kwargs.setdefault("envvar", "PSGD_" + name.upper().replace("-", "_"))
+    kwargs.setdefault("show_default", True)
+    return click.option(*decls, **kwargs)
+
+
+@click.group(cls=PsgdGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="psgd")
+def cli():
+    """psgd: asynchronous SGD on a parameter server (Downpour), for multi-layer perceptrons."""
+
+
+# --- shared option sets ----------------------------------------------------------------
+
+def data_options(f):
+    f = env_option("--data-dir", type=click.Path(file_okay=False), default=None,
+                   help="Folder holding MNIST (or where to fetch it). Default: the user cache, ~/.cache/psgd.")(f)
+    f = env_option("--data", default="mnist", help="'mnist' or the path of an .npz with arrays X and y.")(f)
+    return f
+
+
+_DEFAULT = TrainConfig()
+
+
+def training_options(f):
+    opts = [
+        env_option("--config", "config_file", type=click.Path(dir_okay=False, exists=True), default=None,
+                   envvar="PSGD_CONFIG", help="A JSON run configuration; options given here override it."),
+        env_option("--layers", default=",".join(map(str, _DEFAULT.model.sizes)), help="Layer sizes, input to output."),
+        env_option("--activation", type=click.Choice(list(ACTIVATIONS)), default=_DEFAULT.model.hidden, help="Hidden units."),
+        env_option("--loss", type=click.Choice(list(LOSSES)), default=_DEFAULT.model.loss,
+                   help="Output and error: softmax_ce (classes), bce (0/1 targets), sse (regression)."),
+        env_option("--dtype", type=click.Choice(["float32", "float64"]), default=_DEFAULT.model.dtype),
+        env_option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=_DEFAULT.optimizer.name),
+        env_option("--momentum", type=float, default=_DEFAULT.optimizer.momentum),
+        env_option("--weight-decay", type=float, default=_DEFAULT.optimizer.weight_decay, help="L2 coefficient."),
+        env_option("--lr", type=float, default=_DEFAULT.schedule.lr, help="Learning rate (a0 of the schedule)."),
+        env_option("--schedule", type=click.Choice(list(SCHEDULES)), default=_DEFAULT.schedule.name),
+        env_option("--lr-tau", type=float, default=_DEFAULT.schedule.tau, help="diminishing: a0/(1+k/tau)."),
+        env_option("--lr-every", type=int, default=_DEFAULT.schedule.every, help="step: updates between drops."),
+        env_option("--lr-factor", type=float, default=_DEFAULT.schedule.factor, help="step/plateau: multiply by this."),
+        env_option("--lr-patience", type=int, default=_DEFAULT.schedule.patience, help="plateau: evaluations without gain."),
+        env_option("--warmup", type=int, default=_DEFAULT.schedule.warmup, help="Updates of linear warm-up."),
+        env_option("--batch-size", type=int, default=_DEFAULT.batch_size),
+        env_option("--epochs", type=float, default=_DEFAULT.epochs),
+        env_option("--seed", type=int, default=_DEFAULT.seed),
+        env_option("--validation", type=int, default=_DEFAULT.validation, help="Examples held out for validation."),
+        env_option("--dropout", type=float, default=_DEFAULT.dropout),
+        env_option("--augment/--no-augment", default=_DEFAULT.augment, help="Random 2-pixel shifts of images."),
+        env_option("--target-accuracy", type=float, default=None, help="Stop once validation accuracy reaches this."),
+        env_option("--evals-per-epoch", type=int, default=_DEFAULT.evals_per_epoch),
+        env_option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/latest",
+                   help="Run directory: weights, metrics.jsonl, summary.json, config.json."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return data_options(f)
+
+
+def build_config(ctx: click.Context, **kw) -> TrainConfig:
+    """A TrainConfig from a config file (if any) overridden by explicitly given options."""
+    from_file = kw.get("config_file") is not None
+    base = TrainConfig.from_dict(read_json(Path(kw["config_file"]))) if from_file else _DEFAULT
+
+    def given(name):
+        return not from_file or ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+
+    def pick(name, current):
+        return kw[name] if given(name) else current
+
+    model = ModelSpec(
+        parse_sizes(kw["layers"]) if given("layers") else base.model.sizes,
+        pick("activation", base.model.hidden), pick("loss", base.model.loss), pick("dtype", base.model.dtype),
+    )
+    optimizer = OptimizerSpec(pick("optimizer", base.optimizer.name), pick("momentum", base.optimizer.momentum),
+                              pick("weight_decay", base.optimizer.weight_decay))
+    schedule = ScheduleSpec(pick("schedule", base.schedule.name), pick("lr", base.schedule.lr),
+                            pick("lr_tau", base.schedule.tau), pick("lr_every", base.schedule.every),
+                            pick("lr_factor", base.schedule.factor), pick("lr_patience", base.schedule.patience),
+                            pick("warmup", base.schedule.warmup))
+    fields = ["data", "data_dir", "batch_size", "epochs", "seed", "validation", "dropout", "augment",
+              "target_accuracy", "evals_per_epoch", "out_dir", "workers", "n_fetch", "n_push", "transport"]
+    changes = {name: pick(name, getattr(base, name)) for name in fields if name in kw}
+    return base.with_(model=model, optimizer=optimizer, schedule=schedule, **changes)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PsgdError(f"cannot read {path} as JSON: {exc}") from None
+
+
+# --- progress ---------------------------------------------------------------------------
+
+class Progress:
+    """A one-line progress bar on a terminal; plain evaluation lines otherwise."""
+
+    WIDTH = 30
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.total = 1
+        self.last_eval = ""
+
+    def __call__(self, kind, info):
+        if kind == "start":
+            self.total = max(1, info["total_examples"])
+        elif kind == "progress" and self.tty:
+            frac = min(1.0, info["examples"] / self.total)
+            bar = "#" * int(frac * self.WIDTH)
+            self.stream.write(f"\r[{bar:<{self.WIDTH}}] {frac:4.0%} loss {info['loss']:.4f} {self.last_eval}\x1b[K")
+            self.stream.flush()
+        elif kind == "eval":
+            acc = info.get("val_accuracy")
+            self.last_eval = f"val acc {acc:.2%}" if acc is not None else f"val loss {info['val_loss']:.4f}"
+            line = (f"epoch {info['epoch']:5.2f}  updates {info['updates']:6d}  lr {info['lr']:.4g}  "
+                    f"train loss {info['train_loss']:.4f}  val loss {info['val_loss']:.4f}"
+                    + (f"  val acc {acc:.2%}" if acc is not None else ""))
+            if "staleness_mean" in info:
+                line += f"  staleness {info['staleness_mean']:.2f}"
+            self.stream.write(("\r\x1b[K" if self.tty else "") + line + "\n")
+            self.stream.flush()
+
+
+def print_summary(summary: dict) -> None:
+    acc = summary.get("test_accuracy")
+    if acc is not None:
+        click.echo(f"test accuracy {acc:.2%} (test loss {summary['test_loss']:.4f})")
+    else:
+        click.echo(f"test loss {summary['test_loss']:.6f}")
+    click.echo(f"{summary['examples']} examples, {summary['updates']} updates in {summary['train_time']:.2f} s of training "
+               f"({summary['examples_per_s'] / 1e3:.1f}k examples/s), {summary['wall_time']:.2f} s in all")
+    for line in summary.get("report", []):
+        click.echo(line)
+
+
+# --- commands ---------------------------------------------------------------------------
+
+@cli.command()
+@training_options
+@env_option("--workers", type=int, default=_DEFAULT.workers, help="0: train in this process; N: a local cluster.")
+@env_option("--n-fetch", type=int, default=_DEFAULT.n_fetch, help="Pull weights every n steps (Downpour).")
+@env_option("--n-push", type=int, default=_DEFAULT.n_push, help="Push the summed gradient every n steps (Downpour).")
+@env_option("--transport", type=click.Choice(TRANSPORTS), default=_DEFAULT.transport,
+            help="How local workers push: auto (shared memory), shm, or zmq (the network path).")
+@click.pass_context
+def train(ctx, **kw):
+    """Train a network: in this process (--workers 0) or on a local cluster (--workers N)."""
+    config = build_config(ctx, **kw)
+    progress = Progress()
+    if config.workers == 0:
+        from .trainer import train_single
+        summary = train_single(config, progress)
+    else:
+        from .launch import train_cluster
+        summary = train_cluster(config, progress)
+    print_summary(summary)
+    if config.out_dir:
+        click.echo(f"run written to {config.out_dir}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@data_options
+@env_option("--split", type=click.Choice(["test", "train"]), default="test")
+def evaluate(model, data, data_dir, split):
+    """Print loss and accuracy of saved weights (a run's weights.npz) on a data set."""
+    from .data import load
+    from .modelio import load_model
+    from .network import MLP
+    spec, params, _ = load_model(Path(model))
+    train_set, test_set = load(data, data_dir)
+    dataset = test_set if split == "test" else train_set
+    n_out = dataset.n_outputs_for(spec.loss)
+    if spec.sizes[0] != dataset.n_inputs or spec.sizes[-1] != n_out:
+        raise PsgdError(f"model {','.join(map(str, spec.sizes))} does not fit {dataset.name} "
+                        f"({dataset.n_inputs} inputs, {n_out} outputs)")
+    net = MLP(spec)
+    loss, acc = net.evaluate(params, dataset.X.astype(net.dtype), dataset.targets_for(spec.loss))
+    click.echo(f"{split} loss {loss:.4f}" + (f"  accuracy {acc:.2%}" if acc is not None else "")
+               + f"  ({len(dataset)} examples)")
+
+
+@cli.command()
+@env_option("--seed", type=int, default=0)
+def gradcheck(seed):
+    """Check backpropagation against central finite differences, every combination."""
+    from .gradcheck import TOLERANCE, check_all
+    results = check_all(seed)
+    click.echo(f"{'hidden':<10} {'loss':<12} {'relative error':>15}  ok (< {TOLERANCE:g})")
+    for r in results:
+        click.echo(f"{r.hidden:<10} {r.loss:<12} {r.relative_error:15.3e}  {'yes' if r.ok else 'NO'}")
+    bad = [r for r in results if not r.ok]
+    if bad:
+        click.echo(f"{len(bad)} of {len(results)} combinations FAILED", err=True)
+        sys.exit(1)
+    click.echo(f"all {len(results)} combinations pass")
+
+
+@cli.command()
+@env_option("--data-dir", type=click.Path(file_okay=False), default=None, help="Default: the user cache.")
+@env_option("--mirror", "mirrors", multiple=True, help="A mirror base URL (repeatable); default: the known mirrors.")
+def fetch(data_dir, mirrors):
+    """Download MNIST into the data folder, verified against the original release."""
+    from . import mnist
+    target = mnist.fetch(Path(data_dir) if data_dir else None, mirrors or mnist.MIRRORS, log=click.echo)
+    click.echo(f"MNIST is in {target} and verified")
+
+
+def main():
+    cli(prog_name="psgd")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The configuration of a training run, frozen, with documented defaults.
+
+One :class:`TrainConfig` describes a run whether it is trained by one process
+(``workers == 0``) or by a local cluster, so the two can be compared flag for flag.
+The CLI builds it from options (each also readable from a ``PSGD_*`` variable).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+from .errors import ConfigError
+from .network import ModelSpec
+from .optim import OptimizerSpec
+from .schedules import ScheduleSpec
+
+TRANSPORTS = ("auto", "zmq", "shm")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    data: str = "mnist"  # "mnist" or the path of an .npz with X and y
+    data_dir: str | None = None  # where MNIST lives; None: $PSGD_DATA_DIR or the user cache
+    batch_size: int = 128
+    epochs: float = 10.0  # passes over the training set (all workers together)
+    seed: int = 0
+    validation: int = 5000  # examples held out of the training set for validation
+    dropout: float = 0.0
+    augment: bool = False  # random shifts of up to 2 pixels, for image data
+    target_accuracy: float | None = None  # stop once validation accuracy reaches this
+    out_dir: str | None = None  # where weights and metrics go; None: write nothing
+    evals_per_epoch: int = 1
+    # the distributed run (ignored when workers == 0)
+    workers: int = 0
+    n_fetch: int = 1  # pull fresh weights every n_fetch steps (Downpour)
+    n_push: int = 1  # push the accumulated gradient every n_push steps (Downpour)
+    transport: str = "auto"  # auto: shared memory for workers on the server's machine
+
+    def __post_init__(self):
+        checks = [
+            (self.batch_size > 0, "batch size must be > 0"),
+            (self.epochs > 0, "epochs must be > 0"),
+            (self.validation >= 0, "validation size must be >= 0"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.workers >= 0, "workers must be >= 0"),
+            (self.n_fetch >= 1 and self.n_push >= 1, "n_fetch and n_push must be >= 1"),
+            (self.transport in TRANSPORTS, f"transport must be one of {', '.join(TRANSPORTS)}"),
+            (self.evals_per_epoch >= 1, "evals per epoch must be >= 1"),
+            (self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target accuracy must be in (0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        try:
+            model = ModelSpec.from_dict(d.pop("model", ModelSpec().to_dict()))
+            optimizer = OptimizerSpec(**d.pop("optimizer", {}))
+            schedule = ScheduleSpec(**d.pop("schedule", {}))
+            return cls(model=model, optimizer=optimizer, schedule=schedule, **d)
+        except TypeError as exc:
+            raise ConfigError(f"bad configuration: {exc}") from None
+
+    def with_(self, **changes) -> "TrainConfig":
+        return replace(self, **changes)

@@ -1,0 +1,56 @@
+"""Saved weights: an .npz with the flat vector, its layout and the model description.
+
+Written atomically (temporary file, fsync, rename), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .layout import Layout
+from .network import MLP, ModelSpec
+
+
+def atomic_write_bytes(path: Path, writer) -> None:
+    """Call ``writer(fileobj)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_model(path: Path, spec: ModelSpec, params: np.ndarray, **extra) -> None:
+    layout = MLP(spec).layout
+    meta = {"model": spec.to_dict(), "layout": layout.to_wire(), **extra}
+    atomic_write_bytes(path, lambda f: np.savez(f, params=params, meta=np.array(json.dumps(meta))))
+
+
+def load_model(path: Path) -> tuple[ModelSpec, np.ndarray, dict]:
+    """``(spec, params, meta)`` from a file written by :func:`save_model`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"model file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            params = f["params"]
+            meta = json.loads(str(f["meta"]))
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{path}: not a psgd model file ({exc})") from None
+    spec = ModelSpec.from_dict(meta["model"])
+    if Layout.from_wire(meta["layout"]) != MLP(spec).layout or params.shape != (MLP(spec).n_params,):
+        raise DataError(f"{path}: weights do not match the model they describe")
+    return spec, params.astype(spec.dtype, copy=False), meta

@@ -1,0 +1,59 @@
+"""Shared helpers for the benchmarks: a clean BLAS environment, the kernel in use, timing.
+
+This machine family sets OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE, which make a current
+numpy pick a slower kernel. A user's machine would not, so every benchmark re-executes
+itself once with both removed (``--keep-blas-env`` keeps them) and prints the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+BLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def clean_blas_env(argv: list[str]) -> None:
+    """Re-exec this script without the OpenBLAS overrides, unless asked to keep them."""
+    if "--keep-blas-env" in argv:
+        argv.remove("--keep-blas-env")
+        return
+    if any(v in os.environ for v in BLAS_VARS):
+        env = {k: v for k, v in os.environ.items() if k not in BLAS_VARS}
+        os.execve(sys.executable, [sys.executable] + argv, env)
+
+
+def blas_description() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "BLAS: unknown (pip install threadpoolctl to see the kernel)"
+    rows = []
+    for info in threadpool_info():
+        if info.get("user_api") == "blas":
+            rows.append(f"{info.get('internal_api')} {info.get('version')} kernel={info.get('architecture')} "
+                        f"threads={info.get('num_threads')} ({os.path.basename(info.get('filepath', ''))})")
+    overrides = ", ".join(f"{v}={os.environ[v]}" for v in BLAS_VARS if v in os.environ) or "none"
+    return "BLAS: " + ("; ".join(rows) or "none found") + f"; OpenBLAS overrides: {overrides}"
+
+
+def median_time(fn, repeats: int, warmup: int = 5) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def have_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+        return True
+    except ImportError:
+        return False
