@@ -146,13 +146,15 @@ class Progress:
         elif kind == "progress" and self.tty:
             frac = min(1.0, info["examples"] / self.total)
             bar = "#" * int(frac * self.WIDTH)
-            self.stream.write(f"\r[{bar:<{self.WIDTH}}] {frac:4.0%} loss {info['loss']:.4f} {self.last_eval}\x1b[K")
+            loss = f"loss {info['loss']:.4f} " if info.get("loss") is not None else ""
+            self.stream.write(f"\r[{bar:<{self.WIDTH}}] {frac:4.0%} {loss}{self.last_eval}\x1b[K")
             self.stream.flush()
         elif kind == "eval":
             acc = info.get("val_accuracy")
             self.last_eval = f"val acc {acc:.2%}" if acc is not None else f"val loss {info['val_loss']:.4f}"
+            train_loss = f"train loss {info['train_loss']:.4f}  " if info.get("train_loss") is not None else ""
             line = (f"epoch {info['epoch']:5.2f}  updates {info['updates']:6d}  lr {info['lr']:.4g}  "
-                    f"train loss {info['train_loss']:.4f}  val loss {info['val_loss']:.4f}"
+                    f"{train_loss}val loss {info['val_loss']:.4f}"
                     + (f"  val acc {acc:.2%}" if acc is not None else ""))
             if "staleness_mean" in info:
                 line += f"  staleness {info['staleness_mean']:.2f}"
@@ -243,6 +245,52 @@ def fetch(data_dir, mirrors):
     from . import mnist
     target = mnist.fetch(Path(data_dir) if data_dir else None, mirrors or mnist.MIRRORS, log=click.echo)
     click.echo(f"MNIST is in {target} and verified")
+
+
+@cli.command()
+@training_options
+@env_option("--bind", default="tcp://*:5555", help="ZeroMQ endpoint to listen on (port 0: any free port).")
+@env_option("--num-shards", type=int, default=1, help="Data shards to hand out to workers (usually the worker count).")
+@env_option("--shm/--no-shm", "shared_memory", default=True,
+            help="Offer workers on this machine the shared-memory fast path.")
+@env_option("--ready-file", type=click.Path(dir_okay=False), default=None,
+            help="Write {endpoint, pid} as JSON here once listening.")
+@env_option("--max-updates", type=int, default=None, help="Stop after this many applied pushes.")
+@env_option("--deadline", type=float, default=None, help="Stop after this many seconds.")
+@click.pass_context
+def server(ctx, bind, num_shards, shared_memory, ready_file, max_updates, deadline, **kw):
+    """Run a parameter server: hold the weights, apply every push the moment it arrives."""
+    from .server import Server, ServerOptions
+    kw.update(workers=0)
+    config = build_config(ctx, **kw)
+    srv = Server(config, ServerOptions(bind, num_shards, shared_memory, ready_file, max_updates, deadline))
+    click.echo(f"psgd server listening on {srv.endpoint} ({config.model.sizes}, {srv.state.size} parameters)")
+    stats = srv.run()
+    click.echo(f"server stopped at version {stats['version']}; errors {stats['errors'] or 'none'}")
+
+
+@cli.command()
+@env_option("--connect", default="tcp://127.0.0.1:5555", help="The server's ZeroMQ endpoint.")
+@env_option("--name", default="", help="How the server's statistics name this worker.")
+@env_option("--transport", type=click.Choice(TRANSPORTS), default="auto",
+            help="auto: shared memory if the server is on this machine, else zmq.")
+@env_option("--shard", type=int, default=None, help="Data shard to train on (default: the server assigns one).")
+@env_option("--data-dir", type=click.Path(file_okay=False), default=None)
+@env_option("--batch-size", type=int, default=None, help="Default: the run's, from the server.")
+@env_option("--n-fetch", type=int, default=None, help="Default: the run's, from the server.")
+@env_option("--n-push", type=int, default=None, help="Default: the run's, from the server.")
+@env_option("--max-steps", type=int, default=None, help="Stop after this many minibatches.")
+@env_option("--server-wait", type=float, default=None, help="Seconds to keep trying an absent server.")
+def worker(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps, server_wait):
+    """Run a worker: pull weights, compute gradients on a data shard, push them (Downpour)."""
+    from .transport import SERVER_WAIT_S
+    from .worker import Worker, WorkerOptions
+    options = WorkerOptions(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps,
+                            server_wait if server_wait is not None else SERVER_WAIT_S)
+    stats = Worker(options).run()
+    mean = stats["staleness_sum"] / stats["pushes"] if stats["pushes"] else 0.0
+    click.echo(f"worker done: {stats['steps']} steps, {stats['pushes']} pushes, {stats['examples']} examples, "
+               f"mean staleness {mean:.2f}, compute {stats['compute_s']:.2f} s, communication {stats['comm_s']:.2f} s")
 
 
 def main():

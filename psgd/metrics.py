@@ -1,0 +1,85 @@
+"""Counters the server keeps and the launcher reports: staleness histogram, worker records."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+STALENESS_CAP = 64  # exact counts for 0..CAP-1, one overflow bucket beyond
+
+
+@dataclass
+class StalenessHistogram:
+    """Exact counts per staleness value below ``cap``; larger values share the last bucket."""
+
+    cap: int = STALENESS_CAP
+    counts: list[int] = field(default_factory=list)
+    max_seen: int = 0
+
+    def __post_init__(self):
+        if not self.counts:
+            self.counts = [0] * (self.cap + 1)
+
+    def add(self, staleness: int) -> None:
+        self.counts[min(staleness, self.cap)] += 1
+        self.max_seen = max(self.max_seen, staleness)
+
+    def merge(self, other: "StalenessHistogram") -> None:
+        for i, c in enumerate(other.counts):
+            self.counts[i] += c
+        self.max_seen = max(self.max_seen, other.max_seen)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def mean(self) -> float:
+        """Mean, counting the overflow bucket at ``cap`` (a lower bound when it is not empty)."""
+        n = self.total
+        return sum(i * c for i, c in enumerate(self.counts)) / n if n else 0.0
+
+    def quantile(self, q: float) -> int:
+        n = self.total
+        if not n:
+            return 0
+        rank, seen = q * (n - 1), 0
+        for value, c in enumerate(self.counts):
+            seen += c
+            if seen > rank:
+                return value
+        return self.cap
+
+    def summary(self) -> dict:
+        return {"mean": self.mean(), "p50": self.quantile(0.5), "p99": self.quantile(0.99), "max": self.max_seen,
+                "count": self.total}
+
+    def to_dict(self) -> dict:
+        return {"cap": self.cap, "counts": list(self.counts), "max": self.max_seen}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StalenessHistogram":
+        return cls(int(d["cap"]), [int(c) for c in d["counts"]], int(d["max"]))
+
+
+@dataclass
+class WorkerRecord:
+    """What the server knows of one worker."""
+
+    worker_id: int
+    name: str
+    shard: int
+    transport: str
+    joined: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    pushes: int = 0
+    examples: int = 0
+    refused: int = 0
+    staleness: StalenessHistogram = field(default_factory=StalenessHistogram)
+    connected: bool = True
+
+    def to_dict(self, now: float) -> dict:
+        alive_for = max(now - self.joined, 1e-9)
+        return {"worker_id": self.worker_id, "name": self.name, "shard": self.shard, "transport": self.transport,
+                "pushes": self.pushes, "examples": self.examples, "refused": self.refused,
+                "examples_per_s": self.examples / alive_for, "last_seen_s_ago": now - self.last_seen,
+                "connected": self.connected, "staleness": self.staleness.to_dict()}

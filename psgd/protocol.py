@@ -1,0 +1,152 @@
+"""The psgd wire protocol as pure functions: ``encode(header, arrays) -> frames`` and
+``decode(frames) -> Message``. docs/protocol.md is its specification.
+
+A message is one msgpack header frame followed by one raw frame per array. The header
+names each array's dtype, shape and offset in the flat parameter vector, so array bytes
+never pass through msgpack (an array in a msgpack bin costs ~100x a raw frame) and are
+never pickled. Anything malformed raises :class:`ProtocolError` with a stable code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgpack
+import numpy as np
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+MAX_ARRAYS = 16
+DTYPES = {"<f4": np.dtype("<f4"), "<f8": np.dtype("<f8")}
+
+# Fields every message of a type must carry, with their types. Optional fields are
+# checked where they are used. ``arrays`` is implied by the frames.
+_INT = (int,)
+_NUM = (int, float)
+_STR = (str,)
+SCHEMAS: dict[str, dict[str, tuple]] = {
+    "hello": {"worker": _STR, "transport": _STR},
+    "welcome": {"worker_id": _INT, "model": (dict,), "optimizer": (dict,), "run": (dict,), "version": _INT,
+                "shard": _INT, "num_shards": _INT, "range": (list,)},
+    "pull": {},
+    "params": {"version": _INT},
+    "push": {"worker_id": _INT, "base_version": _INT, "examples": _INT},
+    "ack": {"version": _INT, "staleness": _INT},
+    "stats": {},
+    "stats_reply": {"stats": (dict,)},
+    "observe": {"validation_error": _NUM},
+    "ok": {},
+    "bye": {},
+    "shutdown": {},
+    "error": {"code": _STR, "message": _STR},
+}
+MESSAGE_TYPES = frozenset(SCHEMAS)
+
+# Error codes carried by ``error`` replies (docs/protocol.md lists their meaning).
+ERROR_CODES = ("bad_frames", "bad_header", "bad_version", "bad_type", "bad_field", "bad_array",
+               "bad_range", "not_finite", "future_version", "unknown_worker", "not_ready")
+
+
+@dataclass
+class Message:
+    """A decoded message: its header dict and its arrays (read-only views on the frames)."""
+
+    header: dict
+    arrays: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def type(self) -> str:
+        return self.header["type"]
+
+    def __getitem__(self, key):
+        return self.header[key]
+
+    def get(self, key, default=None):
+        return self.header.get(key, default)
+
+    def offset(self, i: int) -> int:
+        """Where array ``i`` starts in the flat parameter vector."""
+        return self.header["arrays"][i]["offset"]
+
+
+def encode(header: dict, arrays: tuple | list = (), offsets: tuple | list | None = None) -> list:
+    """Frames for one message. ``header`` holds ``type`` and its fields (``v``, ``sender``
+    and ``seq`` are the caller's to set or default here). Arrays are 1-D, C-contiguous;
+    ``offsets`` gives each one's start in the flat parameter vector (default 0).
+
+    The returned frames reference the arrays' memory: send them before changing the arrays,
+    or send with copy=True.
+    """
+    meta = []
+    offsets = offsets if offsets is not None else [0] * len(arrays)
+    for arr, off in zip(arrays, offsets):
+        meta.append({"dtype": arr.dtype.str, "shape": list(arr.shape), "offset": int(off)})
+    full = {"v": PROTOCOL_VERSION, "sender": "", "seq": 0, **header, "arrays": meta}
+    return [msgpack.packb(full, use_bin_type=True)] + [memoryview(np.ascontiguousarray(a)).cast("B") for a in arrays]
+
+
+def decode(frames: list) -> Message:
+    """The message in ``frames`` (bytes, memoryviews or zmq Frames), fully checked.
+
+    Checks: header size and msgpack form, protocol version, message type and its required
+    fields, array count, each array's dtype, shape and byte length against its frame.
+    Range and value checks against the model are the receiver's (they need the layout).
+    """
+    if not frames:
+        raise ProtocolError("bad_frames", "empty message")
+    raw = _buffer(frames[0])
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError("bad_header", f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises many types for garbage; all mean the same here
+        raise ProtocolError("bad_header", f"header is not msgpack: {type(exc).__name__}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("bad_header", "header is not a map")
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError("bad_version", f"protocol version {version!r}, this end speaks {PROTOCOL_VERSION}")
+    kind = header.get("type")
+    if kind not in MESSAGE_TYPES:
+        raise ProtocolError("bad_type", f"unknown message type {kind!r}")
+    for name, types in [("sender", _STR), ("seq", _INT), *SCHEMAS[kind].items()]:
+        value = header.get(name)
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise ProtocolError("bad_field", f"{kind}: field {name!r} missing or of the wrong type")
+    meta = header.get("arrays", [])
+    if not isinstance(meta, list) or len(meta) > MAX_ARRAYS or len(meta) != len(frames) - 1:
+        raise ProtocolError("bad_frames", f"header lists {len(meta) if isinstance(meta, list) else '?'} arrays, "
+                                          f"message has {len(frames) - 1} array frames")
+    arrays = [_array(m, frames[i + 1]) for i, m in enumerate(meta)]
+    return Message(header, arrays)
+
+
+def _array(meta, frame) -> np.ndarray:
+    if not isinstance(meta, dict):
+        raise ProtocolError("bad_array", "array description is not a map")
+    dtype = DTYPES.get(meta.get("dtype"))
+    shape, offset = meta.get("shape"), meta.get("offset")
+    if dtype is None:
+        raise ProtocolError("bad_array", f"dtype {meta.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+    if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 0):
+        raise ProtocolError("bad_array", f"shape {shape!r} is not a 1-D length")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ProtocolError("bad_array", f"offset {offset!r} is not a non-negative integer")
+    buf = _buffer(frame)
+    if len(buf) != shape[0] * dtype.itemsize:
+        raise ProtocolError("bad_array", f"frame of {len(buf)} bytes does not hold {shape[0]} x {dtype}")
+    arr = np.frombuffer(buf, dtype)
+    arr.flags.writeable = False
+    return arr
+
+
+def _buffer(frame) -> memoryview:
+    if hasattr(frame, "buffer"):  # a zmq.Frame received with copy=False
+        frame = frame.buffer
+    return memoryview(frame).cast("B")
+
+
+def error(code: str, message: str) -> dict:
+    return {"type": "error", "code": code, "message": message}

@@ -1,0 +1,251 @@
+"""``psgd server``: a thin loop around :class:`ServerState`.
+
+It answers ZeroMQ requests on one ROUTER socket and, for workers on the same machine,
+doorbells on a Unix socket whose gradients lie in shared memory (see psgd.shm). Both
+paths end in ``ServerState.apply``. The loop stops on a ``shutdown`` message, on
+``max_updates`` or a deadline, or on SIGINT/SIGTERM: the first signal finishes the
+current message, tells workers to stop and exits; a second exits at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+from . import shm
+from .config import TrainConfig
+from .errors import ProtocolError, TransportError
+from .network import MLP
+from .protocol import decode, encode
+from .server_state import ServerState
+from .transport import POLL_INTERVAL_MS, Poller, ServerSocket, max_message_bytes
+
+SHUTDOWN_GRACE_S = 3.0  # after stopping, how long to keep telling late workers to stop
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    bind: str = "tcp://*:5555"
+    num_shards: int = 1  # data shards handed to workers (usually the number of workers)
+    shared_memory: bool = True  # offer the fast path to workers on this machine
+    ready_file: str | None = None  # written (atomically) with the endpoint once listening
+    max_updates: int | None = None
+    deadline_s: float | None = None
+
+
+class _LocalWorker:
+    """One shared-memory worker: its Unix socket and its gradient segment."""
+
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
+        self.worker_id: int | None = None
+        self.grad: shm.Segment | None = None
+
+
+class Server:
+    def __init__(self, config: TrainConfig, options: ServerOptions):
+        self.options = options
+        self.weights_seg = None
+        writer = None
+        params = None
+        net = MLP(config.model)
+        if options.shared_memory and shm.available():
+            self.weights_seg = shm.Segment.create("psgd-weights", net.n_params, net.dtype)
+            params = self.weights_seg.array
+            writer = shm.SeqlockWriter(self.weights_seg)
+        self.state = ServerState(config, options.num_shards, params, writer)
+        self.sock = ServerSocket(options.bind, max_message_bytes(net.n_params, net.dtype.itemsize))
+        self.poller = Poller()
+        self.poller.register(self.sock.socket)
+        self.local: dict[int, _LocalWorker] = {}
+        self.doorbell_path = None
+        self._listener = None
+        if self.weights_seg is not None:
+            self._tmpdir = tempfile.mkdtemp(prefix="psgd-")
+            self.doorbell_path = os.path.join(self._tmpdir, "doorbell")
+            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self._listener.bind(self.doorbell_path)
+            self._listener.listen(64)
+            self._listener.setblocking(False)
+            self.poller.register(self._listener.fileno())
+        self._signals = 0
+        self._stop_since = None
+
+    @property
+    def endpoint(self) -> str:
+        return self.sock.endpoint
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Serve until told to stop; return the final statistics."""
+        self._install_signals()
+        if self.options.ready_file:
+            _write_atomic(Path(self.options.ready_file), json.dumps({"endpoint": self.endpoint, "pid": os.getpid()}))
+        start = time.monotonic()
+        try:
+            while not self._finished(start):
+                for ready in self.poller.poll(POLL_INTERVAL_MS):
+                    if ready is self.sock.socket:
+                        self._serve_zmq()
+                    elif self._listener is not None and ready == self._listener.fileno():
+                        self._accept_local()
+                    else:
+                        self._serve_local(ready)
+            return self.state.stats()
+        finally:
+            self.close()
+
+    def _finished(self, start) -> bool:
+        o, s = self.options, self.state
+        if (o.max_updates is not None and s.version >= o.max_updates) or \
+                (o.deadline_s is not None and time.monotonic() - start >= o.deadline_s):
+            s.stopping = True
+        if not s.stopping:
+            return False
+        if self._stop_since is None:
+            self._stop_since = time.monotonic()
+            self._tell_local_workers_to_stop()
+        still_here = any(r.connected for r in s.workers.values())
+        return not still_here or time.monotonic() - self._stop_since >= SHUTDOWN_GRACE_S
+
+    def _serve_zmq(self):
+        identity, frames = self.sock.recv()
+        self.state.bytes_in += sum(len(f.buffer) for f in frames)
+        try:
+            msg = decode(frames)
+        except ProtocolError as exc:
+            header, arrays = self.state.refuse(exc)
+            seq = 0
+        else:
+            header, arrays = self.state.handle(msg)
+            seq = msg["seq"]
+            if header["type"] == "welcome" and self.weights_seg is not None and msg["transport"] != "zmq":
+                header["local"] = {"weights": self.weights_seg.name, "doorbell": self.doorbell_path,
+                                   "nonce": int(self.weights_seg.header[shm.NONCE])}
+        reply = encode({**header, "seq": seq, "sender": "server"}, arrays)
+        self.state.bytes_out += sum(len(f) for f in reply)
+        self.sock.send(identity, reply, copy=True)  # copy: the weights change after this returns
+
+    # --- the shared-memory path -----------------------------------------------------------
+
+    def _accept_local(self):
+        try:
+            conn, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        self.local[conn.fileno()] = _LocalWorker(conn)
+        self.poller.register(conn.fileno())
+
+    def _serve_local(self, fd: int):
+        lw = self.local.get(fd)
+        if lw is None:
+            return
+        try:
+            data = lw.conn.recv(shm.HANDSHAKE_MAX)
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_local(fd)  # the worker went away (exited, or was killed)
+            return
+        if lw.worker_id is None:
+            self._handshake(fd, lw, data)
+            return
+        if len(data) != shm.DOORBELL.size:
+            self.state.errors["bad_frames"] += 1
+            self._drop_local(fd)
+            return
+        base_version, examples, _flags = shm.DOORBELL.unpack(data)
+        if self.state.stopping:
+            self._ack(lw, 0, 0, shm.ACK_SHUTDOWN)
+            return
+        try:
+            version, staleness = self.state.apply(lw.worker_id, base_version, examples, lw.grad.array)
+        except ProtocolError as exc:
+            self.state.refuse(exc)
+            self._ack(lw, self.state.version, 0, shm.ACK_REFUSED)
+            return
+        self._ack(lw, version, staleness, shm.ACK_OK)
+
+    def _handshake(self, fd, lw: _LocalWorker, data: bytes):
+        """First message: msgpack {worker_id, nonce, grad}: who it is and where its gradient lies."""
+        try:
+            hs = msgpack.unpackb(data, raw=False)
+            worker_id, nonce, grad_name = int(hs["worker_id"]), int(hs["nonce"]), str(hs["grad"])
+            if nonce != int(self.weights_seg.header[shm.NONCE]) or worker_id not in self.state.workers:
+                raise ValueError("wrong nonce or unknown worker")
+            lw.grad = shm.Segment.attach(grad_name, self.state.size, self.state.dtype)
+            lw.grad.unlink()  # mapped now: the name is no longer needed, and cannot leak
+        except (ValueError, KeyError, TypeError, TransportError, msgpack.UnpackException):
+            self.state.errors["bad_handshake"] += 1
+            self._drop_local(fd)
+            return
+        lw.worker_id = worker_id
+        record = self.state.workers[worker_id]
+        record.transport = "shm"
+        self._ack(lw, self.state.version, 0, shm.ACK_OK)
+
+    def _ack(self, lw, version, staleness, status):
+        try:
+            lw.conn.send(shm.ACK.pack(version, staleness, status))
+        except OSError:
+            pass  # it is gone; the next poll sees the hang-up
+
+    def _drop_local(self, fd):
+        lw = self.local.pop(fd, None)
+        if lw is None:
+            return
+        self.poller.unregister(fd)
+        if lw.worker_id is not None:
+            self.state.disconnect(lw.worker_id)
+        if lw.grad is not None:
+            lw.grad.close()
+        lw.conn.close()
+
+    def _tell_local_workers_to_stop(self):
+        for lw in self.local.values():
+            if lw.worker_id is not None:
+                self._ack(lw, self.state.version, 0, shm.ACK_SHUTDOWN)
+
+    # --- signals and teardown -------------------------------------------------------------
+
+    def _install_signals(self):
+        def handler(signum, frame):
+            self._signals += 1
+            if self._signals > 1:
+                os._exit(128 + signum)  # second signal: now
+            self.state.stopping = True
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:
+                pass  # not the main thread (a test running the server in a thread)
+
+    def close(self):
+        for fd in list(self.local):
+            self._drop_local(fd)
+        self.sock.close()
+        if self._listener is not None:
+            self._listener.close()
+            try:
+                os.unlink(self.doorbell_path)
+                os.rmdir(self._tmpdir)
+            except OSError:
+                pass
+        if self.weights_seg is not None:
+            self.weights_seg.unlink()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,202 @@
+"""The parameter server's state and rules, without sockets: ``handle(message) -> reply``.
+
+It holds the flat weights (possibly in a shared segment), the optimizer state, a version
+counter that goes up with every applied push, and per-worker records. Every push, from
+the network or from shared memory, goes through :meth:`ServerState.apply`, which refuses
+anything that does not fit before touching the weights.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+
+from .config import TrainConfig
+from .errors import ProtocolError
+from .metrics import StalenessHistogram, WorkerRecord
+from .network import MLP
+from .optim import make_optimizer
+from .protocol import Message, error
+
+MAX_EXAMPLES_PER_PUSH = 1 << 20
+
+
+class _NoLock:
+    def __enter__(self):
+        pass
+
+    def __exit__(self, *exc):
+        pass
+
+
+class ServerState:
+    """Weights, optimizer, versioning and statistics of one parameter server.
+
+    ``params`` is the flat vector to update in place (a shared-memory view, or None for a
+    fresh one from the config's seed); ``write_lock`` wraps each update (the seqlock of
+    the shared segment). ``num_shards`` is how many data shards workers are given.
+    """
+
+    def __init__(self, config: TrainConfig, num_shards: int = 1, params: np.ndarray | None = None,
+                 write_lock=None, clock=time.monotonic):
+        self.config = config
+        self.net = MLP(config.model)
+        self.dtype = self.net.dtype
+        self.size = self.net.n_params
+        fresh = self.net.init_params(config.seed)
+        if params is None:
+            params = fresh
+        else:
+            params[...] = fresh
+        self.params = params
+        self.optimizer = make_optimizer(config.optimizer, self.size, self.dtype, self.net.weight_mask())
+        self.schedule = config.schedule.build()
+        self.write_lock = write_lock or _NoLock()
+        self.clock = clock
+        self.num_shards = max(1, num_shards)
+        self.version = 0
+        self.examples = 0
+        self.workers: dict[int, WorkerRecord] = {}
+        self.staleness = StalenessHistogram()
+        self.errors: Counter = Counter()
+        self.bytes_in = self.bytes_out = 0
+        self.stopping = False
+        self.started = clock()
+        self._next_worker_id = 0
+
+    # --- the update rule ----------------------------------------------------------------
+
+    def lr(self) -> float:
+        return self.schedule(self.version)
+
+    def apply(self, worker_id: int, base_version: int, examples: int, grad: np.ndarray, offset: int = 0) -> tuple[int, int]:
+        """Apply one gradient; return ``(new version, staleness)``. Raises ProtocolError,
+        leaving the weights untouched, for an unknown worker or a gradient that does not fit."""
+        record = self.workers.get(worker_id)
+        if record is None:
+            raise ProtocolError("unknown_worker", f"worker {worker_id} has not said hello (server restarted?)")
+        try:
+            self._check_push(base_version, examples, grad, offset)
+        except ProtocolError:
+            record.refused += 1
+            raise
+        with self.write_lock:
+            self.optimizer.step(self.params, grad, self.lr())
+        staleness = self.version - base_version
+        self.version += 1
+        self.examples += examples
+        record.pushes += 1
+        record.examples += examples
+        record.last_seen = self.clock()
+        record.staleness.add(staleness)
+        self.staleness.add(staleness)
+        return self.version, staleness
+
+    def _check_push(self, base_version, examples, grad, offset):
+        if grad.dtype != self.dtype:
+            raise ProtocolError("bad_array", f"gradient is {grad.dtype}, the model is {self.dtype}")
+        if offset != 0 or grad.shape != (self.size,):
+            raise ProtocolError("bad_range", f"gradient covers [{offset}, {offset + grad.size}), the parameters are [0, {self.size})")
+        if base_version > self.version or base_version < 0:
+            raise ProtocolError("future_version", f"gradient claims version {base_version}, the server is at {self.version}")
+        if not 0 < examples <= MAX_EXAMPLES_PER_PUSH:
+            raise ProtocolError("bad_field", f"examples {examples} not in 1..{MAX_EXAMPLES_PER_PUSH}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            norm2 = float(np.dot(grad, grad))  # NaN or Inf anywhere (or an overflowing norm) makes this non-finite
+        if not np.isfinite(norm2):
+            raise ProtocolError("not_finite", "gradient has NaN or Inf values (or a norm beyond float range)")
+
+    # --- workers ------------------------------------------------------------------------
+
+    def register(self, name: str, transport: str, shard: int | None = None) -> WorkerRecord:
+        worker_id = self._next_worker_id
+        self._next_worker_id += 1
+        if shard is None or not 0 <= shard < self.num_shards:
+            shard = self._least_used_shard()
+        record = WorkerRecord(worker_id, name, shard, transport, joined=self.clock(), last_seen=self.clock())
+        self.workers[worker_id] = record
+        return record
+
+    def _least_used_shard(self) -> int:
+        used = Counter(r.shard for r in self.workers.values() if r.connected)
+        return min(range(self.num_shards), key=lambda s: (used[s], s))
+
+    def disconnect(self, worker_id: int) -> None:
+        record = self.workers.get(worker_id)
+        if record is not None:
+            record.connected = False
+
+    def welcome(self, record: WorkerRecord) -> dict:
+        c = self.config
+        return {
+            "type": "welcome", "worker_id": record.worker_id, "model": c.model.to_dict(),
+            "optimizer": c.optimizer.to_dict(), "version": self.version, "shard": record.shard,
+            "num_shards": self.num_shards, "range": [0, self.size],
+            "run": {"data": c.data, "seed": c.seed, "validation": c.validation, "batch_size": c.batch_size,
+                    "n_fetch": c.n_fetch, "n_push": c.n_push, "dropout": c.dropout, "augment": c.augment},
+        }
+
+    # --- messages -----------------------------------------------------------------------
+
+    def handle(self, msg: Message) -> tuple[dict, list]:
+        """The reply (header, arrays) to a decoded message. Never raises for bad input:
+        a refusal is an ``error`` reply, counted by its code."""
+        try:
+            return self._dispatch(msg)
+        except ProtocolError as exc:
+            return self.refuse(exc)
+
+    def refuse(self, exc: ProtocolError) -> tuple[dict, list]:
+        self.errors[exc.code] += 1
+        return error(exc.code, exc.detail), []
+
+    def _dispatch(self, msg: Message) -> tuple[dict, list]:
+        kind = msg.type
+        if kind == "push":
+            if self.stopping:
+                self.disconnect(msg["worker_id"])
+                return {"type": "shutdown"}, []
+            if len(msg.arrays) != 1:
+                raise ProtocolError("bad_frames", f"push carries {len(msg.arrays)} arrays, expected 1")
+            version, staleness = self.apply(msg["worker_id"], msg["base_version"], msg["examples"], msg.arrays[0], msg.offset(0))
+            reply = {"type": "ack", "version": version, "staleness": staleness}
+            if msg.get("want_params") is True:
+                return reply, [self.params]
+            return reply, []
+        if kind == "pull":
+            if self.stopping and msg.get("worker_id") is not None:
+                return {"type": "shutdown"}, []
+            return {"type": "params", "version": self.version}, [self.params]
+        if kind == "hello":
+            if self.stopping:
+                return {"type": "shutdown"}, []
+            if msg["transport"] not in ("zmq", "shm", "auto"):
+                raise ProtocolError("bad_field", f"unknown transport {msg['transport']!r}")
+            shard = msg.get("shard")
+            record = self.register(msg["worker"][:64], "zmq", shard if isinstance(shard, int) else None)
+            return self.welcome(record), []
+        if kind == "stats":
+            return {"type": "stats_reply", "stats": self.stats()}, []
+        if kind == "observe":
+            self.schedule.observe(float(msg["validation_error"]))
+            return {"type": "ok"}, []
+        if kind == "bye":
+            worker_id = msg.get("worker_id")
+            if isinstance(worker_id, int):
+                self.disconnect(worker_id)
+            return {"type": "ok"}, []
+        if kind == "shutdown":
+            self.stopping = True
+            return {"type": "ok"}, []
+        raise ProtocolError("bad_type", f"a server does not take {kind!r} messages")
+
+    def stats(self) -> dict:
+        now = self.clock()
+        return {
+            "version": self.version, "examples": self.examples, "lr": self.lr(), "uptime": now - self.started,
+            "staleness": self.staleness.to_dict(), "errors": dict(self.errors), "stopping": self.stopping,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "workers": {str(w): r.to_dict(now) for w, r in self.workers.items()},
+        }

@@ -1,0 +1,84 @@
+"""Starting real psgd processes for tests, and making sure none outlives its test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+SHM = Path("/dev/shm")
+
+
+class Processes:
+    """Popen wrapper that tags every child with a marker in its environment, so that a
+    test can find (and kill) anything it started, grandchildren included."""
+
+    def __init__(self, tmp_path: Path, data_dir: Path):
+        self.tmp = tmp_path
+        self.marker = uuid.uuid4().hex
+        self.env = dict(os.environ, PSGD_DATA_DIR=str(data_dir), PSGD_TEST_MARKER=self.marker)
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, *args, log: str, extra_env: dict | None = None) -> subprocess.Popen:
+        out = open(self.tmp / f"{log}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "psgd", *args], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env={**self.env, **(extra_env or {})})
+        out.close()
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def start_server(self, *args, name="server") -> tuple[subprocess.Popen, str]:
+        ready = self.tmp / f"{name}.ready"
+        proc = self.start("server", "--bind", "tcp://127.0.0.1:0", "--ready-file", str(ready), *args, log=name)
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None, self.log(name)
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        return proc, json.loads(ready.read_text())["endpoint"]
+
+    def marked_pids(self) -> list[int]:
+        """Live processes (any depth) that carry this test's marker."""
+        pids = []
+        needle = f"PSGD_TEST_MARKER={self.marker}".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if needle in (entry / "environ").read_bytes():
+                    stat = (entry / "stat").read_text()
+                    if stat.rsplit(")", 1)[1].split()[0] != "Z":
+                        pids.append(int(entry.name))
+            except OSError:
+                pass
+        return pids
+
+    def cleanup(self) -> list[int]:
+        """Kill whatever is still running; return the pids that were left behind."""
+        left = self.marked_pids()
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        return left
+
+
+def shm_segments() -> set[str]:
+    return {p.name for p in SHM.glob("psgd-*")} if SHM.is_dir() else set()

@@ -1,0 +1,78 @@
+"""Whole clusters as real processes on 127.0.0.1: training, a killed worker, Ctrl-C.
+
+Each test bounds its time and, pass or fail, reaps every process it started (found by a
+marker in their environment) and checks that none was left behind.
+"""
+
+import json
+import signal
+import time
+
+import pytest
+
+from cluster_util import Processes, shm_segments
+from psgd.transport import Client
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def procs(tmp_path, data_dir):
+    p = Processes(tmp_path, data_dir)
+    shm_before = shm_segments()
+    yield p
+    left = p.cleanup()
+    assert not left, f"processes left behind: {left}"
+    assert shm_segments() <= shm_before, "shared-memory segments left behind"
+
+
+@pytest.mark.parametrize("transport", ["shm", "zmq"])
+def test_server_and_three_workers_train_mnist(procs, tmp_path, transport):
+    """psgd train --workers 3 on full MNIST for 3 epochs reaches 96% test accuracy, both push paths."""
+    out = tmp_path / "run"
+    proc = procs.start("train", "--workers", "3", "--epochs", "3", "--momentum", "0.5", "--transport", transport,
+                       "--out", str(out), log="train")
+    assert proc.wait(240) == 0, procs.log("train")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.96, summary
+    assert summary["worker_transports"] == [transport]
+    assert summary["updates"] >= 3 * 55000 // 128 and summary["failures"] == []
+    assert summary["staleness"]["count"] == summary["updates"]
+    assert "test accuracy" in procs.log("train") and "staleness mean" in procs.log("train")
+
+
+def test_a_worker_killed_mid_run_does_not_stop_the_run(procs):
+    server, endpoint = procs.start_server("--num-shards", "3", "--max-updates", "900", "--epochs", "100")
+    workers = [procs.start("worker", "--connect", endpoint, "--name", f"w{i}", log=f"w{i}",
+                           extra_env={"OPENBLAS_NUM_THREADS": "1"}) for i in range(3)]
+    client = Client(endpoint, "test", server_wait=10)
+    deadline = time.monotonic() + 60
+    while client.request({"type": "stats"})["stats"]["version"] < 150:
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    workers[1].send_signal(signal.SIGKILL)
+    killed_at = client.request({"type": "stats"})["stats"]["version"]
+    client.close()
+    assert server.wait(120) == 0, procs.log("server")
+    assert workers[1].wait(5) == -signal.SIGKILL
+    for i in (0, 2):
+        assert workers[i].wait(30) == 0, procs.log(f"w{i}")
+        assert "worker done" in procs.log(f"w{i}")
+    assert "server stopped at version 9" in procs.log("server")  # 900 or a few more
+    assert killed_at < 900
+
+
+def test_ctrl_c_on_train_leaves_no_process_behind(procs, tmp_path):
+    proc = procs.start("train", "--workers", "2", "--epochs", "50", "--out", str(tmp_path / "run"), log="train")
+    deadline = time.monotonic() + 60
+    while "epoch" not in procs.log("train"):
+        assert proc.poll() is None, procs.log("train")
+        assert time.monotonic() < deadline, procs.log("train")
+        time.sleep(0.1)
+    assert len(procs.marked_pids()) == 4  # launcher, server, two workers
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) != 0
+    deadline = time.monotonic() + 10
+    while procs.marked_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert procs.marked_pids() == []

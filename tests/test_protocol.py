@@ -1,0 +1,112 @@
+"""The wire protocol: round trips of every message type, and hostile frames refused."""
+
+import msgpack
+import numpy as np
+import pytest
+
+from psgd.errors import ProtocolError
+from psgd.protocol import MAX_HEADER_BYTES, MESSAGE_TYPES, PROTOCOL_VERSION, SCHEMAS, decode, encode
+
+EXAMPLES = {
+    "hello": {"worker": "w0", "transport": "auto", "shard": None},
+    "welcome": {"worker_id": 3, "model": {"sizes": [4, 3]}, "optimizer": {"name": "sgd"}, "run": {"data": "mnist"},
+                "version": 7, "shard": 1, "num_shards": 2, "range": [0, 15]},
+    "pull": {"worker_id": 3},
+    "params": {"version": 9},
+    "push": {"worker_id": 3, "base_version": 8, "examples": 128, "want_params": True},
+    "ack": {"version": 9, "staleness": 1},
+    "stats": {},
+    "stats_reply": {"stats": {"version": 9}},
+    "observe": {"validation_error": 0.02},
+    "ok": {},
+    "bye": {"worker_id": 3},
+    "shutdown": {},
+    "error": {"code": "not_finite", "message": "NaN"},
+}
+WITH_ARRAY = {"params", "push"}
+
+
+def test_every_message_type_has_an_example():
+    assert set(EXAMPLES) == MESSAGE_TYPES == set(SCHEMAS)
+
+
+@pytest.mark.parametrize("kind", sorted(MESSAGE_TYPES))
+def test_round_trip(kind):
+    arrays = [np.arange(15, dtype=np.float32)] if kind in WITH_ARRAY else []
+    frames = encode({"type": kind, "sender": "t", "seq": 5, **EXAMPLES[kind]}, arrays, [4] * len(arrays))
+    frames = [bytes(f) for f in frames]  # as they arrive from a socket
+    msg = decode(frames)
+    assert msg.type == kind and msg["seq"] == 5 and msg["v"] == PROTOCOL_VERSION
+    for key, value in EXAMPLES[kind].items():
+        assert msg[key] == value
+    assert len(msg.arrays) == len(arrays)
+    for got, sent in zip(msg.arrays, arrays):
+        assert np.array_equal(got, sent) and got.dtype == sent.dtype and not got.flags.writeable
+    if arrays:
+        assert msg.offset(0) == 4
+
+
+def test_array_frames_are_raw_bytes_not_copied_into_the_header():
+    grad = np.ones(100_000, np.float32)
+    frames = encode({"type": "push", **EXAMPLES["push"]}, [grad])
+    assert len(frames[0]) < 300 and len(frames[1]) == grad.nbytes
+    assert np.shares_memory(np.frombuffer(frames[1], np.float32), grad)  # no copy on the way out
+
+
+def header(**fields):
+    base = {"v": PROTOCOL_VERSION, "type": "push", "sender": "x", "seq": 1, **EXAMPLES["push"],
+            "arrays": [{"dtype": "<f4", "shape": [4], "offset": 0}]}
+    base.update(fields)
+    return msgpack.packb(base)
+
+
+GOOD_ARRAY = np.zeros(4, np.float32).tobytes()
+
+HOSTILE = [
+    ("empty", [], "bad_frames"),
+    ("random bytes", [b"\xc1\xff\x00garbage"], "bad_header"),
+    ("not a map", [msgpack.packb([1, 2, 3])], "bad_header"),
+    ("truncated header", [header()[:-3], GOOD_ARRAY], "bad_header"),
+    ("oversize header", [msgpack.packb({"v": 1, "pad": "x" * (MAX_HEADER_BYTES + 1)})], "bad_header"),
+    ("wrong version", [header(v=99), GOOD_ARRAY], "bad_version"),
+    ("no version", [msgpack.packb({"type": "stats", "sender": "", "seq": 0})], "bad_version"),
+    ("unknown type", [header(type="rm -rf"), GOOD_ARRAY], "bad_type"),
+    ("missing field", [header(base_version=None), GOOD_ARRAY], "bad_field"),
+    ("bool for int", [header(examples=True), GOOD_ARRAY], "bad_field"),
+    ("string seq", [header(seq="1"), GOOD_ARRAY], "bad_field"),
+    ("missing array frame", [header()], "bad_frames"),
+    ("extra frame", [header(), GOOD_ARRAY, GOOD_ARRAY], "bad_frames"),
+    ("lying shape", [header(arrays=[{"dtype": "<f4", "shape": [5], "offset": 0}]), GOOD_ARRAY], "bad_array"),
+    ("2-D shape", [header(arrays=[{"dtype": "<f4", "shape": [2, 2], "offset": 0}]), GOOD_ARRAY], "bad_array"),
+    ("negative shape", [header(arrays=[{"dtype": "<f4", "shape": [-4], "offset": 0}]), GOOD_ARRAY], "bad_array"),
+    ("object dtype", [header(arrays=[{"dtype": "|O", "shape": [4], "offset": 0}]), GOOD_ARRAY], "bad_array"),
+    ("int dtype", [header(arrays=[{"dtype": "<i4", "shape": [4], "offset": 0}]), GOOD_ARRAY], "bad_array"),
+    ("negative offset", [header(arrays=[{"dtype": "<f4", "shape": [4], "offset": -1}]), GOOD_ARRAY], "bad_array"),
+    ("array desc not a map", [header(arrays=[7]), GOOD_ARRAY], "bad_array"),
+    ("too many arrays", [header(arrays=[{}] * 17)] + [GOOD_ARRAY] * 17, "bad_frames"),
+]
+
+
+@pytest.mark.parametrize("name,frames,code", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_frames_are_refused_with_the_right_code(name, frames, code):
+    with pytest.raises(ProtocolError) as err:
+        decode(frames)
+    assert err.value.code == code
+
+
+def test_fuzzed_frames_only_ever_raise_protocol_errors():
+    rng = np.random.default_rng(0)
+    good = encode({"type": "push", **EXAMPLES["push"]}, [np.ones(8, np.float32)])
+    good = [bytes(f) for f in good]
+    for _ in range(3000):
+        frames = [bytearray(f) for f in good]
+        i = rng.integers(len(frames))
+        if len(frames[i]):
+            for _ in range(rng.integers(1, 4)):
+                frames[i][rng.integers(len(frames[i]))] = rng.integers(256)
+        if rng.random() < 0.2:
+            frames[i] = frames[i][: rng.integers(len(frames[i]) + 1)]
+        try:
+            decode([bytes(f) for f in frames])
+        except ProtocolError:
+            pass

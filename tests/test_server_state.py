@@ -1,0 +1,120 @@
+"""The server's rules without sockets: apply, versions, staleness, refusals."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from psgd.config import TrainConfig
+from psgd.errors import ProtocolError
+from psgd.network import MLP, ModelSpec
+from psgd.optim import OptimizerSpec
+from psgd.protocol import decode, encode
+from psgd.schedules import ScheduleSpec
+from psgd.server_state import ServerState
+
+CONFIG = TrainConfig(model=ModelSpec((6, 5, 3)), optimizer=OptimizerSpec("sgd"), schedule=ScheduleSpec("constant", 0.5))
+
+
+def checksum(a):
+    return hashlib.sha256(a.tobytes()).hexdigest()
+
+
+def new_state(num_shards=2):
+    state = ServerState(CONFIG, num_shards)
+    w0 = state.register("w0", "zmq").worker_id
+    w1 = state.register("w1", "zmq").worker_id
+    return state, w0, w1
+
+
+def request(state, kind, arrays=(), **fields):
+    frames = [bytes(f) for f in encode({"type": kind, **fields}, arrays)]
+    return state.handle(decode(frames))
+
+
+def test_apply_updates_in_place_and_counts_versions_and_staleness():
+    state, w0, w1 = new_state()
+    start = state.params.copy()
+    g = np.ones(state.size, np.float32)
+    assert state.apply(w0, 0, 128, g) == (1, 0)
+    np.testing.assert_allclose(state.params, start - 0.5 * g)
+    assert state.apply(w1, 0, 128, g) == (2, 1)  # computed from version 0, applied at 1
+    assert state.apply(w0, 1, 64, g) == (3, 1)
+    assert state.apply(w1, 3, 64, g) == (4, 0)
+    assert state.examples == 384
+    hist = state.staleness
+    assert hist.counts[0] == 2 and hist.counts[1] == 2 and hist.total == state.version == 4
+    per_worker = sum(r.staleness.total for r in state.workers.values())
+    assert per_worker == 4 and state.workers[w0].pushes == 2
+
+
+def test_shards_are_handed_out_evenly():
+    state = ServerState(CONFIG, num_shards=3)
+    shards = [state.register(f"w{i}", "zmq").shard for i in range(6)]
+    assert sorted(shards) == [0, 0, 1, 1, 2, 2]
+    assert state.register("chosen", "zmq", shard=1).shard == 1
+
+
+BAD_PUSHES = [
+    ("nan", lambda n: np.full(n, np.nan, np.float32), {}, "not_finite"),
+    ("inf", lambda n: np.r_[np.zeros(n - 1), np.inf].astype(np.float32), {}, "not_finite"),
+    ("float64", lambda n: np.zeros(n, np.float64), {}, "bad_array"),
+    ("short", lambda n: np.zeros(n - 1, np.float32), {}, "bad_range"),
+    ("long", lambda n: np.zeros(n + 1, np.float32), {}, "bad_range"),
+    ("future version", lambda n: np.zeros(n, np.float32), {"base_version": 99}, "future_version"),
+    ("negative version", lambda n: np.zeros(n, np.float32), {"base_version": -1}, "future_version"),
+    ("zero examples", lambda n: np.zeros(n, np.float32), {"examples": 0}, "bad_field"),
+    ("unknown worker", lambda n: np.zeros(n, np.float32), {"worker_id": 42}, "unknown_worker"),
+]
+
+
+@pytest.mark.parametrize("name,make,fields,code", BAD_PUSHES, ids=[b[0] for b in BAD_PUSHES])
+def test_refused_pushes_leave_the_weights_untouched(name, make, fields, code):
+    state, w0, _ = new_state()
+    before = checksum(state.params)
+    push = {"worker_id": w0, "base_version": 0, "examples": 10, **fields}
+    reply, arrays = request(state, "push", [make(state.size)], **push)
+    assert reply["type"] == "error" and reply["code"] == code
+    assert checksum(state.params) == before and state.version == 0
+    assert state.errors[code] == 1
+
+
+def test_push_with_offset_outside_the_vector_is_refused():
+    state, w0, _ = new_state()
+    before = checksum(state.params)
+    frames = encode({"type": "push", "worker_id": w0, "base_version": 0, "examples": 1},
+                    [np.zeros(state.size, np.float32)], [5])
+    reply, _ = state.handle(decode([bytes(f) for f in frames]))
+    assert reply["code"] == "bad_range" and checksum(state.params) == before
+
+
+def test_messages_hello_pull_push_stats_shutdown():
+    state = ServerState(CONFIG, num_shards=2)
+    welcome, _ = request(state, "hello", worker="a", transport="zmq")
+    assert welcome["type"] == "welcome" and welcome["range"] == [0, state.size]
+    assert ModelSpec.from_dict(welcome["model"]) == CONFIG.model
+    wid = welcome["worker_id"]
+    reply, arrays = request(state, "pull", worker_id=wid)
+    assert reply["version"] == 0 and np.array_equal(arrays[0], state.params)
+    g = np.full(state.size, 0.1, np.float32)
+    reply, arrays = request(state, "push", [g], worker_id=wid, base_version=0, examples=5, want_params=True)
+    assert reply == {"type": "ack", "version": 1, "staleness": 0} and arrays[0] is state.params
+    stats, _ = request(state, "stats")
+    assert stats["stats"]["version"] == 1 and stats["stats"]["workers"][str(wid)]["pushes"] == 1
+    assert request(state, "shutdown")[0]["type"] == "ok"
+    assert request(state, "push", [g], worker_id=wid, base_version=1, examples=5)[0]["type"] == "shutdown"
+    assert request(state, "hello", worker="late", transport="zmq")[0]["type"] == "shutdown"
+
+
+def test_observe_feeds_the_plateau_schedule():
+    config = CONFIG.with_(schedule=ScheduleSpec("plateau", 1.0, factor=0.5, patience=1))
+    state = ServerState(config)
+    for err in (0.5, 0.5):
+        request(state, "observe", validation_error=err)
+    assert state.lr() == 0.5
+
+
+def test_weights_start_from_the_seed_so_every_server_agrees():
+    a, b = ServerState(CONFIG), ServerState(CONFIG)
+    assert np.array_equal(a.params, b.params)
+    assert np.array_equal(a.params, MLP(CONFIG.model).init_params(CONFIG.seed))
