@@ -176,15 +176,20 @@ def _monitor(config, cluster, server, endpoint, d, on_event, say, t0) -> dict:
             if examples >= next_eval or examples >= total:
                 while next_eval <= examples:
                     next_eval += eval_every
+                # Stop the world while evaluating: workers wait on their next push, so the
+                # evaluation neither steals their CPU nor counts as training time.
                 t_eval = time.perf_counter()
+                client.request({"type": "pause"})
                 snap = client.request({"type": "pull"})
                 params[...] = snap.arrays[0]
-                snap_time = time.perf_counter()
+                stats = client.request({"type": "stats"})["stats"]
+                train_time = (t_eval - t_first - eval_time) if t_first else 0.0
                 val_loss, val_acc = net.evaluate(params, *eval_set)
                 err = val_loss if val_acc is None else 1.0 - val_acc
                 client.request({"type": "observe", "validation_error": err})
+                client.request({"type": "resume"})
                 eval_time += time.perf_counter() - t_eval
-                rec = _record(stats, snap, snap_time - t0, (snap_time - t_first) if t_first else 0.0, n_train, val_loss, val_acc)
+                rec = _record(stats, snap, t_eval - t0, train_time, n_train, val_loss, val_acc)
                 recorder.record(rec)
                 if config.target_accuracy and val_acc is not None and val_acc >= config.target_accuracy:
                     break
@@ -201,7 +206,7 @@ def _monitor(config, cluster, server, endpoint, d, on_event, say, t0) -> dict:
         raise PsgdError(f"lost the server: {exc}") from None
     finally:
         client.close()
-    train_end = time.perf_counter()
+    train_end = time.perf_counter() - eval_time
     if not cluster.wait(SERVER_EXIT_S):
         say("psgd: some processes did not stop in time and were terminated")
     for child in cluster.newly_dead():

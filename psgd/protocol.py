@@ -40,6 +40,8 @@ SCHEMAS: dict[str, dict[str, tuple]] = {
     "ok": {},
     "bye": {},
     "shutdown": {},
+    "pause": {},
+    "resume": {},
     "error": {"code": _STR, "message": _STR},
 }
 MESSAGE_TYPES = frozenset(SCHEMAS)

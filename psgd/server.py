@@ -76,6 +76,8 @@ class Server:
             self._listener.listen(64)
             self._listener.setblocking(False)
             self.poller.register(self._listener.fileno())
+        self._held: list = []  # worker requests that arrived while paused
+        self._held_fds: list[int] = []  # doorbells not polled while paused
         self._signals = 0
         self._stop_since = None
 
@@ -113,6 +115,8 @@ class Server:
             return False
         if self._stop_since is None:
             self._stop_since = time.monotonic()
+            s.paused = False
+            self._release_held()
             self._tell_local_workers_to_stop()
         still_here = any(r.connected for r in s.workers.values())
         return not still_here or time.monotonic() - self._stop_since >= SHUTDOWN_GRACE_S
@@ -126,11 +130,31 @@ class Server:
             header, arrays = self.state.refuse(exc)
             seq = 0
         else:
-            header, arrays = self.state.handle(msg)
-            seq = msg["seq"]
-            if header["type"] == "welcome" and self.weights_seg is not None and msg["transport"] != "zmq":
-                header["local"] = {"weights": self.weights_seg.name, "doorbell": self.doorbell_path,
-                                   "nonce": int(self.weights_seg.header[shm.NONCE])}
+            if self.state.paused and _from_worker(msg):
+                self._held.append((identity, msg))  # answered on resume
+                return
+            self._reply(identity, msg)
+            if not self.state.paused:
+                self._release_held()
+            return
+        self._send(identity, header, arrays, seq)
+
+    def _release_held(self):
+        held, self._held = self._held, []
+        for identity, msg in held:
+            self._reply(identity, msg)
+        for fd in self._held_fds:
+            self.poller.register(fd)
+        self._held_fds = []
+
+    def _reply(self, identity, msg):
+        header, arrays = self.state.handle(msg)
+        if header["type"] == "welcome" and self.weights_seg is not None and msg["transport"] != "zmq":
+            header["local"] = {"weights": self.weights_seg.name, "doorbell": self.doorbell_path,
+                               "nonce": int(self.weights_seg.header[shm.NONCE])}
+        self._send(identity, header, arrays, msg["seq"])
+
+    def _send(self, identity, header, arrays, seq):
         reply = encode({**header, "seq": seq, "sender": "server"}, arrays)
         self.state.bytes_out += sum(len(f) for f in reply)
         self.sock.send(identity, reply, copy=True)  # copy: the weights change after this returns
@@ -148,6 +172,10 @@ class Server:
     def _serve_local(self, fd: int):
         lw = self.local.get(fd)
         if lw is None:
+            return
+        if self.state.paused and lw.worker_id is not None:
+            self.poller.unregister(fd)  # its doorbell waits, unread, until resume
+            self._held_fds.append(fd)
             return
         try:
             data = lw.conn.recv(shm.HANDSHAKE_MAX)
@@ -203,7 +231,10 @@ class Server:
         lw = self.local.pop(fd, None)
         if lw is None:
             return
-        self.poller.unregister(fd)
+        if fd in self._held_fds:
+            self._held_fds.remove(fd)
+        else:
+            self.poller.unregister(fd)
         if lw.worker_id is not None:
             self.state.disconnect(lw.worker_id)
         if lw.grad is not None:
@@ -243,6 +274,11 @@ class Server:
                 pass
         if self.weights_seg is not None:
             self.weights_seg.unlink()
+
+
+def _from_worker(msg) -> bool:
+    """Training traffic, held while paused; a monitor's pulls and stats go through."""
+    return msg.type in ("push", "hello") or (msg.type == "pull" and msg.get("worker_id") is not None)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -63,6 +63,7 @@ class ServerState:
         self.errors: Counter = Counter()
         self.bytes_in = self.bytes_out = 0
         self.stopping = False
+        self.paused = False  # while True the server loop holds workers' pushes and pulls
         self.started = clock()
         self._next_worker_id = 0
 
@@ -190,6 +191,9 @@ class ServerState:
         if kind == "shutdown":
             self.stopping = True
             return {"type": "ok"}, []
+        if kind in ("pause", "resume"):
+            self.paused = kind == "pause"
+            return {"type": "ok"}, []
         raise ProtocolError("bad_type", f"a server does not take {kind!r} messages")
 
     def stats(self) -> dict:
@@ -197,6 +201,7 @@ class ServerState:
         return {
             "version": self.version, "examples": self.examples, "lr": self.lr(), "uptime": now - self.started,
             "staleness": self.staleness.to_dict(), "errors": dict(self.errors), "stopping": self.stopping,
+            "paused": self.paused,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "workers": {str(w): r.to_dict(now) for w, r in self.workers.items()},
         }

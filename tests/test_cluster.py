@@ -76,3 +76,29 @@ def test_ctrl_c_on_train_leaves_no_process_behind(procs, tmp_path):
     while procs.marked_pids() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert procs.marked_pids() == []
+
+
+def test_pause_holds_worker_pushes_over_real_sockets(procs):
+    """While paused the server answers the monitor but holds every worker's push (both paths)."""
+    server, endpoint = procs.start_server("--num-shards", "2", "--epochs", "100")
+    workers = [procs.start("worker", "--connect", endpoint, "--transport", t, log=f"w-{t}",
+                           extra_env={"OPENBLAS_NUM_THREADS": "1"}) for t in ("shm", "zmq")]
+    client = Client(endpoint, "test", server_wait=10)
+    deadline = time.monotonic() + 60
+    while client.request({"type": "stats"})["stats"]["version"] < 50:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    client.request({"type": "pause"})
+    frozen = client.request({"type": "stats"})["stats"]["version"]
+    time.sleep(0.5)
+    assert client.request({"type": "pull"})["version"] == frozen
+    assert client.request({"type": "stats"})["stats"]["version"] == frozen
+    client.request({"type": "resume"})
+    time.sleep(0.5)
+    stats = client.request({"type": "stats"})["stats"]
+    assert stats["version"] > frozen
+    assert sorted(w["transport"] for w in stats["workers"].values()) == ["shm", "zmq"]
+    client.request({"type": "shutdown"})
+    client.close()
+    assert server.wait(30) == 0
+    assert all(w.wait(30) == 0 for w in workers)

@@ -21,6 +21,8 @@ EXAMPLES = {
     "ok": {},
     "bye": {"worker_id": 3},
     "shutdown": {},
+    "pause": {},
+    "resume": {},
     "error": {"code": "not_finite", "message": "NaN"},
 }
 WITH_ARRAY = {"params", "push"}
