@@ -16,7 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import blas_description, clean_blas_env, have_torch, median_time  # noqa: E402
+from benchlib import blas_description, clean_blas_env, have_torch, median_time, torch_mlp  # noqa: E402
 
 clean_blas_env(sys.argv)
 
@@ -50,12 +50,7 @@ def psgd_case(batch):
 
 def torch_case(batch):
     import torch
-    layers = []
-    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:])):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(SIZES) - 2:
-            layers.append(torch.nn.ReLU())
-    model = torch.nn.Sequential(*layers)
+    model = torch_mlp(SIZES)
     loss_fn = torch.nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     g = torch.Generator().manual_seed(0)

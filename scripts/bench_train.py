@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import blas_description, clean_blas_env, have_torch  # noqa: E402
+from benchlib import blas_description, clean_blas_env, have_torch, torch_mlp  # noqa: E402
 
 clean_blas_env(sys.argv)
 
@@ -53,13 +53,7 @@ def torch_run(seed, args, data):
     torch.set_num_threads(2)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    sizes = (784, 256, 256, 10)
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(torch.nn.ReLU())
-    model = torch.nn.Sequential(*layers)
+    model = torch_mlp((784, 256, 256, 10))
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1500, gamma=0.2)
     loss_fn = torch.nn.CrossEntropyLoss()

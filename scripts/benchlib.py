@@ -58,3 +58,14 @@ def have_torch() -> bool:
         return True
     except ImportError:
         return False
+
+
+def torch_mlp(sizes):
+    """The same ReLU network as psgd's MLP, in PyTorch (Linear layers, ReLU between)."""
+    import torch
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(torch.nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers)
