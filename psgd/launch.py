@@ -150,7 +150,6 @@ def _monitor(config, cluster, server, endpoint, d, on_event, say, t0) -> dict:
     recorder = RunRecorder(config, on_event)
     client = Client(endpoint, "launcher", server_wait=10.0)
     params = np.empty(net.n_params, net.dtype)
-    eval_set = (d.validation.X, d.T_val) if d.validation is not None else (d.test.X, d.T_test)
     n_train = len(d.train)
     total = int(config.epochs * n_train)
     eval_every = max(1, n_train // config.evals_per_epoch)
@@ -184,7 +183,7 @@ def _monitor(config, cluster, server, endpoint, d, on_event, say, t0) -> dict:
                 params[...] = snap.arrays[0]
                 stats = client.request({"type": "stats"})["stats"]
                 train_time = (t_eval - t_first - eval_time) if t_first else 0.0
-                val_loss, val_acc = net.evaluate(params, *eval_set)
+                val_loss, val_acc = net.evaluate(params, *d.eval_set)
                 err = val_loss if val_acc is None else 1.0 - val_acc
                 client.request({"type": "observe", "validation_error": err})
                 client.request({"type": "resume"})

@@ -37,6 +37,13 @@ class PreparedData:
     T_val: np.ndarray | None
     T_test: np.ndarray
 
+    @property
+    def eval_set(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(X, T)`` evaluated during training: the validation split, or the test set without one."""
+        if self.validation is not None:
+            return self.validation.X, self.T_val
+        return self.test.X, self.T_test
+
 
 def prepare_data(config: TrainConfig) -> PreparedData:
     """Load the data set, hold out the validation split, check the model fits it."""
@@ -96,10 +103,6 @@ class RunRecorder:
         return summary
 
 
-def evaluate_split(net: MLP, params, dataset, T) -> tuple[float, float | None]:
-    return net.evaluate(params, dataset.X, T)
-
-
 def train_single(config: TrainConfig, on_event=None) -> dict:
     """Train in this process; returns the summary (test loss and accuracy, timings)."""
     t0 = time.perf_counter()
@@ -114,7 +117,6 @@ def train_single(config: TrainConfig, on_event=None) -> dict:
     rng = np.random.default_rng(config.seed + 1)
     grad = np.empty(net.n_params, net.dtype)
     recorder = RunRecorder(config, on_event)
-    eval_set = (d.validation, d.T_val) if d.validation is not None else (d.test, d.T_test)
 
     n_train = len(d.train)
     total_examples = int(config.epochs * n_train)
@@ -140,7 +142,7 @@ def train_single(config: TrainConfig, on_event=None) -> dict:
             next_eval += eval_every
             train_time += time.perf_counter() - t_train
             t_eval = time.perf_counter()
-            val_loss, val_acc = evaluate_split(net, params, *eval_set)
+            val_loss, val_acc = net.evaluate(params, *d.eval_set)
             schedule.observe(val_loss if val_acc is None else 1.0 - val_acc)
             eval_time += time.perf_counter() - t_eval
             recorder.record({
@@ -153,7 +155,7 @@ def train_single(config: TrainConfig, on_event=None) -> dict:
             if config.target_accuracy and val_acc is not None and val_acc >= config.target_accuracy:
                 break
 
-    test_loss, test_acc = evaluate_split(net, params, d.test, d.T_test)
+    test_loss, test_acc = net.evaluate(params, d.test.X, d.T_test)
     summary = {
         "workers": 0, "updates": updates, "examples": examples, "epochs": examples / n_train,
         "test_loss": test_loss, "test_accuracy": test_acc,

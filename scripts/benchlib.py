@@ -26,7 +26,7 @@ def clean_blas_env(argv: list[str]) -> None:
 
 
 def blas_description() -> str:
-    import numpy  # noqa: F401  (loads the BLAS library so that it can be inspected)
+    import numpy  # noqa: F401  (loads the BLAS library so that threadpoolctl can see it)
     try:
         from threadpoolctl import threadpool_info
     except ImportError:

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from psgd.config import TrainConfig
-from psgd.errors import ProtocolError
 from psgd.network import MLP, ModelSpec
 from psgd.optim import OptimizerSpec
 from psgd.protocol import decode, encode
