@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .config import TRANSPORTS, TrainConfig
+from .config import STALENESS_RULES, TRANSPORTS, TrainConfig, default_workers
 from .errors import PsgdError
 from .functions import ACTIVATIONS, LOSSES
 from .network import ModelSpec, parse_sizes
@@ -85,6 +85,8 @@ def training_options(f):
         env_option("--augment/--no-augment", default=_DEFAULT.augment, help="Random 2-pixel shifts of images."),
         env_option("--target-accuracy", type=float, default=None, help="Stop once validation accuracy reaches this."),
         env_option("--evals-per-epoch", type=int, default=_DEFAULT.evals_per_epoch),
+        env_option("--staleness-rule", type=click.Choice(STALENESS_RULES), default=_DEFAULT.staleness_rule,
+                   help="Scale a push's rate by its staleness s: none, divide (lr/s), dynsgd (lr/(s+1))."),
         env_option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/latest",
                    help="Run directory: weights, metrics.jsonl, summary.json, config.json."),
     ]
@@ -115,7 +117,8 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
                             pick("lr_factor", base.schedule.factor), pick("lr_patience", base.schedule.patience),
                             pick("warmup", base.schedule.warmup))
     fields = ["data", "data_dir", "batch_size", "epochs", "seed", "validation", "dropout", "augment",
-              "target_accuracy", "evals_per_epoch", "out_dir", "workers", "n_fetch", "n_push", "transport"]
+              "target_accuracy", "evals_per_epoch", "out_dir", "workers", "n_fetch", "n_push", "transport",
+              "staleness_rule"]
     changes = {name: pick(name, getattr(base, name)) for name in fields if name in kw}
     return base.with_(model=model, optimizer=optimizer, schedule=schedule, **changes)
 
@@ -178,14 +181,17 @@ def print_summary(summary: dict) -> None:
 
 @cli.command()
 @training_options
-@env_option("--workers", type=int, default=_DEFAULT.workers, help="0: train in this process; N: a local cluster.")
+@env_option("--workers", type=int, default=None, show_default=False,
+            help="0: train in this process; N: a local cluster of N workers. [default: one per CPU, at most 4]")
 @env_option("--n-fetch", type=int, default=_DEFAULT.n_fetch, help="Pull weights every n steps (Downpour).")
 @env_option("--n-push", type=int, default=_DEFAULT.n_push, help="Push the summed gradient every n steps (Downpour).")
 @env_option("--transport", type=click.Choice(TRANSPORTS), default=_DEFAULT.transport,
             help="How local workers push: auto (shared memory), shm, or zmq (the network path).")
 @click.pass_context
 def train(ctx, **kw):
-    """Train a network: in this process (--workers 0) or on a local cluster (--workers N)."""
+    """Train a network on a local cluster (--workers N) or in this process (--workers 0)."""
+    if kw["workers"] is None and kw.get("config_file") is None:  # with a file, the file's value stands
+        kw["workers"] = default_workers()
     config = build_config(ctx, **kw)
     progress = Progress()
     if config.workers == 0:

@@ -8,6 +8,7 @@ The CLI builds it from options (each also readable from a ``PSGD_*`` variable).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, replace
 
 from .errors import ConfigError
@@ -16,6 +17,14 @@ from .optim import OptimizerSpec
 from .schedules import ScheduleSpec
 
 TRANSPORTS = ("auto", "zmq", "shm")
+# How the server scales the learning rate of a push by its staleness s:
+# none: lr; divide: lr / max(s, 1) (Zhang et al., IJCAI 2016); dynsgd: lr / (s + 1).
+STALENESS_RULES = ("none", "divide", "dynsgd")
+
+
+def default_workers() -> int:
+    """What ``psgd train`` runs without --workers: one worker per CPU, at most 4."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,7 @@ class TrainConfig:
     n_fetch: int = 1  # pull fresh weights every n_fetch steps (Downpour)
     n_push: int = 1  # push the accumulated gradient every n_push steps (Downpour)
     transport: str = "auto"  # auto: shared memory for workers on the server's machine
+    staleness_rule: str = "dynsgd"  # see STALENESS_RULES; changes nothing when pushes are fresh
 
     def __post_init__(self):
         checks = [
@@ -49,6 +59,7 @@ class TrainConfig:
             (self.workers >= 0, "workers must be >= 0"),
             (self.n_fetch >= 1 and self.n_push >= 1, "n_fetch and n_push must be >= 1"),
             (self.transport in TRANSPORTS, f"transport must be one of {', '.join(TRANSPORTS)}"),
+            (self.staleness_rule in STALENESS_RULES, f"staleness rule must be one of {', '.join(STALENESS_RULES)}"),
             (self.evals_per_epoch >= 1, "evals per epoch must be >= 1"),
             (self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target accuracy must be in (0, 1]"),
         ]

@@ -121,6 +121,7 @@ def train_cluster(config: TrainConfig, on_event=None, say=None) -> dict:
     """Run a local cluster of ``config.workers`` workers; returns the run summary."""
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
+    data = prepare_data(config)  # first: a bad option fails here, before any process starts
     workdir = Path(tempfile.mkdtemp(prefix="psgd-run-"))
     cluster = Cluster(workdir)
     try:
@@ -129,7 +130,6 @@ def train_cluster(config: TrainConfig, on_event=None, say=None) -> dict:
         ready = workdir / "ready.json"
         server = cluster.spawn("server", ["server", "--config", str(cfg_file), "--bind", "tcp://127.0.0.1:0",
                                           "--num-shards", str(config.workers), "--ready-file", str(ready)])
-        data = prepare_data(config)  # while the server starts
         endpoint = _wait_ready(server, ready)
         for i in range(config.workers):
             args = ["worker", "--connect", endpoint, "--name", f"worker-{i}", "--shard", str(i),

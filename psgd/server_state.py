@@ -70,7 +70,17 @@ class ServerState:
     # --- the update rule ----------------------------------------------------------------
 
     def lr(self) -> float:
+        """The schedule's rate at the current version (before any staleness scaling)."""
         return self.schedule(self.version)
+
+    def push_lr(self, staleness: int) -> float:
+        """The rate for one push of the given staleness, by the run's staleness rule."""
+        rule = self.config.staleness_rule
+        if rule == "dynsgd":
+            return self.lr() / (staleness + 1)
+        if rule == "divide":
+            return self.lr() / max(staleness, 1)
+        return self.lr()
 
     def apply(self, worker_id: int, base_version: int, examples: int, grad: np.ndarray, offset: int = 0) -> tuple[int, int]:
         """Apply one gradient; return ``(new version, staleness)``. Raises ProtocolError,
@@ -83,9 +93,9 @@ class ServerState:
         except ProtocolError:
             record.refused += 1
             raise
-        with self.write_lock:
-            self.optimizer.step(self.params, grad, self.lr())
         staleness = self.version - base_version
+        with self.write_lock:
+            self.optimizer.step(self.params, grad, self.push_lr(staleness))
         self.version += 1
         self.examples += examples
         record.pushes += 1

@@ -33,7 +33,8 @@ def psgd_run(workers, seed, args):
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "psgd", "train", "--workers", str(workers), "--seed", str(seed),
                "--epochs", str(args.epochs), "--validation", "0", "--evals-per-epoch", "4",
-               "--lr", str(args.lr), "--momentum", str(args.momentum), "--target-accuracy", "0.98",
+               "--lr", str(args.lr), "--momentum", str(args.momentum), "--lr-every", str(args.lr_every),
+               "--target-accuracy", "0.98",
                "--out", out]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -55,7 +56,7 @@ def torch_run(seed, args, data):
     t0 = time.perf_counter()
     model = torch_mlp((784, 256, 256, 10))
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1500, gamma=0.2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args.lr_every, gamma=0.2)
     loss_fn = torch.nn.CrossEntropyLoss()
     (Xtr, ytr), (Xte, yte) = data
     Xtr, ytr, Xte, yte = map(torch.from_numpy, (Xtr, ytr, Xte, yte))
@@ -100,9 +101,11 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--momentum", type=float, default=0.8)
+    ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--lr-every", type=int, default=1500, help="updates between 5x learning-rate drops")
+    ap.add_argument("--only", nargs="+", default=None, help="contenders to run: workers2 workers0 pytorch")
     args = ap.parse_args()
-    print(f"784-256-256-10 relu, batch 128, momentum {args.momentum}, lr {args.lr} x0.2 every 1500 updates; "
+    print(f"784-256-256-10 relu, batch 128, momentum {args.momentum}, lr {args.lr} x0.2 every {args.lr_every} updates; "
           f"seeds {args.seeds}")
     print(blas_description())
     contenders = {"psgd --workers 2": lambda s: psgd_run(2, s, args), "psgd --workers 0": lambda s: psgd_run(0, s, args)}
@@ -113,6 +116,9 @@ def main():
         contenders["pytorch 2 threads"] = lambda s: torch_run(s, args, data)
     else:
         print("PyTorch not installed: no PyTorch column (pip install torch==2.13.0)")
+    if args.only:
+        keys = {"workers2": "psgd --workers 2", "workers0": "psgd --workers 0", "pytorch": "pytorch 2 threads"}
+        contenders = {keys[k]: contenders[keys[k]] for k in args.only if keys[k] in contenders}
     results = {name: [] for name in contenders}
     for seed in args.seeds:
         for name, run in contenders.items():

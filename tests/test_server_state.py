@@ -117,3 +117,17 @@ def test_weights_start_from_the_seed_so_every_server_agrees():
     a, b = ServerState(CONFIG), ServerState(CONFIG)
     assert np.array_equal(a.params, b.params)
     assert np.array_equal(a.params, MLP(CONFIG.model).init_params(CONFIG.seed))
+
+
+@pytest.mark.parametrize("rule,expected", [("none", [0.5, 0.5, 0.5]), ("dynsgd", [0.5, 0.25, 0.5 / 3]),
+                                           ("divide", [0.5, 0.5, 0.25])])
+def test_staleness_rules_scale_the_rate_of_stale_pushes(rule, expected):
+    state = ServerState(CONFIG.with_(staleness_rule=rule))
+    wid = state.register("w", "zmq").worker_id
+    g = np.ones(state.size, np.float32)
+    steps = []
+    for base in (0, 0, 0):  # staleness 0, 1, 2
+        before = state.params.copy()
+        state.apply(wid, base, 1, g)
+        steps.append(float(np.mean(before - state.params)))
+    np.testing.assert_allclose(steps, expected, rtol=1e-5)

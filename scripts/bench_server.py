@@ -1,0 +1,173 @@
+"""Pushes per second a psgd server applies, against the limit of a raw ZeroMQ socket.
+
+    python scripts/bench_server.py [--seconds 3] [--clients 1 2 4] [--layers 784,1024,192,10]
+
+For a model of about 1M parameters (float32, 4 MB per push), N client processes push
+gradients over ZeroMQ on loopback as fast as the server acknowledges them (each waits
+for its ack, as a worker does). The same run measures the limit: a bare ROUTER socket that
+receives the same frames, applies the same momentum update with the same numpy code and
+answers a 16-byte ack. The ratio column is psgd / limit (target: at least 0.70).
+Runs alternate psgd and the limit so that machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import blas_description, clean_blas_env  # noqa: E402
+
+clean_blas_env(sys.argv)
+
+import numpy as np  # noqa: E402
+import zmq  # noqa: E402
+
+from psgd.network import MLP, ModelSpec, parse_sizes  # noqa: E402
+from psgd.optim import OptimizerSpec, make_optimizer  # noqa: E402
+from psgd.protocol import encode  # noqa: E402
+from psgd.transport import Client  # noqa: E402
+
+
+# --- the limit: a bare ROUTER with the same update ----------------------------------------
+
+def raw_server(endpoint_q, n_params):
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    endpoint_q.put(f"tcp://127.0.0.1:{port}")
+    params = np.zeros(n_params, np.float32)
+    opt = make_optimizer(OptimizerSpec("momentum", 0.9), n_params)
+    ack = b"\0" * 16
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        if len(frames) == 2 and frames[1].bytes == b"stop":
+            break
+        grad = np.frombuffer(frames[2].buffer, np.float32)
+        opt.step(params, grad, 1e-6)
+        sock.send_multipart([frames[0], ack])
+    sock.close(0)
+    ctx.term()
+
+
+def raw_client(endpoint, n_params, seconds, start_at, out_q):
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(endpoint)
+    grad = np.full(n_params, 1e-3, np.float32)
+    frames = encode({"type": "push", "worker_id": 0, "base_version": 0, "examples": 128}, [grad])
+    while time.time() < start_at:
+        time.sleep(0.001)
+    count, end = 0, start_at + seconds
+    while time.time() < end:
+        sock.send_multipart(frames, copy=False)
+        sock.recv()
+        count += 1
+    out_q.put(count)
+    sock.close(0)
+    ctx.term()
+
+
+# --- psgd: the real server and protocol client ----------------------------------------------
+
+def psgd_client(endpoint, n_params, seconds, start_at, out_q):
+    client = Client(endpoint, f"bench-{os.getpid()}")
+    welcome = client.request({"type": "hello", "worker": "bench", "transport": "zmq"})
+    wid = welcome["worker_id"]
+    grad = np.full(n_params, 1e-3, np.float32)
+    version = welcome["version"]
+    while time.time() < start_at:
+        time.sleep(0.001)
+    count, end = 0, start_at + seconds
+    while time.time() < end:
+        reply = client.request({"type": "push", "worker_id": wid, "base_version": version, "examples": 128}, [grad])
+        if reply.type != "ack":
+            raise SystemExit(f"push refused: {reply.header}")
+        version = reply["version"]
+        count += 1
+    out_q.put(count)
+    client.close()
+
+
+def run_clients(target, endpoint, n_params, clients, seconds):
+    out_q = mp.Queue()
+    start_at = time.time() + 0.5
+    procs = [mp.Process(target=target, args=(endpoint, n_params, seconds, start_at, out_q)) for _ in range(clients)]
+    for p in procs:
+        p.start()
+    counts = [out_q.get(timeout=seconds + 60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    return sum(counts) / seconds
+
+
+def measure_raw(n_params, clients, seconds):
+    q = mp.Queue()
+    server = mp.Process(target=raw_server, args=(q, n_params))
+    server.start()
+    endpoint = q.get(timeout=30)
+    try:
+        return run_clients(raw_client, endpoint, n_params, clients, seconds)
+    finally:
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.connect(endpoint)
+        s.send(b"stop")
+        server.join(10)
+        if server.is_alive():
+            server.kill()
+        s.close(0)
+        ctx.term()
+
+
+def measure_psgd(layers, n_params, clients, seconds):
+    with tempfile.TemporaryDirectory() as tmp:
+        ready = Path(tmp) / "ready"
+        cmd = [sys.executable, "-m", "psgd", "server", "--layers", layers, "--no-shm", "--bind", "tcp://127.0.0.1:0",
+               "--ready-file", str(ready), "--optimizer", "momentum", "--lr", "1e-6", "--schedule", "constant"]
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.time() + 30
+            while not ready.exists():
+                if server.poll() is not None or time.time() > deadline:
+                    raise SystemExit(f"psgd server did not start: {server.stderr.read().decode()[-1000:]}")
+                time.sleep(0.02)
+            endpoint = json.loads(ready.read_text())["endpoint"]
+            return run_clients(psgd_client, endpoint, n_params, clients, seconds)
+        finally:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", default="784,1024,192,10")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    args = ap.parse_args()
+    n_params = MLP(ModelSpec(parse_sizes(args.layers))).n_params
+    print(f"model {args.layers}: {n_params:,} parameters, {n_params * 4 / 1e6:.1f} MB per push; "
+          f"momentum update; {args.seconds:g} s per measurement; {os.cpu_count()} CPUs")
+    print(blas_description())
+    print(f"\n{'clients':>7} {'psgd pushes/s':>14} {'limit pushes/s':>15} {'ratio':>6} {'psgd MB/s':>10}")
+    for clients in args.clients:
+        limit = measure_raw(n_params, clients, args.seconds)
+        ours = measure_psgd(args.layers, n_params, clients, args.seconds)
+        print(f"{clients:>7} {ours:14.0f} {limit:15.0f} {ours / limit:6.2f} {ours * n_params * 4 / 1e6:10.0f}", flush=True)
+    print("\nlimit = the same frames into a bare ROUTER socket plus the same numpy momentum update")
+
+
+if __name__ == "__main__":
+    mp.set_start_method("fork")
+    main()
