@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .config import STALENESS_RULES, TRANSPORTS, TrainConfig, default_workers
+from .config import CONSISTENCY, STALENESS_RULES, TRANSPORTS, TrainConfig, default_workers
 from .errors import PsgdError
 from .functions import ACTIVATIONS, LOSSES
 from .network import ModelSpec, parse_sizes
@@ -87,6 +87,15 @@ def training_options(f):
         env_option("--evals-per-epoch", type=int, default=_DEFAULT.evals_per_epoch),
         env_option("--staleness-rule", type=click.Choice(STALENESS_RULES), default=_DEFAULT.staleness_rule,
                    help="Scale a push's rate by its staleness s: none, divide (lr/s), dynsgd (lr/(s+1))."),
+        env_option("--consistency", type=click.Choice(CONSISTENCY), default=_DEFAULT.consistency,
+                   help="async (Downpour), ssp (bounded staleness) or sync (averaged, with a barrier)."),
+        env_option("--ssp-bound", type=int, default=_DEFAULT.ssp_bound, help="ssp: clocks a worker may lead by."),
+        env_option("--lease", "lease_s", type=float, default=_DEFAULT.lease_s,
+                   help="Seconds of silence after which a worker leaves barriers and statistics."),
+        env_option("--slow-worker", type=float, default=_DEFAULT.slow_worker,
+                   help="Make the last local worker this many times slower (to study stragglers)."),
+        env_option("--max-updates", type=int, default=None, help="Stop after this many applied updates."),
+        env_option("--max-seconds", type=float, default=None, help="Stop after this many seconds."),
         env_option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/latest",
                    help="Run directory: weights, metrics.jsonl, summary.json, config.json."),
     ]
@@ -118,7 +127,7 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
                             pick("warmup", base.schedule.warmup))
     fields = ["data", "data_dir", "batch_size", "epochs", "seed", "validation", "dropout", "augment",
               "target_accuracy", "evals_per_epoch", "out_dir", "workers", "n_fetch", "n_push", "transport",
-              "staleness_rule"]
+              "staleness_rule", "consistency", "ssp_bound", "lease_s", "slow_worker", "max_updates", "max_seconds"]
     changes = {name: pick(name, getattr(base, name)) for name in fields if name in kw}
     return base.with_(model=model, optimizer=optimizer, schedule=schedule, **changes)
 
@@ -261,15 +270,16 @@ def fetch(data_dir, mirrors):
             help="Offer workers on this machine the shared-memory fast path.")
 @env_option("--ready-file", type=click.Path(dir_okay=False), default=None,
             help="Write {endpoint, pid} as JSON here once listening.")
-@env_option("--max-updates", type=int, default=None, help="Stop after this many applied pushes.")
-@env_option("--deadline", type=float, default=None, help="Stop after this many seconds.")
 @click.pass_context
-def server(ctx, bind, num_shards, shared_memory, ready_file, max_updates, deadline, **kw):
-    """Run a parameter server: hold the weights, apply every push the moment it arrives."""
+def server(ctx, bind, num_shards, shared_memory, ready_file, **kw):
+    """Run a parameter server: hold the weights, apply every push the moment it arrives.
+
+    --max-updates and --max-seconds stop it by itself (without a coordinator)."""
     from .server import Server, ServerOptions
     kw.update(workers=0)
     config = build_config(ctx, **kw)
-    srv = Server(config, ServerOptions(bind, num_shards, shared_memory, ready_file, max_updates, deadline))
+    srv = Server(config, ServerOptions(bind, num_shards, shared_memory, ready_file, config.max_updates,
+                                       config.max_seconds))
     click.echo(f"psgd server listening on {srv.endpoint} ({config.model.sizes}, {srv.state.size} parameters)")
     stats = srv.run()
     click.echo(f"server stopped at version {stats['version']}; errors {stats['errors'] or 'none'}")
@@ -287,12 +297,13 @@ def server(ctx, bind, num_shards, shared_memory, ready_file, max_updates, deadli
 @env_option("--n-push", type=int, default=None, help="Default: the run's, from the server.")
 @env_option("--max-steps", type=int, default=None, help="Stop after this many minibatches.")
 @env_option("--server-wait", type=float, default=None, help="Seconds to keep trying an absent server.")
-def worker(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps, server_wait):
+@env_option("--slowdown", type=float, default=1.0, help="Take this many times the compute time per step.")
+def worker(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps, server_wait, slowdown):
     """Run a worker: pull weights, compute gradients on a data shard, push them (Downpour)."""
     from .transport import SERVER_WAIT_S
     from .worker import Worker, WorkerOptions
     options = WorkerOptions(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps,
-                            server_wait if server_wait is not None else SERVER_WAIT_S)
+                            server_wait if server_wait is not None else SERVER_WAIT_S, slowdown)
     stats = Worker(options).run()
     mean = stats["staleness_sum"] / stats["pushes"] if stats["pushes"] else 0.0
     click.echo(f"worker done: {stats['steps']} steps, {stats['pushes']} pushes, {stats['examples']} examples, "

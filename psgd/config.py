@@ -20,6 +20,9 @@ TRANSPORTS = ("auto", "zmq", "shm")
 # How the server scales the learning rate of a push by its staleness s:
 # none: lr; divide: lr / max(s, 1) (Zhang et al., IJCAI 2016); dynsgd: lr / (s + 1).
 STALENESS_RULES = ("none", "divide", "dynsgd")
+# async: apply every push at once (Downpour); ssp: a worker more than ssp_bound clocks ahead
+# of the slowest live worker waits; sync: one gradient from every live worker, averaged.
+CONSISTENCY = ("async", "ssp", "sync")
 
 
 def default_workers() -> int:
@@ -49,6 +52,13 @@ class TrainConfig:
     n_push: int = 1  # push the accumulated gradient every n_push steps (Downpour)
     transport: str = "auto"  # auto: shared memory for workers on the server's machine
     staleness_rule: str = "dynsgd"  # see STALENESS_RULES; changes nothing when pushes are fresh
+    consistency: str = "async"  # see CONSISTENCY
+    ssp_bound: int = 3  # ssp: how many clocks a worker may run ahead of the slowest
+    lease_s: float = 10.0  # a worker silent this long is dropped from barriers and statistics
+    slow_worker: float = 1.0  # the last worker of a local cluster runs this many times slower
+    # stop conditions besides epochs and target accuracy
+    max_updates: int | None = None
+    max_seconds: float | None = None
 
     def __post_init__(self):
         checks = [
@@ -60,6 +70,10 @@ class TrainConfig:
             (self.n_fetch >= 1 and self.n_push >= 1, "n_fetch and n_push must be >= 1"),
             (self.transport in TRANSPORTS, f"transport must be one of {', '.join(TRANSPORTS)}"),
             (self.staleness_rule in STALENESS_RULES, f"staleness rule must be one of {', '.join(STALENESS_RULES)}"),
+            (self.consistency in CONSISTENCY, f"consistency must be one of {', '.join(CONSISTENCY)}"),
+            (self.ssp_bound >= 0, "the ssp bound must be >= 0"),
+            (self.lease_s > 0, "the lease must be > 0 seconds"),
+            (self.slow_worker >= 1.0, "the slow worker factor must be >= 1"),
             (self.evals_per_epoch >= 1, "evals per epoch must be >= 1"),
             (self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target accuracy must be in (0, 1]"),
         ]

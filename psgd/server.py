@@ -76,6 +76,8 @@ class Server:
             self._listener.listen(64)
             self._listener.setblocking(False)
             self.poller.register(self._listener.fileno())
+        self.local_by_worker: dict[int, _LocalWorker] = {}
+        self.pending: dict[int, tuple] = {}  # worker -> (identity, seq, want_params) of a held push
         self._held: list = []  # worker requests that arrived while paused
         self._held_fds: list[int] = []  # doorbells not polled while paused
         self._signals = 0
@@ -95,6 +97,8 @@ class Server:
         start = time.monotonic()
         try:
             while not self._finished(start):
+                self.state.tick()  # leases run out even when nothing arrives
+                self._deliver()
                 for ready in self.poller.poll(POLL_INTERVAL_MS):
                     if ready is self.sock.socket:
                         self._serve_zmq()
@@ -118,6 +122,9 @@ class Server:
             s.paused = False
             self._release_held()
             self._tell_local_workers_to_stop()
+            for identity, seq, _ in self.pending.values():
+                self._send(identity, {"type": "shutdown"}, [], seq)
+            self.pending.clear()
         still_here = any(r.connected for r in s.workers.values())
         return not still_here or time.monotonic() - self._stop_since >= SHUTDOWN_GRACE_S
 
@@ -148,11 +155,31 @@ class Server:
         self._held_fds = []
 
     def _reply(self, identity, msg):
-        header, arrays = self.state.handle(msg)
+        result = self.state.handle(msg)
+        if result is None:  # a push the consistency model holds: answered by _deliver
+            self.pending[msg["worker_id"]] = (identity, msg["seq"], msg.get("want_params") is True)
+            self._deliver()
+            return
+        header, arrays = result
         if header["type"] == "welcome" and self.weights_seg is not None and msg["transport"] != "zmq":
             header["local"] = {"weights": self.weights_seg.name, "doorbell": self.doorbell_path,
                                "nonce": int(self.weights_seg.header[shm.NONCE])}
         self._send(identity, header, arrays, msg["seq"])
+        self._deliver()  # this push may have released other workers
+
+    def _deliver(self):
+        """Send every ready ack to its worker, by the path it came."""
+        outbox = self.state.outbox
+        while outbox:
+            ack = outbox.pop(0)
+            worker_id, version, staleness = ack
+            lw = self.local_by_worker.get(worker_id)
+            if lw is not None:
+                self._ack(lw, version, staleness, shm.ACK_OK)
+            elif worker_id in self.pending:
+                identity, seq, want_params = self.pending.pop(worker_id)
+                header, arrays = self.state.ack_reply(ack, want_params)
+                self._send(identity, header, arrays, seq)
 
     def _send(self, identity, header, arrays, seq):
         reply = encode({**header, "seq": seq, "sender": "server"}, arrays)
@@ -196,12 +223,12 @@ class Server:
             self._ack(lw, 0, 0, shm.ACK_SHUTDOWN)
             return
         try:
-            version, staleness = self.state.apply(lw.worker_id, base_version, examples, lw.grad.array)
+            self.state.submit(lw.worker_id, base_version, examples, lw.grad.array)
         except ProtocolError as exc:
             self.state.refuse(exc)
             self._ack(lw, self.state.version, 0, shm.ACK_REFUSED)
             return
-        self._ack(lw, version, staleness, shm.ACK_OK)
+        self._deliver()
 
     def _handshake(self, fd, lw: _LocalWorker, data: bytes):
         """First message: msgpack {worker_id, nonce, grad}: who it is and where its gradient lies."""
@@ -217,6 +244,7 @@ class Server:
             self._drop_local(fd)
             return
         lw.worker_id = worker_id
+        self.local_by_worker[worker_id] = lw
         record = self.state.workers[worker_id]
         record.transport = "shm"
         self._ack(lw, self.state.version, 0, shm.ACK_OK)
@@ -236,7 +264,9 @@ class Server:
         else:
             self.poller.unregister(fd)
         if lw.worker_id is not None:
+            self.local_by_worker.pop(lw.worker_id, None)
             self.state.disconnect(lw.worker_id)
+            self._deliver()
         if lw.grad is not None:
             lw.grad.close()
         lw.conn.close()

@@ -14,6 +14,7 @@ from collections import Counter
 import numpy as np
 
 from .config import TrainConfig
+from .consistency import make_gate
 from .errors import ProtocolError
 from .metrics import StalenessHistogram, WorkerRecord
 from .network import MLP
@@ -64,14 +65,18 @@ class ServerState:
         self.bytes_in = self.bytes_out = 0
         self.stopping = False
         self.paused = False  # while True the server loop holds workers' pushes and pulls
+        self.lr_override: float | None = None  # set by a coordinator, which then owns the schedule
+        self.gate = make_gate(config)
+        self.outbox: list[tuple[int, int, int]] = []  # (worker, version, staleness) acks ready to go
         self.started = clock()
         self._next_worker_id = 0
 
     # --- the update rule ----------------------------------------------------------------
 
     def lr(self) -> float:
-        """The schedule's rate at the current version (before any staleness scaling)."""
-        return self.schedule(self.version)
+        """The rate the coordinator set, else the schedule's at the current version
+        (before any staleness scaling)."""
+        return self.lr_override if self.lr_override is not None else self.schedule(self.version)
 
     def push_lr(self, staleness: int) -> float:
         """The rate for one push of the given staleness, by the run's staleness rule."""
@@ -82,9 +87,47 @@ class ServerState:
             return self.lr() / max(staleness, 1)
         return self.lr()
 
+    def submit(self, worker_id: int, base_version: int, examples: int, grad: np.ndarray, offset: int = 0) -> None:
+        """A push, by the run's consistency model: applied now or held (see psgd.consistency).
+        Ready acknowledgements go to ``outbox``. Raises ProtocolError for a push that does
+        not fit, leaving the weights untouched."""
+        self.check_push(worker_id, base_version, examples, grad, offset)
+        self.gate.submit(self, worker_id, base_version, examples, grad)
+
+    def tick(self) -> None:
+        """Let the consistency model release what it can (leases may have run out)."""
+        self.gate.tick(self)
+
     def apply(self, worker_id: int, base_version: int, examples: int, grad: np.ndarray, offset: int = 0) -> tuple[int, int]:
-        """Apply one gradient; return ``(new version, staleness)``. Raises ProtocolError,
+        """Apply one gradient now; return ``(new version, staleness)``. Raises ProtocolError,
         leaving the weights untouched, for an unknown worker or a gradient that does not fit."""
+        self.check_push(worker_id, base_version, examples, grad, offset)
+        staleness = self.version - base_version
+        with self.write_lock:
+            self.optimizer.step(self.params, grad, self.push_lr(staleness))
+        self.version += 1
+        self._count(worker_id, examples, staleness)
+        return self.version, staleness
+
+    def apply_average(self, mean_grad: np.ndarray, contributions: dict[int, int]) -> int:
+        """Apply the average of one synchronous round (``{worker: examples}``) as one update."""
+        with self.write_lock:
+            self.optimizer.step(self.params, mean_grad, self.lr())
+        self.version += 1
+        for worker_id, examples in contributions.items():
+            self._count(worker_id, examples, 0)
+        return self.version
+
+    def _count(self, worker_id, examples, staleness):
+        record = self.workers[worker_id]
+        self.examples += examples
+        record.pushes += 1
+        record.examples += examples
+        record.last_seen = self.clock()
+        record.staleness.add(staleness)
+        self.staleness.add(staleness)
+
+    def check_push(self, worker_id, base_version, examples, grad, offset=0) -> None:
         record = self.workers.get(worker_id)
         if record is None:
             raise ProtocolError("unknown_worker", f"worker {worker_id} has not said hello (server restarted?)")
@@ -93,17 +136,13 @@ class ServerState:
         except ProtocolError:
             record.refused += 1
             raise
-        staleness = self.version - base_version
-        with self.write_lock:
-            self.optimizer.step(self.params, grad, self.push_lr(staleness))
-        self.version += 1
-        self.examples += examples
-        record.pushes += 1
-        record.examples += examples
-        record.last_seen = self.clock()
-        record.staleness.add(staleness)
-        self.staleness.add(staleness)
-        return self.version, staleness
+
+    def live_workers(self, also=()) -> set[int]:
+        """Workers that count for barriers: connected and heard from within the lease,
+        plus ``also`` (workers the gate is holding, which cannot speak)."""
+        now, lease = self.clock(), self.config.lease_s
+        return {w for w, r in self.workers.items()
+                if w in also or (r.connected and now - r.last_seen < lease)}
 
     def _check_push(self, base_version, examples, grad, offset):
         if grad.dtype != self.dtype:
@@ -138,6 +177,7 @@ class ServerState:
         record = self.workers.get(worker_id)
         if record is not None:
             record.connected = False
+            self.tick()  # a barrier may have been waiting for it
 
     def welcome(self, record: WorkerRecord) -> dict:
         c = self.config
@@ -151,9 +191,10 @@ class ServerState:
 
     # --- messages -----------------------------------------------------------------------
 
-    def handle(self, msg: Message) -> tuple[dict, list]:
-        """The reply (header, arrays) to a decoded message. Never raises for bad input:
-        a refusal is an ``error`` reply, counted by its code."""
+    def handle(self, msg: Message) -> tuple[dict, list] | None:
+        """The reply (header, arrays) to a decoded message, or None for a push whose ack
+        the consistency model holds. Never raises for bad input: a refusal is an
+        ``error`` reply, counted by its code."""
         try:
             return self._dispatch(msg)
         except ProtocolError as exc:
@@ -171,11 +212,12 @@ class ServerState:
                 return {"type": "shutdown"}, []
             if len(msg.arrays) != 1:
                 raise ProtocolError("bad_frames", f"push carries {len(msg.arrays)} arrays, expected 1")
-            version, staleness = self.apply(msg["worker_id"], msg["base_version"], msg["examples"], msg.arrays[0], msg.offset(0))
-            reply = {"type": "ack", "version": version, "staleness": staleness}
-            if msg.get("want_params") is True:
-                return reply, [self.params]
-            return reply, []
+            worker_id = msg["worker_id"]
+            self.submit(worker_id, msg["base_version"], msg["examples"], msg.arrays[0], msg.offset(0))
+            ack = self.take_ack(worker_id)
+            if ack is None:
+                return None  # held by the consistency model; the server loop answers later
+            return self.ack_reply(ack, msg.get("want_params") is True)
         if kind == "pull":
             if self.stopping and msg.get("worker_id") is not None:
                 return {"type": "shutdown"}, []
@@ -190,9 +232,14 @@ class ServerState:
             return self.welcome(record), []
         if kind == "stats":
             return {"type": "stats_reply", "stats": self.stats()}, []
-        if kind == "observe":
-            self.schedule.observe(float(msg["validation_error"]))
+        if kind == "set_lr":
+            lr = float(msg["lr"])
+            if not (np.isfinite(lr) and lr >= 0):
+                raise ProtocolError("bad_field", f"learning rate {lr} is not a finite number >= 0")
+            self.lr_override = lr
             return {"type": "ok"}, []
+        if kind == "describe":
+            return {"type": "description", "config": self.config.to_dict()}, []
         if kind == "bye":
             worker_id = msg.get("worker_id")
             if isinstance(worker_id, int):
@@ -206,12 +253,24 @@ class ServerState:
             return {"type": "ok"}, []
         raise ProtocolError("bad_type", f"a server does not take {kind!r} messages")
 
+    def take_ack(self, worker_id: int):
+        """Remove and return this worker's ready ack from the outbox, if there is one."""
+        for i, ack in enumerate(self.outbox):
+            if ack[0] == worker_id:
+                return self.outbox.pop(i)
+        return None
+
+    def ack_reply(self, ack, want_params: bool) -> tuple[dict, list]:
+        _, version, staleness = ack
+        return {"type": "ack", "version": version, "staleness": staleness}, ([self.params] if want_params else [])
+
     def stats(self) -> dict:
         now = self.clock()
         return {
             "version": self.version, "examples": self.examples, "lr": self.lr(), "uptime": now - self.started,
             "staleness": self.staleness.to_dict(), "errors": dict(self.errors), "stopping": self.stopping,
-            "paused": self.paused,
+            "paused": self.paused, "consistency": self.config.consistency,
+            "ssp_max_lead": getattr(self.gate, "max_lead", None),
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "workers": {str(w): r.to_dict(now) for w, r in self.workers.items()},
         }

@@ -37,6 +37,7 @@ class WorkerOptions:
     n_push: int | None = None
     max_steps: int | None = None
     server_wait_s: float = SERVER_WAIT_S
+    slowdown: float = 1.0  # > 1: sleep so that each step takes this many times its compute time
 
 
 class ZmqChannel:
@@ -242,6 +243,9 @@ class Worker:
             st["steps"] += 1
             t1 = time.perf_counter()
             st["compute_s"] += t1 - t0
+            if o.slowdown > 1:  # a straggler on demand, to study one on a single machine
+                time.sleep((o.slowdown - 1) * (t1 - t0))
+                t1 = time.perf_counter()
             fetch = st["steps"] % self.n_fetch == 0
             if st["steps"] % self.n_push == 0:
                 try:

@@ -102,3 +102,23 @@ def test_pause_holds_worker_pushes_over_real_sockets(procs):
     client.close()
     assert server.wait(30) == 0
     assert all(w.wait(30) == 0 for w in workers)
+
+
+@pytest.mark.parametrize("consistency", ["sync", "ssp"])
+def test_consistency_models_hold_over_real_processes_with_a_slow_worker(procs, tmp_path, consistency):
+    """One worker 4x slower: sync never applies a stale gradient and paces both workers alike;
+    ssp with bound 2 never lets the fast worker lead by more than 2 clocks."""
+    out = tmp_path / "run"
+    proc = procs.start("train", "--workers", "2", "--epochs", "1", "--consistency", consistency,
+                       "--ssp-bound", "2", "--slow-worker", "4", "--out", str(out), log="train")
+    assert proc.wait(240) == 0, procs.log("train")
+    summary = json.loads((out / "summary.json").read_text())
+    pushes = [w["pushes"] for w in summary["per_worker"].values()]
+    if consistency == "sync":
+        assert summary["staleness"]["max"] == 0
+        assert max(pushes) - min(pushes) <= 1  # a barrier every round
+        assert summary["updates"] * 2 == pytest.approx(sum(pushes), abs=2)
+    else:
+        assert summary["ssp_max_lead"] <= 2
+        assert max(pushes) - min(pushes) <= 3  # the bound, plus the push in flight
+    assert summary["test_accuracy"] >= 0.85

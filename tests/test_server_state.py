@@ -105,12 +105,16 @@ def test_messages_hello_pull_push_stats_shutdown():
     assert request(state, "hello", worker="late", transport="zmq")[0]["type"] == "shutdown"
 
 
-def test_observe_feeds_the_plateau_schedule():
-    config = CONFIG.with_(schedule=ScheduleSpec("plateau", 1.0, factor=0.5, patience=1))
-    state = ServerState(config)
-    for err in (0.5, 0.5):
-        request(state, "observe", validation_error=err)
+def test_set_lr_overrides_the_servers_schedule_and_bad_rates_are_refused():
+    state = ServerState(CONFIG)
     assert state.lr() == 0.5
+    assert request(state, "set_lr", lr=0.125)[0]["type"] == "ok"
+    assert state.lr() == 0.125
+    for bad in (float("nan"), float("inf"), -1.0):
+        assert request(state, "set_lr", lr=bad)[0]["code"] == "bad_field"
+    assert state.lr() == 0.125
+    described = request(state, "describe")[0]
+    assert TrainConfig.from_dict(described["config"]) == CONFIG
 
 
 def test_weights_start_from_the_seed_so_every_server_agrees():

@@ -1,0 +1,206 @@
+"""The coordinator: watches and steers a run from outside the server.
+
+Every few milliseconds it reads the server's statistics; at every evaluation point
+(``evals_per_epoch`` times an epoch) it pauses the server, pulls a snapshot, evaluates it
+on the validation set and resumes, so evaluation costs no training time. It owns the
+learning rate: the schedule is computed here (plateau listens to the validation error)
+and sent to the server whenever it changes. It flags stragglers, stops the run on a
+target accuracy, an epoch or update budget or a wall-clock limit, tells the server to
+shut down (which ends the workers), and writes the run directory.
+
+It runs inside ``psgd train`` (the local cluster) or alone as ``psgd coordinator``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from .config import TrainConfig
+from .errors import PsgdError, TransportError
+from .metrics import StalenessHistogram
+from .network import MLP
+from .trainer import PreparedData, RunRecorder
+from .transport import Client
+
+STATS_INTERVAL_S = 0.02  # between statistics polls
+STRAGGLER_FACTOR = 0.5  # a worker below this fraction of the median rate is a straggler
+LR_CHANGE = 1e-9  # relative change of the rate worth telling the server
+
+
+def stragglers(rates: dict[str, float], factor: float = STRAGGLER_FACTOR) -> list[str]:
+    """Names of workers whose examples/s is below ``factor`` x the median of the others'."""
+    slow = []
+    for name, rate in rates.items():
+        others = [r for n, r in rates.items() if n != name]
+        if others and rate < factor * statistics.median(others):
+            slow.append(name)
+    return sorted(slow)
+
+
+class Coordinator:
+    """One run's coordinator. ``watch()``, if given, is called every poll and returns
+    descriptions of processes that failed since the last call (the local launcher's view);
+    a failure of the server ends the run with an error."""
+
+    def __init__(self, config: TrainConfig, endpoint: str, data: PreparedData, on_event=None, say=None,
+                 watch=None):
+        self.config = config
+        self.data = data
+        self.net = MLP(config.model)
+        self.recorder = RunRecorder(config, on_event)
+        self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.watch = watch or (lambda: [])
+        self.client = Client(endpoint, "coordinator", server_wait=10.0)
+        self.schedule = config.schedule.build()
+        self.params = np.empty(self.net.n_params, self.net.dtype)
+        self.failures: list[str] = []
+        self.lr_sent: float | None = None
+        self._rates_at: tuple[float, dict] | None = None
+
+    def run(self) -> dict:
+        """Coordinate until a stop condition holds; return the summary (also written to disk)."""
+        c, d = self.config, self.data
+        n_train = len(d.train)
+        total = int(c.epochs * n_train)
+        eval_every = max(1, n_train // c.evals_per_epoch)
+        next_eval = eval_every
+        self.recorder.on_event("start", {"total_examples": total})
+        t0 = time.perf_counter()
+        t_first, eval_time, stop_reason = None, 0.0, "epochs"
+        try:
+            self._set_lr(0)
+            while True:
+                self._check_processes()
+                stats = self._stats()
+                examples, version = stats["examples"], stats["version"]
+                if t_first is None and version > 0:
+                    t_first = time.perf_counter()
+                self._set_lr(version)
+                elapsed = time.perf_counter() - t0
+                budget_hit = examples >= total or (c.max_updates is not None and version >= c.max_updates) \
+                    or (c.max_seconds is not None and elapsed >= c.max_seconds)
+                if examples >= next_eval or budget_hit:
+                    while next_eval <= examples:
+                        next_eval += eval_every
+                    t_eval = time.perf_counter()
+                    rec = self._evaluate(t_eval - t0, (t_eval - t_first - eval_time) if t_first else 0.0, n_train)
+                    eval_time += time.perf_counter() - t_eval
+                    if c.target_accuracy and (rec["val_accuracy"] or 0) >= c.target_accuracy:
+                        stop_reason = "target accuracy"
+                        break
+                    if budget_hit:
+                        stop_reason = "epochs" if examples >= total else (
+                            "updates" if c.max_updates is not None and version >= c.max_updates else "time limit")
+                        break
+                else:
+                    self.recorder.on_event("progress", {"examples": examples, "loss": None})
+                time.sleep(STATS_INTERVAL_S)
+            final = self.client.request({"type": "pull"})
+            self.params[...] = final.arrays[0]
+            stats = self._stats()
+            self.client.request({"type": "shutdown"})
+        except TransportError as exc:
+            raise PsgdError(f"lost the server: {exc}") from None
+        finally:
+            self.client.close()
+        train_time = (time.perf_counter() - eval_time - t_first) if t_first else 0.0
+        test_loss, test_acc = self.net.evaluate(self.params, d.test.X, d.T_test)
+        summary = self._summary(stats, n_train, test_loss, test_acc, t0, t_first, train_time, eval_time, stop_reason)
+        return summary
+
+    def finish(self, summary: dict) -> dict:
+        """Write weights and summary (after the caller added what it knows, e.g. exits)."""
+        return self.recorder.finish(self.params, summary)
+
+    # --- steps of the loop ----------------------------------------------------------------
+
+    def _stats(self) -> dict:
+        reply = self.client.request({"type": "stats"})
+        if reply.type != "stats_reply":
+            raise PsgdError(f"the server answered stats with {reply.type}: {reply.get('message', '')}")
+        return reply["stats"]
+
+    def _check_processes(self):
+        for failure in self.watch():
+            self.failures.append(failure)
+            self.say(f"psgd: {failure}")
+
+    def _set_lr(self, version: int) -> None:
+        lr = float(self.schedule(version))
+        if self.lr_sent is None or abs(lr - self.lr_sent) > LR_CHANGE * max(abs(lr), 1e-30):
+            reply = self.client.request({"type": "set_lr", "lr": lr})
+            if reply.type != "ok":
+                raise PsgdError(f"the server refused the learning rate {lr}: {reply.get('message', '')}")
+            self.lr_sent = lr
+
+    def _evaluate(self, wall: float, train_time: float, n_train: int) -> dict:
+        """Pause, snapshot, resume, then evaluate the snapshot and feed the schedule."""
+        self.client.request({"type": "pause"})
+        try:
+            snap = self.client.request({"type": "pull"})
+            self.params[...] = snap.arrays[0]
+            stats = self._stats()
+            val_loss, val_acc = self.net.evaluate(self.params, *self.data.eval_set)
+        finally:
+            self.client.request({"type": "resume"})
+        self.schedule.observe(val_loss if val_acc is None else 1.0 - val_acc)
+        self._set_lr(stats["version"])
+        hist = StalenessHistogram.from_dict(stats["staleness"]).summary()
+        rates = self._worker_rates(stats)
+        rec = {
+            "time": wall, "train_time": train_time, "epoch": stats["examples"] / n_train,
+            "examples": stats["examples"], "updates": snap["version"], "lr": self.lr_sent, "train_loss": None,
+            "val_loss": val_loss, "val_accuracy": val_acc, "staleness_mean": hist["mean"],
+            "staleness_p99": hist["p99"], "staleness_max": hist["max"],
+            "examples_per_s": stats["examples"] / train_time if train_time else 0.0,
+            "worker_examples_per_s": rates, "stragglers": stragglers(rates),
+        }
+        self.recorder.record(rec)
+        return rec
+
+    def _worker_rates(self, stats: dict) -> dict[str, float]:
+        """Each connected worker's examples/s since the previous evaluation."""
+        now = time.perf_counter()
+        current = {w["name"]: w["examples"] for w in stats["workers"].values() if w["connected"]}
+        previous = self._rates_at
+        self._rates_at = (now, current)
+        if previous is None:
+            return {}
+        dt = max(now - previous[0], 1e-9)
+        return {name: (n - previous[1].get(name, 0)) / dt for name, n in current.items()}
+
+    def _summary(self, stats, n_train, test_loss, test_acc, t0, t_first, train_time, eval_time, stop_reason) -> dict:
+        c = self.config
+        hist = StalenessHistogram.from_dict(stats["staleness"]).summary()
+        updates, examples = stats["version"], stats["examples"]
+        workers = {w["name"]: {k: w[k] for k in ("pushes", "examples", "refused", "transport", "connected", "shard")}
+                   | {"staleness": StalenessHistogram.from_dict(w["staleness"]).summary(),
+                      "examples_per_s": w["examples_per_s"]}
+                   for w in stats["workers"].values()}
+        summary = {
+            "workers": c.workers, "transport": c.transport, "consistency": c.consistency,
+            "staleness_rule": c.staleness_rule, "stop_reason": stop_reason,
+            "updates": updates, "examples": examples, "epochs": examples / n_train,
+            "test_loss": test_loss, "test_accuracy": test_acc,
+            "setup_time": (t_first - t0) if t_first else 0.0, "train_time": train_time, "eval_time": eval_time,
+            "wall_time": time.perf_counter() - t0,
+            "examples_per_s": examples / train_time if train_time else 0.0,
+            "pushes_per_s": updates / train_time if train_time else 0.0,
+            "staleness": hist, "staleness_histogram": stats["staleness"],
+            "bytes_in": stats["bytes_in"], "bytes_out": stats["bytes_out"], "errors": stats["errors"],
+            "per_worker": workers, "failures": self.failures, "ssp_max_lead": stats.get("ssp_max_lead"),
+            "worker_transports": sorted({w["transport"] for w in stats["workers"].values()}),
+        }
+        summary["first_reaching"] = {str(a): r["train_time"] for a in (0.97, 0.98)
+                                     if (r := self.recorder.first_reaching(a))}
+        summary["report"] = [
+            f"{updates} updates applied, {summary['pushes_per_s']:.0f} pushes/s; staleness mean {hist['mean']:.2f}, "
+            f"p50 {hist['p50']}, p99 {hist['p99']}, max {hist['max']}; stopped on {stop_reason}",
+            f"{stats['bytes_in'] / 1e6:.1f} MB in and {stats['bytes_out'] / 1e6:.1f} MB out over ZeroMQ; "
+            f"workers pushed via {', '.join(summary['worker_transports'])}",
+        ]
+        return summary
