@@ -310,6 +310,65 @@ def worker(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_pus
                f"mean staleness {mean:.2f}, compute {stats['compute_s']:.2f} s, communication {stats['comm_s']:.2f} s")
 
 
+@cli.command()
+@env_option("--connect", default="tcp://127.0.0.1:5555", help="The server's ZeroMQ endpoint.")
+@env_option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where this machine keeps the data.")
+@env_option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/latest", help="Run directory.")
+@env_option("--epochs", type=float, default=None, help="Default: the run's, from the server.")
+@env_option("--evals-per-epoch", type=int, default=None, help="Default: the run's, from the server.")
+@env_option("--target-accuracy", type=float, default=None, help="Stop once validation accuracy reaches this.")
+@env_option("--max-updates", type=int, default=None, help="Stop after this many applied updates.")
+@env_option("--max-seconds", type=float, default=None, help="Stop after this many seconds.")
+def coordinator(connect, **overrides):
+    """Watch and steer a running cluster: evaluate, set the learning rate, stop it, write the run."""
+    from .coordinator import Coordinator
+    from .trainer import prepare_data
+    from .transport import Client
+    client = Client(connect, "coordinator", server_wait=30.0)
+    try:
+        reply = client.request({"type": "describe"})
+    finally:
+        client.close()
+    if reply.type != "description":
+        raise PsgdError(f"the server at {connect} did not describe its run: {reply.get('message', reply.type)}")
+    config = TrainConfig.from_dict(reply["config"])
+    config = config.with_(**{k: v for k, v in overrides.items() if v is not None})
+    coord = Coordinator(config, connect, prepare_data(config), Progress())
+    summary = coord.finish(coord.run())
+    print_summary(summary)
+    click.echo(f"run written to {config.out_dir}")
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots (needs matplotlib).")
+@click.option("--plots-dir", type=click.Path(file_okay=False), default=None,
+              help="Where PNGs go. Default: RUN/plots for one run, ./comparison.png for several.")
+def report(runs, plots, plots_dir):
+    """Summarise runs: a text report for each and, for several, a side-by-side table; PNG plots."""
+    from . import report as rep
+    loaded = [rep.Run(Path(r)) for r in runs]
+    for run in loaded:
+        for line in rep.text_report(run):
+            click.echo(line)
+        click.echo("")
+    if len(loaded) > 1:
+        for line in rep.comparison(loaded):
+            click.echo(line)
+    if not plots:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        click.echo("plots need matplotlib: pip install 'psgd[plot]' (the text above is the whole report without it)")
+        return
+    if len(loaded) == 1:
+        written = rep.plot_run(loaded[0], Path(plots_dir) if plots_dir else loaded[0].path / "plots")
+    else:
+        written = [rep.plot_comparison(loaded, Path(plots_dir or ".") / "comparison.png")]
+    click.echo("plots: " + ", ".join(str(p) for p in written))
+
+
 def main():
     cli(prog_name="psgd")
 

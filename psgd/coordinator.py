@@ -163,13 +163,15 @@ class Coordinator:
         return rec
 
     def _worker_rates(self, stats: dict) -> dict[str, float]:
-        """Each connected worker's examples/s since the previous evaluation."""
+        """Each connected worker's examples/s since the previous evaluation (at the first one,
+        since it joined)."""
         now = time.perf_counter()
-        current = {w["name"]: w["examples"] for w in stats["workers"].values() if w["connected"]}
+        live = [w for w in stats["workers"].values() if w["connected"]]
+        current = {w["name"]: w["examples"] for w in live}
         previous = self._rates_at
         self._rates_at = (now, current)
-        if previous is None:
-            return {}
+        if previous is None:  # the first evaluation: rates since each worker joined
+            return {w["name"]: w["examples_per_s"] for w in live}
         dt = max(now - previous[0], 1e-9)
         return {name: (n - previous[1].get(name, 0)) / dt for name, n in current.items()}
 
@@ -193,6 +195,7 @@ class Coordinator:
             "staleness": hist, "staleness_histogram": stats["staleness"],
             "bytes_in": stats["bytes_in"], "bytes_out": stats["bytes_out"], "errors": stats["errors"],
             "per_worker": workers, "failures": self.failures, "ssp_max_lead": stats.get("ssp_max_lead"),
+            "stragglers": stragglers({n: w["examples_per_s"] for n, w in workers.items() if w["connected"]}),
             "worker_transports": sorted({w["transport"] for w in stats["workers"].values()}),
         }
         summary["first_reaching"] = {str(a): r["train_time"] for a in (0.97, 0.98)

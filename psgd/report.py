@@ -1,0 +1,200 @@
+"""``psgd report``: what a run directory says, as text and as PNG plots.
+
+Text needs nothing beyond psgd. Plots need matplotlib (``pip install 'psgd[plot]'``);
+without it the report says so and prints the text anyway.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import DataError
+from .metrics import StalenessHistogram
+
+TARGETS = (0.97, 0.98)
+
+
+class Run:
+    """A run directory: config.json, metrics.jsonl, summary.json."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.config = json.loads((self.path / "config.json").read_text())
+            self.summary = json.loads((self.path / "summary.json").read_text())
+            self.records = [json.loads(line) for line in (self.path / "metrics.jsonl").read_text().splitlines() if line]
+        except FileNotFoundError as exc:
+            raise DataError(f"{self.path} is not a finished psgd run: {Path(exc.filename).name} is missing") from None
+        except ValueError as exc:
+            raise DataError(f"{self.path}: unreadable run file ({exc})") from None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def time_to(self, accuracy: float) -> float | None:
+        """Training seconds (start-up and evaluation excluded) to a validation accuracy."""
+        return next((r["train_time"] for r in self.records if (r.get("val_accuracy") or 0) >= accuracy), None)
+
+    def staleness(self) -> StalenessHistogram | None:
+        h = self.summary.get("staleness_histogram")
+        return StalenessHistogram.from_dict(h) if h else None
+
+
+def _optimizer(o: dict) -> str:
+    return f"{o['name']} {o['momentum']}" if o["name"] in ("momentum", "nesterov") else o["name"]
+
+
+def _seconds(x):
+    return f"{x:.2f} s" if x is not None else "not reached"
+
+
+def text_report(run: Run) -> list[str]:
+    c, s = run.config, run.summary
+    m = c["model"]
+    lines = [
+        f"run {run.path}",
+        f"  model {'-'.join(map(str, m['sizes']))} {m['hidden']}/{m['loss']} {m['dtype']}; "
+        f"{_optimizer(c['optimizer'])}, lr {c['schedule']['lr']} "
+        f"{c['schedule']['name']}; batch {c['batch_size']}",
+        f"  cluster: {s.get('workers', 0)} workers" + (
+            f", {s.get('consistency', 'async')}, staleness rule {s.get('staleness_rule', 'none')}, "
+            f"pushes via {', '.join(s.get('worker_transports', [])) or '-'}" if s.get("workers") else " (one process)"),
+    ]
+    acc = s.get("test_accuracy")
+    lines.append(f"  result: test accuracy {acc:.2%}, loss {s['test_loss']:.4f}" if acc is not None
+                 else f"  result: test loss {s['test_loss']:.6f}")
+    lines.append(f"  stopped on {s.get('stop_reason', 'epochs')} after {s['epochs']:.2f} epochs, {s['updates']} updates")
+    wall = s["wall_time"]
+    other = max(0.0, wall - s["setup_time"] - s["train_time"] - s["eval_time"])
+    lines.append("  where the time went: " + ", ".join(
+        f"{name} {t:.2f} s ({t / wall:.0%})" for name, t in
+        (("start-up", s["setup_time"]), ("training", s["train_time"]), ("evaluation", s["eval_time"]),
+         ("wind-down", other))))
+    lines.append(f"  throughput: {s['examples_per_s'] / 1e3:.1f}k examples/s"
+                 + (f", {s['pushes_per_s']:.0f} pushes/s" if "pushes_per_s" in s else ""))
+    lines.append("  time to " + ", ".join(f"{a:.0%}: {_seconds(run.time_to(a))}" for a in TARGETS))
+    hist = run.staleness()
+    if hist is not None and hist.total:
+        sm = hist.summary()
+        top = sorted(((c, v) for v, c in enumerate(hist.counts) if c), reverse=True)[:6]
+        lines.append(f"  staleness: mean {sm['mean']:.2f}, p50 {sm['p50']}, p99 {sm['p99']}, max {sm['max']} "
+                     f"over {sm['count']} pushes; most common: "
+                     + ", ".join(f"{v}{'+' if v == hist.cap else ''} ({c / hist.total:.0%})" for c, v in top))
+    per_worker = s.get("per_worker") or {}
+    if per_worker:
+        flagged = set(s.get("stragglers", []))
+        lines.append(f"  {'worker':<12} {'pushes':>7} {'examples':>9} {'ex/s':>8} {'staleness':>9}  path")
+        for name, w in sorted(per_worker.items()):
+            lines.append(f"  {name:<12} {w['pushes']:>7} {w['examples']:>9} {w['examples_per_s']:>8.0f} "
+                         f"{w['staleness']['mean']:>9.2f}  {w['transport']}"
+                         + ("  STRAGGLER" if name in flagged else "") + ("" if w["connected"] else "  (gone)"))
+    for failure in s.get("failures", []):
+        lines.append(f"  failed: {failure}")
+    return lines
+
+
+def comparison(runs: list[Run]) -> list[str]:
+    """Runs side by side: time to target accuracy, final accuracy, staleness, throughput."""
+    head = f"{'run':<20} {'workers':>7} {'mode':<6} {'to 97%':>9} {'to 98%':>9} {'test acc':>8} {'staleness':>9} {'ex/s':>7}"
+    lines = [head]
+    for r in runs:
+        s = r.summary
+        hist = r.staleness()
+        acc = s.get("test_accuracy")
+        lines.append(
+            f"{r.name[:20]:<20} {s.get('workers', 0):>7} {s.get('consistency', '-') if s.get('workers') else '-':<6} "
+            f"{_short(r.time_to(0.97)):>9} {_short(r.time_to(0.98)):>9} "
+            f"{(f'{acc:.2%}' if acc is not None else '-'):>8} "
+            f"{(f'{hist.mean():.2f}' if hist is not None else '-'):>9} {s['examples_per_s'] / 1e3:>6.1f}k")
+    return lines
+
+
+def _short(x):
+    return f"{x:.2f}s" if x is not None else "-"
+
+
+def plot_run(run: Run, out_dir: Path) -> list[Path]:
+    """PNG plots of one run into ``out_dir``; returns their paths. Needs matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recs = run.records
+    t = [r["time"] for r in recs]
+    upd = [r["updates"] for r in recs]
+    written = []
+
+    def save(fig, name):
+        path = out_dir / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+    for key, label in (("val_accuracy", "validation accuracy"), ("val_loss", "validation loss")):
+        values = [r[key] for r in recs]
+        if all(v is None for v in values):
+            continue
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        a.plot(t, values, marker="o")
+        a.set_xlabel("wall time (s)")
+        b.plot(upd, values, marker="o", color="tab:orange")
+        b.set_xlabel("updates applied")
+        for ax in (a, b):
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"{run.name}: {label}")
+        save(fig, f"{key}.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.step(t, [r["lr"] for r in recs], where="post")
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("learning rate")
+    ax.set_title(f"{run.name}: learning rate")
+    save(fig, "learning_rate.png")
+
+    hist = run.staleness()
+    if hist is not None and hist.total:
+        last = max(v for v, c in enumerate(hist.counts) if c)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.bar(range(last + 1), hist.counts[:last + 1])
+        ax.set_xlabel("staleness (updates between fetch and apply)" + (f"; {hist.cap} = {hist.cap} or more" if last == hist.cap else ""))
+        ax.set_ylabel("pushes")
+        ax.set_title(f"{run.name}: staleness, mean {hist.mean():.2f}")
+        save(fig, "staleness.png")
+
+    per_worker = run.summary.get("per_worker") or {}
+    if per_worker:
+        names = sorted(per_worker)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.bar(names, [per_worker[n]["examples_per_s"] for n in names])
+        ax.set_ylabel("examples/s")
+        ax.set_title(f"{run.name}: throughput per worker")
+        save(fig, "worker_throughput.png")
+    return written
+
+
+def plot_comparison(runs: list[Run], path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in runs:
+        acc = [x["val_accuracy"] for x in r.records]
+        a.plot([x["train_time"] for x in r.records], acc, marker=".", label=r.name)
+        b.plot([x["updates"] for x in r.records], acc, marker=".", label=r.name)
+    a.set_xlabel("training time (s)")
+    b.set_xlabel("updates applied")
+    for ax in (a, b):
+        ax.set_ylabel("validation accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
