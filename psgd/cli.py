@@ -86,7 +86,9 @@ def training_options(f):
         env_option("--target-accuracy", type=float, default=None, help="Stop once validation accuracy reaches this."),
         env_option("--evals-per-epoch", type=int, default=_DEFAULT.evals_per_epoch),
         env_option("--staleness-rule", type=click.Choice(STALENESS_RULES), default=_DEFAULT.staleness_rule,
-                   help="Scale a push's rate by its staleness s: none, divide (lr/s), dynsgd (lr/(s+1))."),
+                   help="Treat a push of staleness s: none, divide (lr/s), dynsgd (lr/(s+1)), "
+                        "dcasgd (delay compensation, with --optimizer sgd)."),
+        env_option("--dc-lambda", type=float, default=_DEFAULT.dc_lambda, help="dcasgd: lambda."),
         env_option("--consistency", type=click.Choice(CONSISTENCY), default=_DEFAULT.consistency,
                    help="async (Downpour), ssp (bounded staleness) or sync (averaged, with a barrier)."),
         env_option("--ssp-bound", type=int, default=_DEFAULT.ssp_bound, help="ssp: clocks a worker may lead by."),
@@ -127,7 +129,7 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
                             pick("warmup", base.schedule.warmup))
     fields = ["data", "data_dir", "batch_size", "epochs", "seed", "validation", "dropout", "augment",
               "target_accuracy", "evals_per_epoch", "out_dir", "workers", "n_fetch", "n_push", "transport",
-              "staleness_rule", "consistency", "ssp_bound", "lease_s", "slow_worker", "max_updates", "max_seconds"]
+              "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "slow_worker", "max_updates", "max_seconds"]
     changes = {name: pick(name, getattr(base, name)) for name in fields if name in kw}
     return base.with_(model=model, optimizer=optimizer, schedule=schedule, **changes)
 

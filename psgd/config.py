@@ -18,8 +18,9 @@ from .schedules import ScheduleSpec
 
 TRANSPORTS = ("auto", "zmq", "shm")
 # How the server scales the learning rate of a push by its staleness s:
-# none: lr; divide: lr / max(s, 1) (Zhang et al., IJCAI 2016); dynsgd: lr / (s + 1).
-STALENESS_RULES = ("none", "divide", "dynsgd")
+# none: lr; divide: lr / max(s, 1) (Zhang et al., IJCAI 2016); dynsgd: lr / (s + 1);
+# dcasgd: delay compensation g + lambda g*g*(w_now - w_then) (Zheng et al., ICML 2017), plain SGD only.
+STALENESS_RULES = ("none", "divide", "dynsgd", "dcasgd")
 # async: apply every push at once (Downpour); ssp: a worker more than ssp_bound clocks ahead
 # of the slowest live worker waits; sync: one gradient from every live worker, averaged.
 CONSISTENCY = ("async", "ssp", "sync")
@@ -52,6 +53,7 @@ class TrainConfig:
     n_push: int = 1  # push the accumulated gradient every n_push steps (Downpour)
     transport: str = "auto"  # auto: shared memory for workers on the server's machine
     staleness_rule: str = "dynsgd"  # see STALENESS_RULES; changes nothing when pushes are fresh
+    dc_lambda: float = 0.04  # dcasgd: the variance-control constant lambda
     consistency: str = "async"  # see CONSISTENCY
     ssp_bound: int = 3  # ssp: how many clocks a worker may run ahead of the slowest
     lease_s: float = 10.0  # a worker silent this long is dropped from barriers and statistics
@@ -71,6 +73,9 @@ class TrainConfig:
             (self.transport in TRANSPORTS, f"transport must be one of {', '.join(TRANSPORTS)}"),
             (self.staleness_rule in STALENESS_RULES, f"staleness rule must be one of {', '.join(STALENESS_RULES)}"),
             (self.consistency in CONSISTENCY, f"consistency must be one of {', '.join(CONSISTENCY)}"),
+            (self.staleness_rule != "dcasgd" or self.optimizer.name == "sgd",
+             "the dcasgd staleness rule compensates plain SGD: use --optimizer sgd"),
+            (self.dc_lambda >= 0, "dc-lambda must be >= 0"),
             (self.ssp_bound >= 0, "the ssp bound must be >= 0"),
             (self.lease_s > 0, "the lease must be > 0 seconds"),
             (self.slow_worker >= 1.0, "the slow worker factor must be >= 1"),

@@ -27,6 +27,7 @@ from .trainer import PreparedData, RunRecorder
 from .transport import Client
 
 STATS_INTERVAL_S = 0.02  # between statistics polls
+STALL_S = 20.0  # no new examples for this long (not paused): the run is stuck
 STRAGGLER_FACTOR = 0.5  # a worker below this fraction of the median rate is a straggler
 LR_CHANGE = 1e-9  # relative change of the rate worth telling the server
 
@@ -71,12 +72,17 @@ class Coordinator:
         self.recorder.on_event("start", {"total_examples": total})
         t0 = time.perf_counter()
         t_first, eval_time, stop_reason = None, 0.0, "epochs"
+        last_examples, progress_at = -1, time.perf_counter()
         try:
             self._set_lr(0)
             while True:
                 self._check_processes()
                 stats = self._stats()
                 examples, version = stats["examples"], stats["version"]
+                if examples != last_examples:
+                    last_examples, progress_at = examples, time.perf_counter()
+                elif time.perf_counter() - progress_at > STALL_S:
+                    raise PsgdError(_stall_message(stats, STALL_S))
                 if t_first is None and version > 0:
                     t_first = time.perf_counter()
                 self._set_lr(version)
@@ -147,6 +153,9 @@ class Coordinator:
             val_loss, val_acc = self.net.evaluate(self.params, *self.data.eval_set)
         finally:
             self.client.request({"type": "resume"})
+        if not np.isfinite(val_loss):
+            raise PsgdError(f"training diverged: the validation loss is {val_loss} after {stats['version']} updates "
+                            f"(learning rate {self.lr_sent}); lower --lr, add --warmup, or use --staleness-rule dynsgd")
         self.schedule.observe(val_loss if val_acc is None else 1.0 - val_acc)
         self._set_lr(stats["version"])
         hist = StalenessHistogram.from_dict(stats["staleness"]).summary()
@@ -207,3 +216,15 @@ class Coordinator:
             f"workers pushed via {', '.join(summary['worker_transports'])}",
         ]
         return summary
+
+
+def _stall_message(stats: dict, seconds: float) -> str:
+    errors = stats.get("errors") or {}
+    live = sum(1 for w in stats["workers"].values() if w["connected"])
+    why = ""
+    if errors.get("not_finite"):
+        why = (f"; the server refused {errors['not_finite']} gradients as NaN/Inf: training diverged "
+               f"(lower --lr, add --warmup, or use --staleness-rule dynsgd)")
+    elif errors:
+        why = f"; the server refused pushes: {errors}"
+    return f"no training progress for {seconds:.0f} s at {stats['examples']} examples with {live} workers connected{why}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,7 +47,7 @@ class Child:
                 tail = f": {lines[-1][:300]}"
         except OSError:
             pass
-        return f"{self.role} (pid {self.proc.pid}) {how}{tail}"
+        return f"{self.role} (pid {self.proc.pid}) {how}{tail} (log: {self.log})"
 
 
 @dataclass
@@ -61,7 +62,7 @@ class Cluster:
         env = dict(os.environ, **(extra_env or {}))
         with open(log, "w") as out:
             proc = subprocess.Popen([sys.executable, "-m", "psgd", *args], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env)
+                                    stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent)
         child = Child(role, proc, log)
         self.children.append(child)
         return child
@@ -99,6 +100,25 @@ class Cluster:
                     seg.unlink(missing_ok=True)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux for SIGTERM when the launcher dies, however it
+    dies (even SIGKILL, which runs no cleanup), so that no server or worker is orphaned."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def terminate_on_signals() -> None:
+    """Turn SIGTERM and SIGHUP into SystemExit, so that the launcher's clean-up runs
+    (Python's default for them is to die on the spot)."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
 def _wait_ready(server: Child, ready_file: Path) -> str:
     end = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < end:
@@ -113,8 +133,15 @@ def _wait_ready(server: Child, ready_file: Path) -> str:
 def train_cluster(config: TrainConfig, on_event=None, say=None) -> dict:
     """Run a local cluster of ``config.workers`` workers with an in-process coordinator;
     returns the run summary (also written to the run directory)."""
+    terminate_on_signals()
     data = prepare_data(config)  # first: a bad option fails here, before any process starts
-    workdir = Path(tempfile.mkdtemp(prefix="psgd-run-"))
+    # Each process's output goes to RUN_DIR/logs (kept: it says why a process failed).
+    keep_logs = config.out_dir is not None
+    if keep_logs:
+        workdir = Path(config.out_dir) / "logs"
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="psgd-run-"))
     cluster = Cluster(workdir)
     try:
         cfg_file = workdir / "config.json"
@@ -156,5 +183,7 @@ def train_cluster(config: TrainConfig, on_event=None, say=None) -> dict:
     finally:
         cluster.stop()
         for f in workdir.iterdir():
-            f.unlink()
-        workdir.rmdir()
+            if not (keep_logs and f.suffix == ".log"):
+                f.unlink()
+        if not keep_logs:
+            workdir.rmdir()

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -281,7 +282,10 @@ class Server:
     def _install_signals(self):
         def handler(signum, frame):
             self._signals += 1
+            print(f"psgd server: {signal.Signals(signum).name}" + (", exiting now" if self._signals > 1 else
+                  ", stopping after the current message"), file=sys.stderr, flush=True)
             if self._signals > 1:
+                self.close()  # still release the shared memory; a stuck peer cannot delay this
                 os._exit(128 + signum)  # second signal: now
             self.state.stopping = True
 

@@ -22,6 +22,7 @@ from .optim import make_optimizer
 from .protocol import Message, error
 
 MAX_EXAMPLES_PER_PUSH = 1 << 20
+DC_HISTORY = 16  # dcasgd: weight versions kept; an older push is applied uncompensated
 
 
 class _NoLock:
@@ -67,6 +68,11 @@ class ServerState:
         self.paused = False  # while True the server loop holds workers' pushes and pulls
         self.lr_override: float | None = None  # set by a coordinator, which then owns the schedule
         self.gate = make_gate(config)
+        self._history = None  # dcasgd: the last DC_HISTORY weight vectors, by version
+        if config.staleness_rule == "dcasgd":
+            self._history = np.empty((DC_HISTORY, self.size), self.dtype)
+            self._history[0] = self.params
+            self._compensated = np.empty(self.size, self.dtype)
         self.outbox: list[tuple[int, int, int]] = []  # (worker, version, staleness) acks ready to go
         self.started = clock()
         self._next_worker_id = 0
@@ -81,7 +87,7 @@ class ServerState:
     def push_lr(self, staleness: int) -> float:
         """The rate for one push of the given staleness, by the run's staleness rule."""
         rule = self.config.staleness_rule
-        if rule == "dynsgd":
+        if rule == "dynsgd":  # dcasgd corrects the gradient instead (see _compensate)
             return self.lr() / (staleness + 1)
         if rule == "divide":
             return self.lr() / max(staleness, 1)
@@ -103,11 +109,27 @@ class ServerState:
         leaving the weights untouched, for an unknown worker or a gradient that does not fit."""
         self.check_push(worker_id, base_version, examples, grad, offset)
         staleness = self.version - base_version
+        if self._history is not None:
+            grad = self._compensate(grad, base_version, staleness)
         with self.write_lock:
             self.optimizer.step(self.params, grad, self.push_lr(staleness))
         self.version += 1
+        if self._history is not None:
+            self._history[self.version % DC_HISTORY] = self.params
         self._count(worker_id, examples, staleness)
         return self.version, staleness
+
+    def _compensate(self, grad, base_version, staleness):
+        """DC-ASGD: g + lambda * g * g * (w_now - w_then), w_then the weights g was computed from."""
+        if staleness == 0 or staleness >= DC_HISTORY:
+            return grad
+        out = self._compensated
+        np.subtract(self.params, self._history[base_version % DC_HISTORY], out=out)
+        out *= grad
+        out *= grad
+        out *= self.config.dc_lambda
+        out += grad
+        return out
 
     def apply_average(self, mean_grad: np.ndarray, contributions: dict[int, int]) -> int:
         """Apply the average of one synchronous round (``{worker: examples}``) as one update."""

@@ -12,17 +12,13 @@ apart), and ratios against PyTorch and against --workers 0 from the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import blas_description, clean_blas_env, have_torch, torch_mlp  # noqa: E402
+from benchlib import blas_description, clean_blas_env, have_torch, run_psgd_train, time_to, torch_mlp  # noqa: E402
 
 clean_blas_env(sys.argv)
 
@@ -30,22 +26,13 @@ TARGETS = (0.97, 0.98)
 
 
 def psgd_run(workers, seed, args):
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "psgd", "train", "--workers", str(workers), "--seed", str(seed),
-               "--epochs", str(args.epochs), "--validation", "0", "--evals-per-epoch", "4",
-               "--lr", str(args.lr), "--momentum", str(args.momentum), "--lr-every", str(args.lr_every),
-               "--target-accuracy", "0.98",
-               "--out", out]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(f"psgd failed: {proc.stderr[-2000:]}")
-        records = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
-        summary = json.loads(Path(out, "summary.json").read_text())
-    reach = {a: next((r["train_time"] for r in records if r["val_accuracy"] >= a), None) for a in TARGETS}
-    return {"reach": reach, "startup": summary["setup_time"], "eval": summary["eval_time"], "wall": wall,
-            "rate": summary["examples_per_s"], "staleness": summary.get("staleness", {}).get("mean")}
+    summary, records, wall = run_psgd_train([
+        "--workers", str(workers), "--seed", str(seed), "--epochs", str(args.epochs), "--validation", "0",
+        "--evals-per-epoch", "4", "--lr", str(args.lr), "--momentum", str(args.momentum),
+        "--lr-every", str(args.lr_every), "--target-accuracy", "0.98"])
+    return {"reach": {a: time_to(records, a) for a in TARGETS}, "startup": summary["setup_time"],
+            "eval": summary["eval_time"], "wall": wall, "rate": summary["examples_per_s"],
+            "staleness": summary.get("staleness", {}).get("mean")}
 
 
 def torch_run(seed, args, data):

@@ -69,3 +69,27 @@ def torch_mlp(sizes):
         if i < len(sizes) - 2:
             layers.append(torch.nn.ReLU())
     return torch.nn.Sequential(*layers)
+
+
+def run_psgd_train(args: list[str]) -> tuple[dict, list[dict], float]:
+    """Run ``psgd train ARGS`` in a fresh process with a temporary run directory; return its
+    summary, its metrics records and the wall time. Raises SystemExit if it fails."""
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "psgd", "train", *args, "--out", out],
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"psgd train {' '.join(args)} failed: {proc.stderr[-2000:]}")
+        records = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads(Path(out, "summary.json").read_text())
+    return summary, records, wall
+
+
+def time_to(records: list[dict], accuracy: float) -> float | None:
+    """Training seconds to the first evaluation at or above ``accuracy``."""
+    return next((r["train_time"] for r in records if (r.get("val_accuracy") or 0) >= accuracy), None)

@@ -62,7 +62,10 @@ def test_a_worker_killed_mid_run_does_not_stop_the_run(procs):
     assert killed_at < 900
 
 
-def test_ctrl_c_on_train_leaves_no_process_behind(procs, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["INT", "TERM", "KILL"])
+def test_stopping_train_leaves_no_process_behind(procs, tmp_path, sig):
+    """Ctrl-C, a polite kill, or SIGKILL (no clean-up at all: the children's parent-death
+    signal must take them down) of the launcher leaves no server or worker running."""
     proc = procs.start("train", "--workers", "2", "--epochs", "50", "--out", str(tmp_path / "run"), log="train")
     deadline = time.monotonic() + 60
     while "epoch" not in procs.log("train"):
@@ -70,7 +73,7 @@ def test_ctrl_c_on_train_leaves_no_process_behind(procs, tmp_path):
         assert time.monotonic() < deadline, procs.log("train")
         time.sleep(0.1)
     assert len(procs.marked_pids()) == 4  # launcher, server, two workers
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     assert proc.wait(30) != 0
     deadline = time.monotonic() + 10
     while procs.marked_pids() and time.monotonic() < deadline:

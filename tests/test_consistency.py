@@ -120,3 +120,26 @@ def test_ssp_resent_push_is_not_applied_twice():
     before = state.params.copy()
     state.submit(a, 0, 1, g)  # the client gave up waiting and sent it again
     assert np.array_equal(before, state.params) and state.version == 1
+
+
+def test_dcasgd_compensates_stale_gradients_by_the_weight_change():
+    lam = 0.5
+    cfg = TrainConfig(model=SPEC, optimizer=OptimizerSpec("sgd"), schedule=ScheduleSpec("constant", 0.1),
+                      staleness_rule="dcasgd", dc_lambda=lam)
+    state = ServerState(cfg)
+    a, b = (state.register(n, "zmq").worker_id for n in "ab")
+    rng = np.random.default_rng(0)
+    w0 = state.params.copy()
+    g1, g2 = rng.standard_normal(state.size), rng.standard_normal(state.size)
+    state.apply(a, 0, 1, g1)  # fresh: plain SGD
+    np.testing.assert_allclose(state.params, w0 - 0.1 * g1)
+    w1 = state.params.copy()
+    state.apply(b, 0, 1, g2)  # computed from w0, applied at w1: compensated
+    expected = w1 - 0.1 * (g2 + lam * g2 * g2 * (w1 - w0))
+    np.testing.assert_allclose(state.params, expected, rtol=1e-12)
+
+
+def test_dcasgd_is_for_plain_sgd_only():
+    from psgd.errors import ConfigError
+    with pytest.raises(ConfigError, match="optimizer sgd"):
+        TrainConfig(model=SPEC, staleness_rule="dcasgd")
