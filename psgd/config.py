@@ -39,7 +39,7 @@ class TrainConfig:
     data: str = "mnist"  # "mnist" or the path of an .npz with X and y
     data_dir: str | None = None  # where MNIST lives; None: $PSGD_DATA_DIR or the user cache
     batch_size: int = 128
-    epochs: float = 10.0  # passes over the training set (all workers together)
+    epochs: float = 14.0  # passes over the training set (all workers together)
     seed: int = 0
     validation: int = 5000  # examples held out of the training set for validation
     dropout: float = 0.0
@@ -52,7 +52,7 @@ class TrainConfig:
     n_fetch: int = 1  # pull fresh weights every n_fetch steps (Downpour)
     n_push: int = 1  # push the accumulated gradient every n_push steps (Downpour)
     transport: str = "auto"  # auto: shared memory for workers on the server's machine
-    staleness_rule: str = "dynsgd"  # see STALENESS_RULES; changes nothing when pushes are fresh
+    staleness_rule: str = "divide"  # see STALENESS_RULES; changes nothing when pushes are fresh
     dc_lambda: float = 0.04  # dcasgd: the variance-control constant lambda
     consistency: str = "async"  # see CONSISTENCY
     ssp_bound: int = 3  # ssp: how many clocks a worker may run ahead of the slowest

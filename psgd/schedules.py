@@ -119,10 +119,10 @@ class ScheduleSpec:
     name: str = "step"
     lr: float = 0.1
     tau: float = 5000.0  # diminishing
-    every: int = 1500  # step: updates between drops (about 3.5 epochs of MNIST at batch 128)
+    every: int = 2000  # step: updates between drops (about 4.7 epochs of MNIST at batch 128)
     factor: float = 0.2  # step and plateau
     patience: int = 2  # plateau
-    warmup: int = 0  # updates of linear warm-up, 0 for none
+    warmup: int = 500  # updates of linear warm-up, 0 for none: keeps asynchronous runs stable
 
     def __post_init__(self):
         if self.name not in SCHEDULES:

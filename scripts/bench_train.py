@@ -1,6 +1,6 @@
 """Wall-clock time to 97% and 98% MNIST test accuracy: psgd --workers 2, --workers 0, PyTorch.
 
-    python scripts/bench_train.py [--seeds 0 1 2] [--epochs 12] [--keep-blas-env]
+    python scripts/bench_train.py [--seeds 0 1 2] [--epochs 14] [--keep-blas-env]
 
 Same model (784-256-256-10 ReLU), batch, momentum SGD and step schedule for every
 contender; test accuracy evaluated 4 times per epoch. Runs are interleaved (seed by
@@ -22,6 +22,9 @@ from benchlib import blas_description, clean_blas_env, have_torch, run_psgd_trai
 
 clean_blas_env(sys.argv)
 
+from psgd.config import TrainConfig  # noqa: E402
+
+DEFAULT = TrainConfig()
 TARGETS = (0.97, 0.98)
 
 
@@ -29,7 +32,7 @@ def psgd_run(workers, seed, args):
     summary, records, wall = run_psgd_train([
         "--workers", str(workers), "--seed", str(seed), "--epochs", str(args.epochs), "--validation", "0",
         "--evals-per-epoch", "4", "--lr", str(args.lr), "--momentum", str(args.momentum),
-        "--lr-every", str(args.lr_every), "--target-accuracy", "0.98"])
+        "--lr-every", str(args.lr_every), "--warmup", str(args.warmup), "--target-accuracy", "0.98"])
     return {"reach": {a: time_to(records, a) for a in TARGETS}, "startup": summary["setup_time"],
             "eval": summary["eval_time"], "wall": wall, "rate": summary["examples_per_s"],
             "staleness": summary.get("staleness", {}).get("mean")}
@@ -43,7 +46,8 @@ def torch_run(seed, args, data):
     t0 = time.perf_counter()
     model = torch_mlp((784, 256, 256, 10))
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args.lr_every, gamma=0.2)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # psgd's schedule: linear warm-up, then x0.2 every lr_every
+        opt, lambda k: min(1.0, (k + 1) / args.warmup if args.warmup else 1.0) * 0.2 ** (k // args.lr_every))
     loss_fn = torch.nn.CrossEntropyLoss()
     (Xtr, ytr), (Xte, yte) = data
     Xtr, ytr, Xte, yte = map(torch.from_numpy, (Xtr, ytr, Xte, yte))
@@ -86,13 +90,15 @@ def fmt(x):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--momentum", type=float, default=0.9)
-    ap.add_argument("--lr-every", type=int, default=1500, help="updates between 5x learning-rate drops")
+    ap.add_argument("--epochs", type=int, default=int(DEFAULT.epochs))
+    ap.add_argument("--lr", type=float, default=DEFAULT.schedule.lr)
+    ap.add_argument("--momentum", type=float, default=DEFAULT.optimizer.momentum)
+    ap.add_argument("--lr-every", type=int, default=DEFAULT.schedule.every, help="updates between 5x drops")
+    ap.add_argument("--warmup", type=int, default=DEFAULT.schedule.warmup, help="updates of linear warm-up")
     ap.add_argument("--only", nargs="+", default=None, help="contenders to run: workers2 workers0 pytorch")
     args = ap.parse_args()
-    print(f"784-256-256-10 relu, batch 128, momentum {args.momentum}, lr {args.lr} x0.2 every {args.lr_every} updates; "
+    print(f"784-256-256-10 relu, batch 128, momentum {args.momentum}, lr {args.lr} (warm-up {args.warmup}) "
+          f"x0.2 every {args.lr_every} updates; "
           f"seeds {args.seeds}")
     print(blas_description())
     contenders = {"psgd --workers 2": lambda s: psgd_run(2, s, args), "psgd --workers 0": lambda s: psgd_run(0, s, args)}

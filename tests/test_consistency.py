@@ -22,7 +22,7 @@ class FakeClock:
 
 def config(**kw):
     return TrainConfig(model=SPEC, optimizer=OptimizerSpec("momentum", 0.9),
-                       schedule=ScheduleSpec("constant", 0.1), **kw)
+                       schedule=ScheduleSpec("constant", 0.1, warmup=0), **kw)
 
 
 @pytest.mark.parametrize("n_workers", [2, 3, 4])
@@ -124,7 +124,7 @@ def test_ssp_resent_push_is_not_applied_twice():
 
 def test_dcasgd_compensates_stale_gradients_by_the_weight_change():
     lam = 0.5
-    cfg = TrainConfig(model=SPEC, optimizer=OptimizerSpec("sgd"), schedule=ScheduleSpec("constant", 0.1),
+    cfg = TrainConfig(model=SPEC, optimizer=OptimizerSpec("sgd"), schedule=ScheduleSpec("constant", 0.1, warmup=0),
                       staleness_rule="dcasgd", dc_lambda=lam)
     state = ServerState(cfg)
     a, b = (state.register(n, "zmq").worker_id for n in "ab")

@@ -115,7 +115,7 @@ def test_plateau_drops_when_and_only_when_validation_error_stalls():
 
 
 def test_schedule_spec_builds_each_kind():
-    assert isinstance(ScheduleSpec("plateau", 0.1).build(), Plateau)
+    assert isinstance(ScheduleSpec("plateau", 0.1, warmup=0).build(), Plateau)
     assert isinstance(ScheduleSpec("constant", 0.1, warmup=10).build(), Warmup)
     with pytest.raises(ConfigError):
         ScheduleSpec("cosine")

@@ -12,7 +12,7 @@ from psgd.protocol import decode, encode
 from psgd.schedules import ScheduleSpec
 from psgd.server_state import ServerState
 
-CONFIG = TrainConfig(model=ModelSpec((6, 5, 3)), optimizer=OptimizerSpec("sgd"), schedule=ScheduleSpec("constant", 0.5))
+CONFIG = TrainConfig(model=ModelSpec((6, 5, 3)), optimizer=OptimizerSpec("sgd"), schedule=ScheduleSpec("constant", 0.5, warmup=0))
 
 
 def checksum(a):

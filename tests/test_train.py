@@ -25,7 +25,7 @@ def test_identity_sse_network_fits_a_noisy_sine(tmp_path):
     np.savez(tmp_path / "sine.npz", X=x.reshape(-1, 1), y=y.reshape(-1, 1), X_test=xt.reshape(-1, 1), y_test=np.sin(xt).reshape(-1, 1))
     config = TrainConfig(
         model=ModelSpec((1, 32, 32, 1), "tanh", "sse"), optimizer=OptimizerSpec("momentum", 0.9),
-        schedule=ScheduleSpec("constant", 0.05), data=str(tmp_path / "sine.npz"), batch_size=32,
+        schedule=ScheduleSpec("constant", 0.05, warmup=0), data=str(tmp_path / "sine.npz"), batch_size=32,
         epochs=150, validation=200, out_dir=str(tmp_path / "run"),
     )
     summary = train_single(config)
@@ -61,7 +61,7 @@ def test_default_training_reaches_98_percent_and_says_so(data_dir, tmp_path):
     assert summary["test_accuracy"] >= 0.98, summary
     assert f"test accuracy {summary['test_accuracy']:.2%}" in proc.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 10 and records[-1]["epoch"] == pytest.approx(10.0)
+    assert len(records) == 14 and records[-1]["epoch"] == pytest.approx(14.0)
     assert json.loads((out / "config.json").read_text())["model"]["sizes"] == [784, 256, 256, 10]
     evaluated = run_psgd("evaluate", str(out / "weights.npz"), data_dir=data_dir)
     assert f"accuracy {summary['test_accuracy']:.2%}" in evaluated.stdout
