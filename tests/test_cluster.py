@@ -170,3 +170,42 @@ def test_four_workers_with_the_defaults_and_the_report_of_where_the_time_went(pr
     text = procs.log("report")
     assert "where the time went: start-up" in text and "training" in text and "evaluation" in text
     assert sorted(p.name for p in (out / "logs").iterdir()) == ["server.log"] + [f"worker-{i}.log" for i in range(4)]
+
+
+@pytest.mark.parametrize("transport", ["zmq", "shm"])
+def test_a_worker_waits_out_a_briefly_absent_server(procs, transport):
+    """The server is frozen (SIGSTOP) for 7 s, longer than one request's timeout: the worker
+    retries on a fresh socket (zmq) or keeps waiting on its doorbell (shm), then trains on."""
+    server, endpoint = procs.start_server("--num-shards", "1", "--epochs", "100")
+    worker = procs.start("worker", "--connect", endpoint, "--transport", transport, log="w",
+                         extra_env={"OPENBLAS_NUM_THREADS": "1"})
+    client = Client(endpoint, "test", server_wait=20)
+
+    def version():
+        return client.request({"type": "stats"})["stats"]["version"]
+
+    deadline = time.monotonic() + 60
+    while version() < 20:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    server.send_signal(signal.SIGSTOP)
+    time.sleep(7)
+    server.send_signal(signal.SIGCONT)
+    before = version()
+    time.sleep(1.0)
+    assert version() > before + 20, procs.log("w")  # training again
+    assert worker.poll() is None
+    client.request({"type": "shutdown"})
+    client.close()
+    assert worker.wait(30) == 0 and server.wait(30) == 0
+
+
+def test_a_worker_gives_up_on_an_absent_server_with_a_clear_error(procs):
+    import socket
+    with socket.socket() as s:  # a port that nothing answers on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        worker = procs.start("worker", "--connect", f"tcp://127.0.0.1:{port}", "--server-wait", "2", log="w")
+        assert worker.wait(30) == 2
+    log = procs.log("w")
+    assert "no answer from tcp://127.0.0.1:" in log and "for 2 s" in log and "Traceback" not in log
