@@ -272,8 +272,12 @@ def fetch(data_dir, mirrors):
             help="Offer workers on this machine the shared-memory fast path.")
 @env_option("--ready-file", type=click.Path(dir_okay=False), default=None,
             help="Write {endpoint, pid} as JSON here once listening.")
+@env_option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
+            help="Write checkpoints here (atomically), every --checkpoint-every seconds and on a clean stop.")
+@env_option("--checkpoint-every", type=float, default=10.0)
+@env_option("--resume/--no-resume", default=False, help="Start from the newest valid checkpoint.")
 @click.pass_context
-def server(ctx, bind, num_shards, shared_memory, ready_file, **kw):
+def server(ctx, bind, num_shards, shared_memory, ready_file, checkpoint_dir, checkpoint_every, resume, **kw):
     """Run a parameter server: hold the weights, apply every push the moment it arrives.
 
     --max-updates and --max-seconds stop it by itself (without a coordinator)."""
@@ -281,7 +285,7 @@ def server(ctx, bind, num_shards, shared_memory, ready_file, **kw):
     kw.update(workers=0)
     config = build_config(ctx, **kw)
     srv = Server(config, ServerOptions(bind, num_shards, shared_memory, ready_file, config.max_updates,
-                                       config.max_seconds))
+                                       config.max_seconds, checkpoint_dir, checkpoint_every, resume))
     click.echo(f"psgd server listening on {srv.endpoint} ({config.model.sizes}, {srv.state.size} parameters)")
     stats = srv.run()
     click.echo(f"server stopped at version {stats['version']}; errors {stats['errors'] or 'none'}")

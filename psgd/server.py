@@ -21,9 +21,9 @@ from pathlib import Path
 
 import msgpack
 
-from . import shm
+from . import checkpoint, shm
 from .config import TrainConfig
-from .errors import ProtocolError, TransportError
+from .errors import ConfigError, ProtocolError, TransportError
 from .network import MLP
 from .protocol import decode, encode
 from .server_state import ServerState
@@ -40,6 +40,9 @@ class ServerOptions:
     ready_file: str | None = None  # written (atomically) with the endpoint once listening
     max_updates: int | None = None
     deadline_s: float | None = None
+    checkpoint_dir: str | None = None  # where checkpoints go; None: none are written
+    checkpoint_every_s: float = 10.0  # and on a clean stop
+    resume: bool = False  # start from the newest valid checkpoint in checkpoint_dir
 
 
 class _LocalWorker:
@@ -59,10 +62,14 @@ class Server:
         params = None
         net = MLP(config.model)
         if options.shared_memory and shm.available():
+            shm.reap_stale()
             self.weights_seg = shm.Segment.create("psgd-weights", net.n_params, net.dtype)
             params = self.weights_seg.array
             writer = shm.SeqlockWriter(self.weights_seg)
         self.state = ServerState(config, options.num_shards, params, writer)
+        self._last_checkpoint = (time.monotonic(), -1)
+        if options.resume:
+            self._resume()
         self.sock = ServerSocket(options.bind, max_message_bytes(net.n_params, net.dtype.itemsize))
         self.poller = Poller()
         self.poller.register(self.sock.socket)
@@ -84,6 +91,28 @@ class Server:
         self._signals = 0
         self._stop_since = None
 
+    def _resume(self):
+        if not self.options.checkpoint_dir:
+            raise ConfigError("--resume needs --checkpoint-dir")
+        found = checkpoint.newest_valid(Path(self.options.checkpoint_dir), say=_say)
+        if found is None:
+            _say(f"psgd server: no valid checkpoint in {self.options.checkpoint_dir}; starting afresh")
+            return
+        arrays, meta, path = found
+        self.state.restore(arrays, meta)
+        self._last_checkpoint = (time.monotonic(), self.state.version)
+        _say(f"psgd server: resumed from {path} at version {self.state.version}")
+
+    def _maybe_checkpoint(self, force: bool = False):
+        if not self.options.checkpoint_dir:
+            return
+        when, version = self._last_checkpoint
+        if self.state.version == version or (not force and time.monotonic() - when < self.options.checkpoint_every_s):
+            return
+        arrays, meta = self.state.checkpoint()
+        checkpoint.write(Path(self.options.checkpoint_dir), self.state.version, arrays, meta)
+        self._last_checkpoint = (time.monotonic(), self.state.version)
+
     @property
     def endpoint(self) -> str:
         return self.sock.endpoint
@@ -100,6 +129,7 @@ class Server:
             while not self._finished(start):
                 self.state.tick()  # leases run out even when nothing arrives
                 self._deliver()
+                self._maybe_checkpoint()
                 for ready in self.poller.poll(POLL_INTERVAL_MS):
                     if ready is self.sock.socket:
                         self._serve_zmq()
@@ -107,6 +137,7 @@ class Server:
                         self._accept_local()
                     else:
                         self._serve_local(ready)
+            self._maybe_checkpoint(force=True)  # a clean stop keeps everything
             return self.state.stats()
         finally:
             self.close()
@@ -308,6 +339,10 @@ class Server:
                 pass
         if self.weights_seg is not None:
             self.weights_seg.unlink()
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def _from_worker(msg) -> bool:

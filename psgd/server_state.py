@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import TrainConfig
 from .consistency import make_gate
-from .errors import ProtocolError
+from .errors import ConfigError, ProtocolError
 from .metrics import StalenessHistogram, WorkerRecord
 from .network import MLP
 from .optim import make_optimizer
@@ -285,6 +285,33 @@ class ServerState:
     def ack_reply(self, ack, want_params: bool) -> tuple[dict, list]:
         _, version, staleness = ack
         return {"type": "ack", "version": version, "staleness": staleness}, ([self.params] if want_params else [])
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict]:
+        """What a checkpoint holds: arrays (weights, optimizer state) and counters."""
+        arrays = {"params": self.params.copy(), **{f"opt_{k}": v for k, v in self.optimizer.state().items()}}
+        meta = {"model": self.config.model.to_dict(), "optimizer": self.config.optimizer.to_dict(),
+                "examples": self.examples, "lr_override": self.lr_override, "schedule": self.schedule.state(),
+                "staleness": self.staleness.to_dict()}
+        return arrays, meta
+
+    def restore(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        """Continue from a checkpoint of the same model and optimizer."""
+        if meta.get("model") != self.config.model.to_dict() or meta.get("optimizer") != self.config.optimizer.to_dict():
+            raise ConfigError("the checkpoint is of another model or optimizer than this server's")
+        with self.write_lock:
+            self.params[...] = arrays["params"]
+        self.optimizer.load_state({k[4:]: v for k, v in arrays.items() if k.startswith("opt_")})
+        self.version = int(meta["version"])
+        if hasattr(self.write_lock, "set_version"):
+            self.write_lock.set_version(self.version)
+        self.examples = int(meta["examples"])
+        self.lr_override = meta.get("lr_override")
+        self.schedule.load_state(meta.get("schedule") or {})
+        self.staleness = StalenessHistogram.from_dict(meta["staleness"])
+        if self._history is not None:
+            self._history[self.version % DC_HISTORY] = self.params
 
     def stats(self) -> dict:
         now = self.clock()

@@ -42,6 +42,29 @@ def new_name(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+def reap_stale(prefix: str = "psgd-") -> list[str]:
+    """Unlink segments whose creator (the pid in the name) is dead: what a server or
+    worker killed with SIGKILL could not unlink itself. Returns the names removed."""
+    removed = []
+    if not os.path.isdir(SHM_DIR):
+        return removed
+    for name in os.listdir(SHM_DIR):
+        parts = name.split("-")
+        if not name.startswith(prefix) or len(parts) < 4 or not parts[-2].isdigit():
+            continue
+        try:
+            os.kill(int(parts[-2]), 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(name)
+            except OSError:
+                pass
+        except PermissionError:
+            pass  # alive, another user's
+    return removed
+
+
 class Segment:
     """A named shared-memory file holding a small u64 header and one flat array."""
 

@@ -68,6 +68,8 @@ class ZmqChannel:
         if reply.type == "shutdown":
             raise ShutdownRequested("the server ended the run")
         if reply.type == "error":
+            if reply["code"] == "unknown_worker":  # the server restarted: say hello again
+                raise TransportError(f"the server no longer knows this worker: {reply['message']}")
             raise ProtocolError(reply["code"], reply["message"])
         if reply.type != expected:
             raise ProtocolError("bad_type", f"expected {expected}, got {reply.type}")

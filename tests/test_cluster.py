@@ -5,6 +5,7 @@ marker in their environment) and checks that none was left behind.
 """
 
 import json
+import re
 import signal
 import time
 
@@ -209,3 +210,47 @@ def test_a_worker_gives_up_on_an_absent_server_with_a_clear_error(procs):
         assert worker.wait(30) == 2
     log = procs.log("w")
     assert "no answer from tcp://127.0.0.1:" in log and "for 2 s" in log and "Traceback" not in log
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_killed_and_resumed_from_its_checkpoint_workers_carry_on(procs, tmp_path):
+    """SIGKILL the server mid-run and start it again with --resume on the same address: both
+    workers (one per push path) rejoin by themselves and the run reaches its update budget.
+    Updates lost = version at the kill - version restored, at most one interval's worth."""
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    ckpt = tmp_path / "ckpt"
+    server_args = ["server", "--bind", endpoint, "--num-shards", "2", "--epochs", "1000", "--max-updates", "2500",
+                   "--checkpoint-dir", str(ckpt), "--checkpoint-every", "0.5"]
+    server = procs.start(*server_args, log="server1")
+    workers = [procs.start("worker", "--connect", endpoint, "--transport", t, "--name", t, log=f"w-{t}",
+                           extra_env={"OPENBLAS_NUM_THREADS": "1"}) for t in ("shm", "zmq")]
+    client = Client(endpoint, "test", server_wait=30)
+    deadline = time.monotonic() + 60
+    while not list(ckpt.glob("checkpoint-*.npz")) or client.request({"type": "stats"})["stats"]["version"] < 600:
+        assert time.monotonic() < deadline, procs.log("server1")
+        time.sleep(0.05)
+    t_rate = time.monotonic()
+    v_rate = client.request({"type": "stats"})["stats"]["version"]
+    time.sleep(0.5)
+    rate = (client.request({"type": "stats"})["stats"]["version"] - v_rate) / (time.monotonic() - t_rate)
+    killed_at = client.request({"type": "stats"})["stats"]["version"]
+    server.send_signal(signal.SIGKILL)
+    server.wait(10)
+    client.close()
+    server2 = procs.start(*server_args, "--resume", log="server2")
+    assert server2.wait(120) == 0, procs.log("server2")
+    restored = int(re.search(r"resumed from .* at version (\d+)", procs.log("server2")).group(1))
+    lost = killed_at - restored
+    print(f"updates lost to the crash: {lost} (about {rate:.0f} updates/s, checkpoints every 0.5 s)")
+    assert 0 <= lost <= rate * 0.5 * 1.5 + 20  # one interval's worth, with slack for timing
+    assert "server stopped at version 25" in procs.log("server2")
+    for w, t in zip(workers, ("shm", "zmq")):
+        assert w.wait(30) == 0, procs.log(f"w-{t}")
+    # the killed server could not unlink its shared memory; the new one reaped it
+    assert not [n for n in shm_segments() if f"-{server.pid}-" in n]

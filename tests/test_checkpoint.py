@@ -1,0 +1,88 @@
+"""Server checkpoints: exact restore, corrupt files refused, other models refused."""
+
+import numpy as np
+import pytest
+
+from psgd import checkpoint, shm
+from psgd.config import TrainConfig
+from psgd.errors import ConfigError, DataError
+from psgd.network import ModelSpec
+from psgd.optim import OptimizerSpec
+from psgd.schedules import ScheduleSpec
+from psgd.server_state import ServerState
+
+CONFIG = TrainConfig(model=ModelSpec((6, 5, 3)), optimizer=OptimizerSpec("momentum", 0.9),
+                     schedule=ScheduleSpec("step", 0.1, every=3, warmup=0))
+
+
+def pushes(state, wid, grads):
+    for g in grads:
+        state.apply(wid, state.version, 4, g)
+
+
+def test_restored_server_continues_exactly_as_the_original(tmp_path):
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal(ServerState(CONFIG).size).astype(np.float32) for _ in range(8)]
+    a = ServerState(CONFIG)
+    wa = a.register("w", "zmq").worker_id
+    pushes(a, wa, grads[:5])
+    arrays, meta = a.checkpoint()
+    checkpoint.write(tmp_path, a.version, arrays, meta)
+    b = ServerState(CONFIG)
+    loaded, loaded_meta, _ = checkpoint.newest_valid(tmp_path)
+    b.restore(loaded, loaded_meta)
+    wb = b.register("w", "zmq").worker_id
+    assert b.version == 5 and b.examples == 20 and np.array_equal(a.params, b.params)
+    pushes(a, wa, grads[5:])
+    pushes(b, wb, grads[5:])
+    assert np.array_equal(a.params, b.params)  # velocity and schedule position came back too
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_corrupt_newest_checkpoint_is_refused_and_the_older_one_used(tmp_path, damage):
+    state = ServerState(CONFIG)
+    wid = state.register("w", "zmq").worker_id
+    for _ in range(2):
+        pushes(state, wid, [np.ones(state.size, np.float32)])
+        checkpoint.write(tmp_path, state.version, *state.checkpoint())
+    newest = sorted(tmp_path.glob("checkpoint-*.npz"))[-1]
+    raw = bytearray(newest.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[len(raw) // 3] ^= 0xFF  # inside the params array
+    newest.write_bytes(bytes(raw))
+    said = []
+    arrays, meta, path = checkpoint.newest_valid(tmp_path, say=said.append)
+    assert meta["version"] == 1 and path != newest
+    assert len(said) == 1 and str(newest) in said[0] and ("corrupt" in said[0])
+    with pytest.raises(DataError, match="corrupt"):
+        checkpoint.read(newest)
+
+
+def test_only_the_newest_few_are_kept_and_other_models_are_refused(tmp_path):
+    state = ServerState(CONFIG)
+    wid = state.register("w", "zmq").worker_id
+    for _ in range(5):
+        pushes(state, wid, [np.ones(state.size, np.float32)])
+        checkpoint.write(tmp_path, state.version, *state.checkpoint())
+    assert len(list(tmp_path.glob("checkpoint-*.npz"))) == checkpoint.KEEP
+    other = ServerState(CONFIG.with_(model=ModelSpec((6, 4, 3))))
+    arrays, meta, _ = checkpoint.newest_valid(tmp_path)
+    with pytest.raises(ConfigError, match="another model"):
+        other.restore(arrays, meta)
+
+
+def test_segments_of_dead_processes_are_reaped_and_live_ones_kept():
+    import subprocess
+    import sys
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = shm.Segment(f"psgd-test-{dead.pid}-deadbeef", 4, np.float32, create=True)
+    live = shm.Segment.create("psgd-test", 4, np.float32)
+    try:
+        removed = shm.reap_stale()
+        assert stale.name in removed and live.name not in removed
+    finally:
+        stale.unlink()
+        live.unlink()
