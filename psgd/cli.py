@@ -198,19 +198,28 @@ def print_summary(summary: dict) -> None:
 @env_option("--n-push", type=int, default=_DEFAULT.n_push, help="Push the summed gradient every n steps (Downpour).")
 @env_option("--transport", type=click.Choice(TRANSPORTS), default=_DEFAULT.transport,
             help="How local workers push: auto (shared memory), shm, or zmq (the network path).")
+@env_option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True), default=None,
+            help="Go on with the cluster run in this directory from its newest checkpoint.")
 @click.pass_context
-def train(ctx, **kw):
+def train(ctx, resume_dir, **kw):
     """Train a network on a local cluster (--workers N) or in this process (--workers 0)."""
+    if resume_dir:
+        kw["config_file"] = str(Path(resume_dir) / "config.json")
+        kw["out_dir"] = resume_dir
     if kw["workers"] is None and kw.get("config_file") is None:  # with a file, the file's value stands
         kw["workers"] = default_workers()
     config = build_config(ctx, **kw)
+    if resume_dir:
+        config = config.with_(out_dir=resume_dir)
+    if resume_dir and config.workers == 0:
+        raise PsgdError("only cluster runs (--workers N) write checkpoints to resume from")
     progress = Progress()
     if config.workers == 0:
         from .trainer import train_single
         summary = train_single(config, progress)
     else:
         from .launch import train_cluster
-        summary = train_cluster(config, progress)
+        summary = train_cluster(config, progress, resume=resume_dir is not None)
     print_summary(summary)
     if config.out_dir:
         click.echo(f"run written to {config.out_dir}")

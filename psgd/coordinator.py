@@ -48,11 +48,11 @@ class Coordinator:
     a failure of the server ends the run with an error."""
 
     def __init__(self, config: TrainConfig, endpoint: str, data: PreparedData, on_event=None, say=None,
-                 watch=None):
+                 watch=None, append: bool = False):
         self.config = config
         self.data = data
         self.net = MLP(config.model)
-        self.recorder = RunRecorder(config, on_event)
+        self.recorder = RunRecorder(config, on_event, append=append)
         self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
         self.watch = watch or (lambda: [])
         self.client = Client(endpoint, "coordinator", server_wait=10.0)

@@ -130,9 +130,15 @@ def _wait_ready(server: Child, ready_file: Path) -> str:
     raise PsgdError(f"the server did not start listening within {READY_TIMEOUT_S:.0f} s")
 
 
-def train_cluster(config: TrainConfig, on_event=None, say=None) -> dict:
+CHECKPOINT_EVERY_S = 5.0  # the local server's checkpoints, when the run has a directory
+
+
+def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = False) -> dict:
     """Run a local cluster of ``config.workers`` workers with an in-process coordinator;
-    returns the run summary (also written to the run directory)."""
+    returns the run summary (also written to the run directory). With a run directory the
+    server checkpoints into RUN_DIR/checkpoints; ``resume`` starts it from the newest one."""
+    if resume and not config.out_dir:
+        raise PsgdError("resuming needs the run directory")
     terminate_on_signals()
     data = prepare_data(config)  # first: a bad option fails here, before any process starts
     # Each process's output goes to RUN_DIR/logs (kept: it says why a process failed).
@@ -149,8 +155,12 @@ def train_cluster(config: TrainConfig, on_event=None, say=None) -> dict:
         # would leave it talking to nobody.
         cfg_file.write_text(config.with_(max_updates=None, max_seconds=None).to_json())
         ready = workdir / "ready.json"
-        server = cluster.spawn("server", ["server", "--config", str(cfg_file), "--bind", "tcp://127.0.0.1:0",
-                                          "--num-shards", str(config.workers), "--ready-file", str(ready)])
+        server_args = ["server", "--config", str(cfg_file), "--bind", "tcp://127.0.0.1:0",
+                       "--num-shards", str(config.workers), "--ready-file", str(ready)]
+        if config.out_dir:
+            server_args += ["--checkpoint-dir", str(Path(config.out_dir) / "checkpoints"),
+                            "--checkpoint-every", str(CHECKPOINT_EVERY_S)] + (["--resume"] if resume else [])
+        server = cluster.spawn("server", server_args)
         endpoint = _wait_ready(server, ready)
         for i in range(config.workers):
             args = ["worker", "--connect", endpoint, "--name", f"worker-{i}", "--shard", str(i),
@@ -171,7 +181,7 @@ def train_cluster(config: TrainConfig, on_event=None, say=None) -> dict:
                 raise PsgdError("every worker has failed: " + "; ".join(failed))
             return failed
 
-        coordinator = Coordinator(config, endpoint, data, on_event, say, watch)
+        coordinator = Coordinator(config, endpoint, data, on_event, say, watch, append=resume)
         summary = coordinator.run()
         if not cluster.wait(SERVER_EXIT_S):
             (say or print)("psgd: some processes did not stop in time and were terminated")

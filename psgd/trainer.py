@@ -75,7 +75,7 @@ class RunRecorder:
     ``val_accuracy``, plus whatever the caller adds (staleness, throughput).
     """
 
-    def __init__(self, config: TrainConfig, on_event=None):
+    def __init__(self, config: TrainConfig, on_event=None, append: bool = False):
         self.config = config
         self.on_event = on_event or (lambda kind, info: None)
         self.records: list[dict] = []
@@ -83,7 +83,10 @@ class RunRecorder:
         if self.out:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(config.to_json() + "\n")
-            self._metrics = open(self.out / "metrics.jsonl", "w")
+            metrics = self.out / "metrics.jsonl"
+            if append and metrics.exists():  # a resumed run goes on where the old one stopped
+                self.records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+            self._metrics = open(metrics, "a" if append else "w")
 
     def record(self, rec: dict) -> None:
         self.records.append(rec)

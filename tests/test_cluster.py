@@ -254,3 +254,27 @@ def test_server_killed_and_resumed_from_its_checkpoint_workers_carry_on(procs, t
         assert w.wait(30) == 0, procs.log(f"w-{t}")
     # the killed server could not unlink its shared memory; the new one reaped it
     assert not [n for n in shm_segments() if f"-{server.pid}-" in n]
+
+
+def test_an_interrupted_local_run_resumes_from_its_checkpoint(procs, tmp_path):
+    """Ctrl-C a psgd train run in its third epoch (the server checkpoints as it stops), then
+    psgd train --resume RUN_DIR finishes the budget from there, metrics appended."""
+    out = tmp_path / "run"
+    first = procs.start("train", "--workers", "2", "--epochs", "5", "--evals-per-epoch", "2", "--out", str(out),
+                        log="first")
+    deadline = time.monotonic() + 120
+    while "epoch  2." not in procs.log("first"):
+        assert first.poll() is None and time.monotonic() < deadline, procs.log("first")
+        time.sleep(0.1)
+    first.send_signal(signal.SIGINT)
+    assert first.wait(60) != 0
+    records_before = (out / "metrics.jsonl").read_text().splitlines()
+    assert list((out / "checkpoints").glob("checkpoint-*.npz"))
+    second = procs.start("train", "--resume", str(out), log="second")
+    assert second.wait(240) == 0, procs.log("second")
+    assert "resumed from" in (out / "logs" / "server.log").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) > len(records_before) and records[0]["epoch"] < 1.5
+    assert summary["epochs"] >= 5.0 and summary["test_accuracy"] >= 0.96
+    assert records[len(records_before)]["epoch"] > 2.0  # the resumed part started where the first stopped
