@@ -322,7 +322,8 @@ def worker(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_pus
     stats = Worker(options).run()
     mean = stats["staleness_sum"] / stats["pushes"] if stats["pushes"] else 0.0
     click.echo(f"worker done: {stats['steps']} steps, {stats['pushes']} pushes, {stats['examples']} examples, "
-               f"mean staleness {mean:.2f}, compute {stats['compute_s']:.2f} s, communication {stats['comm_s']:.2f} s")
+               f"mean staleness {mean:.2f}, compute {stats['compute_s']:.2f} s, communication {stats['comm_s']:.2f} s, "
+               f"{stats['reconnects']} reconnects")
 
 
 @cli.command()
