@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +76,7 @@ class Server:
         self.doorbell_path = None
         self._listener = None
         if self.weights_seg is not None:
-            self._tmpdir = tempfile.mkdtemp(prefix="psgd-")
+            self._tmpdir = shm.doorbell_dir()
             self.doorbell_path = os.path.join(self._tmpdir, "doorbell")
             self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             self._listener.bind(self.doorbell_path)

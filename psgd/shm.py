@@ -17,7 +17,9 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+import shutil
 import struct
+import tempfile
 
 import numpy as np
 
@@ -42,26 +44,43 @@ def new_name(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+DOORBELL_PREFIX = "psgd-doorbell-"  # + pid + "-": the folder of a server's Unix socket
+
+
+def doorbell_dir() -> str:
+    """A new private folder for this server's doorbell socket, named after its pid."""
+    return tempfile.mkdtemp(prefix=f"{DOORBELL_PREFIX}{os.getpid()}-")
+
+
+def _dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    return False
+
+
 def reap_stale(prefix: str = "psgd-") -> list[str]:
-    """Unlink segments whose creator (the pid in the name) is dead: what a server or
-    worker killed with SIGKILL could not unlink itself. Returns the names removed."""
+    """Remove what a server or worker killed with SIGKILL could not: shared-memory segments
+    and doorbell folders whose creator (the pid in the name) is dead. Returns their names."""
     removed = []
-    if not os.path.isdir(SHM_DIR):
-        return removed
-    for name in os.listdir(SHM_DIR):
-        parts = name.split("-")
-        if not name.startswith(prefix) or len(parts) < 4 or not parts[-2].isdigit():
-            continue
-        try:
-            os.kill(int(parts[-2]), 0)
-        except ProcessLookupError:
-            try:
-                os.unlink(os.path.join(SHM_DIR, name))
-                removed.append(name)
-            except OSError:
-                pass
-        except PermissionError:
-            pass  # alive, another user's
+    if os.path.isdir(SHM_DIR):
+        for name in os.listdir(SHM_DIR):
+            parts = name.split("-")
+            if name.startswith(prefix) and len(parts) >= 4 and parts[-2].isdigit() and _dead(int(parts[-2])):
+                try:
+                    os.unlink(os.path.join(SHM_DIR, name))
+                    removed.append(name)
+                except OSError:
+                    pass
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        pid = name[len(DOORBELL_PREFIX):].split("-")[0]
+        if name.startswith(DOORBELL_PREFIX) and pid.isdigit() and _dead(int(pid)):
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+            removed.append(name)
     return removed
 
 

@@ -82,3 +82,8 @@ class Processes:
 
 def shm_segments() -> set[str]:
     return {p.name for p in SHM.glob("psgd-*")} if SHM.is_dir() else set()
+
+
+def doorbell_dirs() -> set[str]:
+    import tempfile
+    return {p.name for p in Path(tempfile.gettempdir()).glob("psgd-doorbell-*")}

@@ -80,9 +80,16 @@ def test_segments_of_dead_processes_are_reaped_and_live_ones_kept():
     dead.wait()
     stale = shm.Segment(f"psgd-test-{dead.pid}-deadbeef", 4, np.float32, create=True)
     live = shm.Segment.create("psgd-test", 4, np.float32)
+    import os
+    import tempfile
+    stale_dir = os.path.join(tempfile.gettempdir(), f"{shm.DOORBELL_PREFIX}{dead.pid}-x")
+    os.makedirs(stale_dir)
+    live_dir = shm.doorbell_dir()
     try:
         removed = shm.reap_stale()
         assert stale.name in removed and live.name not in removed
+        assert not os.path.exists(stale_dir) and os.path.isdir(live_dir)
     finally:
         stale.unlink()
         live.unlink()
+        os.rmdir(live_dir)
