@@ -386,6 +386,10 @@ def report(runs, plots, plots_dir):
 
 
 def main():
+    import faulthandler
+    import signal
+    if hasattr(signal, "SIGUSR1"):  # kill -USR1 PID prints every thread's stack: where is it stuck?
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     cli(prog_name="psgd")
 
 

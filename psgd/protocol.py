@@ -29,7 +29,7 @@ _STR = (str,)
 SCHEMAS: dict[str, dict[str, tuple]] = {
     "hello": {"worker": _STR, "transport": _STR},
     "welcome": {"worker_id": _INT, "model": (dict,), "optimizer": (dict,), "run": (dict,), "version": _INT,
-                "shard": _INT, "num_shards": _INT, "range": (list,)},
+                "shard": _INT, "num_shards": _INT, "range": (list,), "layout": (list,)},
     "pull": {},
     "params": {"version": _INT},
     "push": {"worker_id": _INT, "base_version": _INT, "examples": _INT},

@@ -206,7 +206,7 @@ class ServerState:
         return {
             "type": "welcome", "worker_id": record.worker_id, "model": c.model.to_dict(),
             "optimizer": c.optimizer.to_dict(), "version": self.version, "shard": record.shard,
-            "num_shards": self.num_shards, "range": [0, self.size],
+            "num_shards": self.num_shards, "range": [0, self.size], "layout": self.net.layout.to_wire(),
             "run": {"data": c.data, "seed": c.seed, "validation": c.validation, "batch_size": c.batch_size,
                     "n_fetch": c.n_fetch, "n_push": c.n_push, "dropout": c.dropout, "augment": c.augment},
         }

@@ -59,8 +59,12 @@ class Client:
         size = sum(len(f) for f in frames)
         deadline = time.monotonic() + self.server_wait
         pause = RECONNECT_BACKOFF_S[0]
+        first = True
         while True:
-            self.socket.send_multipart(frames, copy=copy)
+            # A retry copies: the first try's zero-copy frames may still be held by the socket
+            # that was just closed, and are not sent twice.
+            self.socket.send_multipart(frames, copy=copy or not first)
+            first = False
             self.bytes_sent += size
             reply = self._await_reply(min(self.request_timeout, max(0.0, deadline - time.monotonic())))
             if reply is not None:

@@ -21,6 +21,7 @@ import numpy as np
 from . import data as data_mod
 from . import shm
 from .errors import ConfigError, ProtocolError, ShutdownRequested, TransportError
+from .layout import Layout
 from .network import MLP, ModelSpec
 from .transport import SERVER_WAIT_S, Client
 
@@ -161,6 +162,8 @@ class Worker:
         self.worker_id = reply["worker_id"]
         run = reply["run"]
         spec = ModelSpec.from_dict(reply["model"])
+        if Layout.from_wire(reply["layout"]) != MLP(spec).layout:
+            raise ProtocolError("bad_field", "the server's parameter layout is not that of its model")
         key = (tuple(spec.sizes), run["data"], run["seed"], run["validation"], reply["shard"], reply["num_shards"])
         if key != self._data_key:
             self._setup_data(spec, run, reply["shard"], reply["num_shards"])

@@ -10,7 +10,7 @@ from psgd.protocol import MAX_HEADER_BYTES, MESSAGE_TYPES, PROTOCOL_VERSION, SCH
 EXAMPLES = {
     "hello": {"worker": "w0", "transport": "auto", "shard": None},
     "welcome": {"worker_id": 3, "model": {"sizes": [4, 3]}, "optimizer": {"name": "sgd"}, "run": {"data": "mnist"},
-                "version": 7, "shard": 1, "num_shards": 2, "range": [0, 15]},
+                "version": 7, "shard": 1, "num_shards": 2, "range": [0, 15], "layout": [["W1", [4, 3], 0]]},
     "pull": {"worker_id": 3},
     "params": {"version": 9},
     "push": {"worker_id": 3, "base_version": 8, "examples": 128, "want_params": True},

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from psgd.config import TrainConfig
+from psgd.layout import Layout
 from psgd.network import MLP, ModelSpec
 from psgd.optim import OptimizerSpec
 from psgd.protocol import decode, encode
@@ -92,6 +93,7 @@ def test_messages_hello_pull_push_stats_shutdown():
     welcome, _ = request(state, "hello", worker="a", transport="zmq")
     assert welcome["type"] == "welcome" and welcome["range"] == [0, state.size]
     assert ModelSpec.from_dict(welcome["model"]) == CONFIG.model
+    assert Layout.from_wire(welcome["layout"]) == MLP(CONFIG.model).layout
     wid = welcome["worker_id"]
     reply, arrays = request(state, "pull", worker_id=wid)
     assert reply["version"] == 0 and np.array_equal(arrays[0], state.params)
