@@ -128,7 +128,7 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
                             pick("lr_factor", base.schedule.factor), pick("lr_patience", base.schedule.patience),
                             pick("warmup", base.schedule.warmup))
     fields = ["data", "data_dir", "batch_size", "epochs", "seed", "validation", "dropout", "augment",
-              "target_accuracy", "evals_per_epoch", "out_dir", "workers", "n_fetch", "n_push", "transport",
+              "target_accuracy", "evals_per_epoch", "out_dir", "workers", "servers", "n_fetch", "n_push", "transport",
               "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "slow_worker", "max_updates", "max_seconds"]
     changes = {name: pick(name, getattr(base, name)) for name in fields if name in kw}
     return base.with_(model=model, optimizer=optimizer, schedule=schedule, **changes)
@@ -194,6 +194,8 @@ def print_summary(summary: dict) -> None:
 @training_options
 @env_option("--workers", type=int, default=None, show_default=False,
             help="0: train in this process; N: a local cluster of N workers. [default: one per CPU, at most 4]")
+@env_option("--servers", type=int, default=_DEFAULT.servers,
+            help="Server shards of a local cluster, each holding one range of the parameters.")
 @env_option("--n-fetch", type=int, default=_DEFAULT.n_fetch, help="Pull weights every n steps (Downpour).")
 @env_option("--n-push", type=int, default=_DEFAULT.n_push, help="Push the summed gradient every n steps (Downpour).")
 @env_option("--transport", type=click.Choice(TRANSPORTS), default=_DEFAULT.transport,
@@ -276,7 +278,9 @@ def fetch(data_dir, mirrors):
 @cli.command()
 @training_options
 @env_option("--bind", default="tcp://*:5555", help="ZeroMQ endpoint to listen on (port 0: any free port).")
-@env_option("--num-shards", type=int, default=1, help="Data shards to hand out to workers (usually the worker count).")
+@env_option("--shard", "server_shard", type=int, default=0, help="Which range of the parameters this server holds.")
+@env_option("--num-shards", type=int, default=1, help="How many server shards split the parameters.")
+@env_option("--data-shards", type=int, default=1, help="Data shards to hand out to workers (usually the worker count).")
 @env_option("--shm/--no-shm", "shared_memory", default=True,
             help="Offer workers on this machine the shared-memory fast path.")
 @env_option("--ready-file", type=click.Path(dir_okay=False), default=None,
@@ -286,26 +290,32 @@ def fetch(data_dir, mirrors):
 @env_option("--checkpoint-every", type=float, default=10.0)
 @env_option("--resume/--no-resume", default=False, help="Start from the newest valid checkpoint.")
 @click.pass_context
-def server(ctx, bind, num_shards, shared_memory, ready_file, checkpoint_dir, checkpoint_every, resume, **kw):
+def server(ctx, bind, server_shard, num_shards, data_shards, shared_memory, ready_file, checkpoint_dir,
+           checkpoint_every, resume, **kw):
     """Run a parameter server: hold the weights, apply every push the moment it arrives.
 
     --max-updates and --max-seconds stop it by itself (without a coordinator)."""
     from .server import Server, ServerOptions
     kw.update(workers=0)
     config = build_config(ctx, **kw)
-    srv = Server(config, ServerOptions(bind, num_shards, shared_memory, ready_file, config.max_updates,
-                                       config.max_seconds, checkpoint_dir, checkpoint_every, resume))
-    click.echo(f"psgd server listening on {srv.endpoint} ({config.model.sizes}, {srv.state.size} parameters)")
+    srv = Server(config, ServerOptions(bind, data_shards, shared_memory, ready_file, config.max_updates,
+                                       config.max_seconds, checkpoint_dir, checkpoint_every, resume,
+                                       server_shard, num_shards))
+    st = srv.state
+    click.echo(f"psgd server listening on {srv.endpoint} ({config.model.sizes}; shard {st.shard} of "
+               f"{st.num_server_shards}: parameters [{st.lo}, {st.hi}))")
     stats = srv.run()
     click.echo(f"server stopped at version {stats['version']}; errors {stats['errors'] or 'none'}")
 
 
 @cli.command()
-@env_option("--connect", default="tcp://127.0.0.1:5555", help="The server's ZeroMQ endpoint.")
+@env_option("--connect", default="tcp://127.0.0.1:5555",
+            help="The server's ZeroMQ endpoint; for K server shards, all K, comma-separated, in shard order.")
 @env_option("--name", default="", help="How the server's statistics name this worker.")
 @env_option("--transport", type=click.Choice(TRANSPORTS), default="auto",
             help="auto: shared memory if the server is on this machine, else zmq.")
-@env_option("--shard", type=int, default=None, help="Data shard to train on (default: the server assigns one).")
+@env_option("--data-shard", "shard", type=int, default=None,
+            help="Data shard to train on (default: the server assigns one).")
 @env_option("--data-dir", type=click.Path(file_okay=False), default=None)
 @env_option("--batch-size", type=int, default=None, help="Default: the run's, from the server.")
 @env_option("--n-fetch", type=int, default=None, help="Default: the run's, from the server.")
@@ -327,7 +337,7 @@ def worker(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_pus
 
 
 @cli.command()
-@env_option("--connect", default="tcp://127.0.0.1:5555", help="The server's ZeroMQ endpoint.")
+@env_option("--connect", default="tcp://127.0.0.1:5555", help="The server's ZeroMQ endpoint (K shards: all K, comma-separated, in order).")
 @env_option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where this machine keeps the data.")
 @env_option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/latest", help="Run directory.")
 @env_option("--epochs", type=float, default=None, help="Default: the run's, from the server.")
@@ -336,11 +346,14 @@ def worker(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_pus
 @env_option("--max-updates", type=int, default=None, help="Stop after this many applied updates.")
 @env_option("--max-seconds", type=float, default=None, help="Stop after this many seconds.")
 def coordinator(connect, **overrides):
-    """Watch and steer a running cluster: evaluate, set the learning rate, stop it, write the run."""
+    """Watch and steer a running cluster: evaluate, set the learning rate, stop it, write the run.
+
+    For K server shards, --connect lists all K endpoints, comma-separated, in shard order."""
     from .coordinator import Coordinator
+    from .server_group import parse_endpoints
     from .trainer import prepare_data
     from .transport import Client
-    client = Client(connect, "coordinator", server_wait=30.0)
+    client = Client(parse_endpoints(connect)[0], "coordinator", server_wait=30.0)
     try:
         reply = client.request({"type": "describe"})
     finally:

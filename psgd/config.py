@@ -49,6 +49,7 @@ class TrainConfig:
     evals_per_epoch: int = 1
     # the distributed run (ignored when workers == 0)
     workers: int = 0
+    servers: int = 1  # server shards, each holding one range of the parameter vector
     n_fetch: int = 1  # pull fresh weights every n_fetch steps (Downpour)
     n_push: int = 1  # push the accumulated gradient every n_push steps (Downpour)
     transport: str = "auto"  # auto: shared memory for workers on the server's machine
@@ -69,6 +70,7 @@ class TrainConfig:
             (self.validation >= 0, "validation size must be >= 0"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (self.workers >= 0, "workers must be >= 0"),
+            (self.servers >= 1, "servers must be >= 1"),
             (self.n_fetch >= 1 and self.n_push >= 1, "n_fetch and n_push must be >= 1"),
             (self.transport in TRANSPORTS, f"transport must be one of {', '.join(TRANSPORTS)}"),
             (self.staleness_rule in STALENESS_RULES, f"staleness rule must be one of {', '.join(STALENESS_RULES)}"),

@@ -30,12 +30,19 @@ class AsyncGate:
     def tick(self, state) -> None:
         """Called every loop turn and when workers leave; may release held acks."""
 
+    def holding(self) -> set[int]:
+        """Workers whose ack is held: they wait on the server and cannot speak."""
+        return set()
+
 
 class SSPGate:
     def __init__(self, bound: int):
         self.bound = bound
         self.held: dict[int, tuple[int, int]] = {}  # worker -> (version, staleness) of its held ack
         self.max_lead = 0  # the largest lead ever allowed: the test of the bound
+
+    def holding(self) -> set[int]:
+        return set(self.held)
 
     def submit(self, state, worker_id, base_version, examples, grad) -> None:
         if worker_id in self.held:
@@ -63,6 +70,9 @@ class SyncGate:
         self.waiting: dict[int, int] = {}  # worker -> examples of its gradient in this round
         self.sum: np.ndarray | None = None
         self.rounds = 0
+
+    def holding(self) -> set[int]:
+        return set(self.waiting)
 
     def submit(self, state, worker_id, base_version, examples, grad) -> None:
         if worker_id in self.waiting:

@@ -24,7 +24,7 @@ from .errors import PsgdError, TransportError
 from .metrics import StalenessHistogram
 from .network import MLP
 from .trainer import PreparedData, RunRecorder
-from .transport import Client
+from .server_group import ServerGroup
 
 STATS_INTERVAL_S = 0.02  # between statistics polls
 STALL_S = 20.0  # no new examples for this long (not paused): the run is stuck
@@ -55,7 +55,7 @@ class Coordinator:
         self.recorder = RunRecorder(config, on_event, append=append)
         self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
         self.watch = watch or (lambda: [])
-        self.client = Client(endpoint, "coordinator", server_wait=10.0)
+        self.servers = ServerGroup(endpoint, "coordinator", server_wait=10.0)  # one or all K shards
         self.schedule = config.schedule.build()
         self.params = np.empty(self.net.n_params, self.net.dtype)
         self.failures: list[str] = []
@@ -105,14 +105,13 @@ class Coordinator:
                 else:
                     self.recorder.on_event("progress", {"examples": examples, "loss": None})
                 time.sleep(STATS_INTERVAL_S)
-            final = self.client.request({"type": "pull"})
-            self.params[...] = final.arrays[0]
+            self.servers.pull(self.params)
             stats = self._stats()
-            self.client.request({"type": "shutdown"})
+            self.servers.control({"type": "shutdown"})
         except TransportError as exc:
             raise PsgdError(f"lost the server: {exc}") from None
         finally:
-            self.client.close()
+            self.servers.close()
         train_time = (time.perf_counter() - eval_time - t_first) if t_first else 0.0
         test_loss, test_acc = self.net.evaluate(self.params, d.test.X, d.T_test)
         summary = self._summary(stats, n_train, test_loss, test_acc, t0, t_first, train_time, eval_time, stop_reason)
@@ -125,10 +124,7 @@ class Coordinator:
     # --- steps of the loop ----------------------------------------------------------------
 
     def _stats(self) -> dict:
-        reply = self.client.request({"type": "stats"})
-        if reply.type != "stats_reply":
-            raise PsgdError(f"the server answered stats with {reply.type}: {reply.get('message', '')}")
-        return reply["stats"]
+        return self.servers.stats()
 
     def _check_processes(self):
         for failure in self.watch():
@@ -138,21 +134,18 @@ class Coordinator:
     def _set_lr(self, version: int) -> None:
         lr = float(self.schedule(version))
         if self.lr_sent is None or abs(lr - self.lr_sent) > LR_CHANGE * max(abs(lr), 1e-30):
-            reply = self.client.request({"type": "set_lr", "lr": lr})
-            if reply.type != "ok":
-                raise PsgdError(f"the server refused the learning rate {lr}: {reply.get('message', '')}")
+            self.servers.control({"type": "set_lr", "lr": lr})
             self.lr_sent = lr
 
     def _evaluate(self, wall: float, train_time: float, n_train: int) -> dict:
         """Pause, snapshot, resume, then evaluate the snapshot and feed the schedule."""
-        self.client.request({"type": "pause"})
+        self.servers.control({"type": "pause"})
         try:
-            snap = self.client.request({"type": "pull"})
-            self.params[...] = snap.arrays[0]
+            snap_version = self.servers.pull(self.params)
             stats = self._stats()
             val_loss, val_acc = self.net.evaluate(self.params, *self.data.eval_set)
         finally:
-            self.client.request({"type": "resume"})
+            self.servers.control({"type": "resume"})
         if not np.isfinite(val_loss):
             raise PsgdError(f"training diverged: the validation loss is {val_loss} after {stats['version']} updates "
                             f"(learning rate {self.lr_sent}); lower --lr, add --warmup, or use --staleness-rule dynsgd")
@@ -162,7 +155,7 @@ class Coordinator:
         rates = self._worker_rates(stats)
         rec = {
             "time": wall, "train_time": train_time, "epoch": stats["examples"] / n_train,
-            "examples": stats["examples"], "updates": snap["version"], "lr": self.lr_sent, "train_loss": None,
+            "examples": stats["examples"], "updates": snap_version, "lr": self.lr_sent, "train_loss": None,
             "val_loss": val_loss, "val_accuracy": val_acc, "staleness_mean": hist["mean"],
             "staleness_p99": hist["p99"], "staleness_max": hist["max"],
             "examples_per_s": stats["examples"] / train_time if train_time else 0.0,
@@ -188,7 +181,7 @@ class Coordinator:
         c = self.config
         hist = StalenessHistogram.from_dict(stats["staleness"]).summary()
         updates, examples = stats["version"], stats["examples"]
-        workers = {w["name"]: {k: w[k] for k in ("pushes", "examples", "refused", "transport", "connected", "shard")}
+        workers = {w["name"]: {k: w[k] for k in ("pushes", "examples", "refused", "transport", "connected", "data_shards")}
                    | {"staleness": StalenessHistogram.from_dict(w["staleness"]).summary(),
                       "examples_per_s": w["examples_per_s"]}
                    for w in stats["workers"].values()}

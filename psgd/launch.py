@@ -32,7 +32,8 @@ WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THRE
 
 @dataclass
 class Child:
-    role: str
+    name: str  # server, server-1, worker-0, ...
+    role: str  # server or worker
     proc: subprocess.Popen
     log: Path
     reported: bool = False
@@ -47,7 +48,7 @@ class Child:
                 tail = f": {lines[-1][:300]}"
         except OSError:
             pass
-        return f"{self.role} (pid {self.proc.pid}) {how}{tail} (log: {self.log})"
+        return f"{self.name} (pid {self.proc.pid}) {how}{tail} (log: {self.log})"
 
 
 @dataclass
@@ -57,13 +58,13 @@ class Cluster:
     workdir: Path
     children: list[Child] = field(default_factory=list)
 
-    def spawn(self, role: str, args: list[str], extra_env: dict | None = None) -> Child:
-        log = self.workdir / f"{role}.log"
+    def spawn(self, name: str, args: list[str], extra_env: dict | None = None, role: str = "worker") -> Child:
+        log = self.workdir / f"{name}.log"
         env = dict(os.environ, **(extra_env or {}))
         with open(log, "w") as out:
             proc = subprocess.Popen([sys.executable, "-m", "psgd", *args], stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent)
-        child = Child(role, proc, log)
+        child = Child(name, role, proc, log)
         self.children.append(child)
         return child
 
@@ -154,16 +155,21 @@ def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = F
         # The coordinator decides when the run ends; a server that stopped by itself first
         # would leave it talking to nobody.
         cfg_file.write_text(config.with_(max_updates=None, max_seconds=None).to_json())
-        ready = workdir / "ready.json"
-        server_args = ["server", "--config", str(cfg_file), "--bind", "tcp://127.0.0.1:0",
-                       "--num-shards", str(config.workers), "--ready-file", str(ready)]
-        if config.out_dir:
-            server_args += ["--checkpoint-dir", str(Path(config.out_dir) / "checkpoints"),
-                            "--checkpoint-every", str(CHECKPOINT_EVERY_S)] + (["--resume"] if resume else [])
-        server = cluster.spawn("server", server_args)
-        endpoint = _wait_ready(server, ready)
+        servers = []
+        for k in range(config.servers):  # one server, or K shards each with one range of the weights
+            name = "server" if config.servers == 1 else f"server-{k}"
+            ready = workdir / f"{name}.ready.json"
+            server_args = ["server", "--config", str(cfg_file), "--bind", "tcp://127.0.0.1:0",
+                           "--shard", str(k), "--num-shards", str(config.servers),
+                           "--data-shards", str(config.workers), "--ready-file", str(ready)]
+            if config.out_dir:
+                ckpt = Path(config.out_dir) / "checkpoints" / ("" if config.servers == 1 else f"shard-{k}")
+                server_args += ["--checkpoint-dir", str(ckpt),
+                                "--checkpoint-every", str(CHECKPOINT_EVERY_S)] + (["--resume"] if resume else [])
+            servers.append((cluster.spawn(name, server_args, role="server"), ready))
+        endpoint = ",".join(_wait_ready(server, ready) for server, ready in servers)
         for i in range(config.workers):
-            args = ["worker", "--connect", endpoint, "--name", f"worker-{i}", "--shard", str(i),
+            args = ["worker", "--connect", endpoint, "--name", f"worker-{i}", "--data-shard", str(i),
                     "--transport", config.transport]
             if config.data_dir:
                 args += ["--data-dir", str(config.data_dir)]

@@ -74,3 +74,13 @@ class Layout:
                 raise ConfigError(f"layout slot {s.name} is out of place or empty")
             expected = s.end
         return cls(slots)
+
+
+def shard_range(n_params: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """``[start, end)`` of server shard ``shard`` of ``num_shards``: contiguous, nearly equal
+    ranges that together cover the whole vector in order."""
+    if not 0 <= shard < num_shards:
+        raise ConfigError(f"server shard {shard} is not in 0..{num_shards - 1}")
+    if num_shards > n_params:
+        raise ConfigError(f"{num_shards} server shards for {n_params} parameters")
+    return n_params * shard // num_shards, n_params * (shard + 1) // num_shards

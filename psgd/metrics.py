@@ -67,7 +67,7 @@ class WorkerRecord:
 
     worker_id: int
     name: str
-    shard: int
+    data_shards: list[int]  # the data shards it trains on; more when it adopts a lost worker's
     transport: str
     joined: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
@@ -75,11 +75,14 @@ class WorkerRecord:
     examples: int = 0
     refused: int = 0
     staleness: StalenessHistogram = field(default_factory=StalenessHistogram)
-    connected: bool = True
+    connected: bool = True  # False once it said bye, hung up, or its lease ran out
+    expired: bool = False  # its lease ran out: a push from it is refused until it says hello again
+    data_generation: int = 0  # goes up whenever data_shards changes, so the worker asks for them
 
     def to_dict(self, now: float) -> dict:
         alive_for = max(now - self.joined, 1e-9)
-        return {"worker_id": self.worker_id, "name": self.name, "shard": self.shard, "transport": self.transport,
+        return {"worker_id": self.worker_id, "name": self.name, "data_shards": list(self.data_shards),
+                "transport": self.transport,
                 "pushes": self.pushes, "examples": self.examples, "refused": self.refused,
                 "examples_per_s": self.examples / alive_for, "last_seen_s_ago": now - self.last_seen,
-                "connected": self.connected, "staleness": self.staleness.to_dict()}
+                "connected": self.connected, "expired": self.expired, "staleness": self.staleness.to_dict()}

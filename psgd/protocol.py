@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: server shards (range), elastic data shards, heartbeats
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAYS = 16
 DTYPES = {"<f4": np.dtype("<f4"), "<f8": np.dtype("<f8")}
@@ -29,11 +29,14 @@ _STR = (str,)
 SCHEMAS: dict[str, dict[str, tuple]] = {
     "hello": {"worker": _STR, "transport": _STR},
     "welcome": {"worker_id": _INT, "model": (dict,), "optimizer": (dict,), "run": (dict,), "version": _INT,
-                "shard": _INT, "num_shards": _INT, "range": (list,), "layout": (list,)},
+                "data_shards": (list,), "num_data_shards": _INT, "data_generation": _INT, "range": (list,),
+                "server_shard": _INT, "num_server_shards": _INT, "layout": (list,)},
     "pull": {},
     "params": {"version": _INT},
     "push": {"worker_id": _INT, "base_version": _INT, "examples": _INT},
-    "ack": {"version": _INT, "staleness": _INT},
+    "ack": {"version": _INT, "staleness": _INT, "data_generation": _INT},
+    "heartbeat": {"worker_id": _INT},
+    "assignment": {"data_shards": (list,), "data_generation": _INT},
     "stats": {},
     "stats_reply": {"stats": (dict,)},
     "set_lr": {"lr": _NUM},

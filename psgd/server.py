@@ -23,6 +23,7 @@ import msgpack
 from . import checkpoint, shm
 from .config import TrainConfig
 from .errors import ConfigError, ProtocolError, TransportError
+from .layout import shard_range
 from .network import MLP
 from .protocol import decode, encode
 from .server_state import ServerState
@@ -34,7 +35,7 @@ SHUTDOWN_GRACE_S = 3.0  # after stopping, how long to keep telling late workers 
 @dataclass(frozen=True)
 class ServerOptions:
     bind: str = "tcp://*:5555"
-    num_shards: int = 1  # data shards handed to workers (usually the number of workers)
+    data_shards: int = 1  # data shards handed to workers (usually the number of workers)
     shared_memory: bool = True  # offer the fast path to workers on this machine
     ready_file: str | None = None  # written (atomically) with the endpoint once listening
     max_updates: int | None = None
@@ -42,6 +43,8 @@ class ServerOptions:
     checkpoint_dir: str | None = None  # where checkpoints go; None: none are written
     checkpoint_every_s: float = 10.0  # and on a clean stop
     resume: bool = False  # start from the newest valid checkpoint in checkpoint_dir
+    shard: int = 0  # this server holds range `shard` of `num_shards` of the parameter vector
+    num_shards: int = 1
 
 
 class _LocalWorker:
@@ -60,16 +63,18 @@ class Server:
         writer = None
         params = None
         net = MLP(config.model)
+        lo, hi = shard_range(net.n_params, options.shard, options.num_shards)
         if options.shared_memory and shm.available():
             shm.reap_stale()
-            self.weights_seg = shm.Segment.create("psgd-weights", net.n_params, net.dtype)
+            self.weights_seg = shm.Segment.create("psgd-weights", hi - lo, net.dtype)
             params = self.weights_seg.array
             writer = shm.SeqlockWriter(self.weights_seg)
-        self.state = ServerState(config, options.num_shards, params, writer)
+        self.state = ServerState(config, options.data_shards, params, writer,
+                                 shard=options.shard, num_server_shards=options.num_shards)
         self._last_checkpoint = (time.monotonic(), -1)
         if options.resume:
             self._resume()
-        self.sock = ServerSocket(options.bind, max_message_bytes(net.n_params, net.dtype.itemsize))
+        self.sock = ServerSocket(options.bind, max_message_bytes(hi - lo, net.dtype.itemsize))
         self.poller = Poller()
         self.poller.register(self.sock.socket)
         self.local: dict[int, _LocalWorker] = {}
@@ -213,7 +218,8 @@ class Server:
                 self._send(identity, header, arrays, seq)
 
     def _send(self, identity, header, arrays, seq):
-        reply = encode({**header, "seq": seq, "sender": "server"}, arrays)
+        # every array a server sends is its range of the weights
+        reply = encode({**header, "seq": seq, "sender": "server"}, arrays, [self.state.lo] * len(arrays))
         self.state.bytes_out += sum(len(f) for f in reply)
         self.sock.send(identity, reply, copy=True)  # copy: the weights change after this returns
 
@@ -257,7 +263,8 @@ class Server:
             self.state.submit(lw.worker_id, base_version, examples, lw.grad.array)
         except ProtocolError as exc:
             self.state.refuse(exc)
-            self._ack(lw, self.state.version, 0, shm.ACK_REFUSED)
+            status = shm.ACK_REJOIN if exc.code == "unknown_worker" else shm.ACK_REFUSED
+            self._ack(lw, self.state.version, 0, status)
             return
         self._deliver()
 
@@ -281,6 +288,9 @@ class Server:
         self._ack(lw, self.state.version, 0, shm.ACK_OK)
 
     def _ack(self, lw, version, staleness, status):
+        record = self.state.workers.get(lw.worker_id)
+        if record is not None:
+            status |= (record.data_generation & 0xFFFFFF) << 8
         try:
             lw.conn.send(shm.ACK.pack(version, staleness, status))
         except OSError:

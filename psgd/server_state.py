@@ -8,6 +8,7 @@ anything that does not fit before touching the weights.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import Counter
 
@@ -16,6 +17,7 @@ import numpy as np
 from .config import TrainConfig
 from .consistency import make_gate
 from .errors import ConfigError, ProtocolError
+from .layout import shard_range
 from .metrics import StalenessHistogram, WorkerRecord
 from .network import MLP
 from .optim import make_optimizer
@@ -34,30 +36,36 @@ class _NoLock:
 
 
 class ServerState:
-    """Weights, optimizer, versioning and statistics of one parameter server.
+    """Weights, optimizer, versioning and statistics of one parameter server, or of one
+    server shard: the contiguous range ``[lo, hi)`` of the flat vector given by ``shard``
+    of ``num_server_shards``, with its own optimizer state, version and counters.
 
-    ``params`` is the flat vector to update in place (a shared-memory view, or None for a
-    fresh one from the config's seed); ``write_lock`` wraps each update (the seqlock of
-    the shared segment). ``num_shards`` is how many data shards workers are given.
+    ``params`` is the vector (or range) to update in place (a shared-memory view, or None
+    for a fresh one from the config's seed); ``write_lock`` wraps each update (the seqlock
+    of the shared segment). ``num_data_shards`` is how many data shards workers are given.
     """
 
-    def __init__(self, config: TrainConfig, num_shards: int = 1, params: np.ndarray | None = None,
-                 write_lock=None, clock=time.monotonic):
+    def __init__(self, config: TrainConfig, num_data_shards: int = 1, params: np.ndarray | None = None,
+                 write_lock=None, clock=time.monotonic, shard: int = 0, num_server_shards: int = 1):
         self.config = config
         self.net = MLP(config.model)
         self.dtype = self.net.dtype
-        self.size = self.net.n_params
-        fresh = self.net.init_params(config.seed)
+        self.shard, self.num_server_shards = shard, num_server_shards
+        self.lo, self.hi = shard_range(self.net.n_params, shard, num_server_shards)
+        self.size = self.hi - self.lo
+        fresh = self.net.init_params(config.seed)[self.lo:self.hi]
         if params is None:
-            params = fresh
+            params = fresh.copy()
         else:
             params[...] = fresh
         self.params = params
-        self.optimizer = make_optimizer(config.optimizer, self.size, self.dtype, self.net.weight_mask())
+        mask = self.net.weight_mask()[self.lo:self.hi]
+        self.optimizer = make_optimizer(config.optimizer, self.size, self.dtype, mask)
         self.schedule = config.schedule.build()
         self.write_lock = write_lock or _NoLock()
         self.clock = clock
-        self.num_shards = max(1, num_shards)
+        self.num_data_shards = max(1, num_data_shards)
+        self.lost_shards: set[int] = set()  # data shards of departed workers, not yet adopted
         self.version = 0
         self.examples = 0
         self.workers: dict[int, WorkerRecord] = {}
@@ -75,7 +83,9 @@ class ServerState:
             self._compensated = np.empty(self.size, self.dtype)
         self.outbox: list[tuple[int, int, int]] = []  # (worker, version, staleness) acks ready to go
         self.started = clock()
-        self._next_worker_id = 0
+        # Worker ids start at a random point, so that an id from before a restart is not taken
+        # for a new worker's: a worker of the old server must hear "unknown worker" and rejoin.
+        self._next_worker_id = secrets.randbelow(1 << 24) << 16
 
     # --- the update rule ----------------------------------------------------------------
 
@@ -93,7 +103,7 @@ class ServerState:
             return self.lr() / max(staleness, 1)
         return self.lr()
 
-    def submit(self, worker_id: int, base_version: int, examples: int, grad: np.ndarray, offset: int = 0) -> None:
+    def submit(self, worker_id: int, base_version: int, examples: int, grad: np.ndarray, offset: int | None = None) -> None:
         """A push, by the run's consistency model: applied now or held (see psgd.consistency).
         Ready acknowledgements go to ``outbox``. Raises ProtocolError for a push that does
         not fit, leaving the weights untouched."""
@@ -101,10 +111,30 @@ class ServerState:
         self.gate.submit(self, worker_id, base_version, examples, grad)
 
     def tick(self) -> None:
-        """Let the consistency model release what it can (leases may have run out)."""
+        """Drop workers whose lease ran out, and let the consistency model release what it can."""
+        self._expire_leases()
         self.gate.tick(self)
 
-    def apply(self, worker_id: int, base_version: int, examples: int, grad: np.ndarray, offset: int = 0) -> tuple[int, int]:
+    def _expire_leases(self) -> None:
+        if self.paused:
+            return  # the server holds the workers' requests: their silence is its own doing
+        now, held = self.clock(), self.gate.holding()
+        for record in self.workers.values():
+            if record.connected and record.worker_id not in held and now - record.last_seen >= self.config.lease_s:
+                record.expired = True
+                self.disconnect(record.worker_id)
+
+    def touch(self, worker_id) -> WorkerRecord:
+        """A sign of life from a worker; raises for one the server does not (or no longer) know."""
+        record = self.workers.get(worker_id) if isinstance(worker_id, int) else None
+        if record is None:
+            raise ProtocolError("unknown_worker", f"worker {worker_id} has not said hello (server restarted?)")
+        if record.expired:
+            raise ProtocolError("unknown_worker", f"worker {worker_id} was silent past its lease; say hello again")
+        record.last_seen = self.clock()
+        return record
+
+    def apply(self, worker_id: int, base_version: int, examples: int, grad: np.ndarray, offset: int | None = None) -> tuple[int, int]:
         """Apply one gradient now; return ``(new version, staleness)``. Raises ProtocolError,
         leaving the weights untouched, for an unknown worker or a gradient that does not fit."""
         self.check_push(worker_id, base_version, examples, grad, offset)
@@ -149,10 +179,10 @@ class ServerState:
         record.staleness.add(staleness)
         self.staleness.add(staleness)
 
-    def check_push(self, worker_id, base_version, examples, grad, offset=0) -> None:
+    def check_push(self, worker_id, base_version, examples, grad, offset=None) -> None:
         record = self.workers.get(worker_id)
-        if record is None:
-            raise ProtocolError("unknown_worker", f"worker {worker_id} has not said hello (server restarted?)")
+        if record is None or record.expired:
+            self.touch(worker_id)  # raises the reason
         try:
             self._check_push(base_version, examples, grad, offset)
         except ProtocolError:
@@ -169,8 +199,10 @@ class ServerState:
     def _check_push(self, base_version, examples, grad, offset):
         if grad.dtype != self.dtype:
             raise ProtocolError("bad_array", f"gradient is {grad.dtype}, the model is {self.dtype}")
-        if offset != 0 or grad.shape != (self.size,):
-            raise ProtocolError("bad_range", f"gradient covers [{offset}, {offset + grad.size}), the parameters are [0, {self.size})")
+        offset = self.lo if offset is None else offset
+        if offset != self.lo or grad.shape != (self.size,):
+            raise ProtocolError("bad_range", f"gradient covers [{offset}, {offset + grad.size}), "
+                                             f"this server holds [{self.lo}, {self.hi})")
         if base_version > self.version or base_version < 0:
             raise ProtocolError("future_version", f"gradient claims version {base_version}, the server is at {self.version}")
         if not 0 < examples <= MAX_EXAMPLES_PER_PUSH:
@@ -182,33 +214,61 @@ class ServerState:
 
     # --- workers ------------------------------------------------------------------------
 
-    def register(self, name: str, transport: str, shard: int | None = None) -> WorkerRecord:
+    def register(self, name: str, transport: str, wanted: list[int] | None = None) -> WorkerRecord:
+        """A new worker, and the data shards it trains on: the ones it asks for (a worker
+        coming back asks for those it had), else a shard nobody trains on, else the least
+        used one. A shard it takes back from a worker that adopted it leaves that worker."""
         worker_id = self._next_worker_id
         self._next_worker_id += 1
-        if shard is None or not 0 <= shard < self.num_shards:
-            shard = self._least_used_shard()
-        record = WorkerRecord(worker_id, name, shard, transport, joined=self.clock(), last_seen=self.clock())
+        live = [r for r in self.workers.values() if r.connected]
+        if wanted and all(isinstance(s, int) and 0 <= s < self.num_data_shards for s in wanted):
+            shards = sorted(set(wanted))
+            for other in live:
+                kept = [s for s in other.data_shards if s not in shards]
+                if kept and kept != other.data_shards:
+                    other.data_shards = kept
+                    other.data_generation += 1
+        else:
+            used = Counter(s for r in live for s in r.data_shards)
+            shards = [min(range(self.num_data_shards), key=lambda s: (used[s], s))]
+        self.lost_shards.difference_update(shards)
+        record = WorkerRecord(worker_id, name, shards, transport, joined=self.clock(), last_seen=self.clock())
         self.workers[worker_id] = record
+        self._adopt_lost_shards()
         return record
 
-    def _least_used_shard(self) -> int:
-        used = Counter(r.shard for r in self.workers.values() if r.connected)
-        return min(range(self.num_shards), key=lambda s: (used[s], s))
+    def _adopt_lost_shards(self) -> None:
+        """Hand each data shard that its worker took away to the live worker with the fewest,
+        so that no part of the data goes untrained while workers come and go."""
+        live = [r for r in self.workers.values() if r.connected]
+        for s in sorted(self.lost_shards):
+            if not live:
+                return  # the next worker to say hello adopts them
+            if not any(s in r.data_shards for r in live):
+                adopter = min(live, key=lambda r: (len(r.data_shards), r.worker_id))
+                adopter.data_shards = sorted(adopter.data_shards + [s])
+                adopter.data_generation += 1
+            self.lost_shards.discard(s)
 
     def disconnect(self, worker_id: int) -> None:
         record = self.workers.get(worker_id)
-        if record is not None:
+        if record is not None and record.connected:
             record.connected = False
-            self.tick()  # a barrier may have been waiting for it
+            self.lost_shards.update(record.data_shards)
+            self._adopt_lost_shards()
+            self.gate.tick(self)  # a barrier may have been waiting for it
 
     def welcome(self, record: WorkerRecord) -> dict:
         c = self.config
         return {
             "type": "welcome", "worker_id": record.worker_id, "model": c.model.to_dict(),
-            "optimizer": c.optimizer.to_dict(), "version": self.version, "shard": record.shard,
-            "num_shards": self.num_shards, "range": [0, self.size], "layout": self.net.layout.to_wire(),
+            "optimizer": c.optimizer.to_dict(), "version": self.version, "data_shards": list(record.data_shards),
+            "num_data_shards": self.num_data_shards, "data_generation": record.data_generation,
+            "range": [self.lo, self.hi], "server_shard": self.shard, "num_server_shards": self.num_server_shards,
+            "layout": self.net.layout.to_wire(),
             "run": {"data": c.data, "seed": c.seed, "validation": c.validation, "batch_size": c.batch_size,
-                    "n_fetch": c.n_fetch, "n_push": c.n_push, "dropout": c.dropout, "augment": c.augment},
+                    "n_fetch": c.n_fetch, "n_push": c.n_push, "dropout": c.dropout, "augment": c.augment,
+                    "lease_s": c.lease_s},
         }
 
     # --- messages -----------------------------------------------------------------------
@@ -241,16 +301,24 @@ class ServerState:
                 return None  # held by the consistency model; the server loop answers later
             return self.ack_reply(ack, msg.get("want_params") is True)
         if kind == "pull":
-            if self.stopping and msg.get("worker_id") is not None:
-                return {"type": "shutdown"}, []
+            if msg.get("worker_id") is not None:
+                if self.stopping:
+                    return {"type": "shutdown"}, []
+                self.touch(msg["worker_id"])
             return {"type": "params", "version": self.version}, [self.params]
+        if kind == "heartbeat":
+            if self.stopping:
+                return {"type": "shutdown"}, []
+            record = self.touch(msg["worker_id"])
+            return {"type": "assignment", "data_shards": list(record.data_shards),
+                    "data_generation": record.data_generation}, []
         if kind == "hello":
             if self.stopping:
                 return {"type": "shutdown"}, []
             if msg["transport"] not in ("zmq", "shm", "auto"):
                 raise ProtocolError("bad_field", f"unknown transport {msg['transport']!r}")
-            shard = msg.get("shard")
-            record = self.register(msg["worker"][:64], "zmq", shard if isinstance(shard, int) else None)
+            wanted = msg.get("data_shards")
+            record = self.register(msg["worker"][:64], "zmq", wanted if isinstance(wanted, list) else None)
             return self.welcome(record), []
         if kind == "stats":
             return {"type": "stats_reply", "stats": self.stats()}, []
@@ -272,6 +340,9 @@ class ServerState:
             return {"type": "ok"}, []
         if kind in ("pause", "resume"):
             self.paused = kind == "pause"
+            if not self.paused:  # the pause held them silent: their leases start afresh
+                for record in self.workers.values():
+                    record.last_seen = self.clock()
             return {"type": "ok"}, []
         raise ProtocolError("bad_type", f"a server does not take {kind!r} messages")
 
@@ -283,8 +354,11 @@ class ServerState:
         return None
 
     def ack_reply(self, ack, want_params: bool) -> tuple[dict, list]:
-        _, version, staleness = ack
-        return {"type": "ack", "version": version, "staleness": staleness}, ([self.params] if want_params else [])
+        worker_id, version, staleness = ack
+        record = self.workers.get(worker_id)
+        generation = record.data_generation if record is not None else 0
+        return ({"type": "ack", "version": version, "staleness": staleness, "data_generation": generation},
+                [self.params] if want_params else [])
 
     # --- checkpoints --------------------------------------------------------------------
 
@@ -292,6 +366,7 @@ class ServerState:
         """What a checkpoint holds: arrays (weights, optimizer state) and counters."""
         arrays = {"params": self.params.copy(), **{f"opt_{k}": v for k, v in self.optimizer.state().items()}}
         meta = {"model": self.config.model.to_dict(), "optimizer": self.config.optimizer.to_dict(),
+                "range": [self.lo, self.hi],
                 "examples": self.examples, "lr_override": self.lr_override, "schedule": self.schedule.state(),
                 "staleness": self.staleness.to_dict()}
         return arrays, meta
@@ -300,6 +375,8 @@ class ServerState:
         """Continue from a checkpoint of the same model and optimizer."""
         if meta.get("model") != self.config.model.to_dict() or meta.get("optimizer") != self.config.optimizer.to_dict():
             raise ConfigError("the checkpoint is of another model or optimizer than this server's")
+        if list(meta.get("range", [0, self.net.n_params])) != [self.lo, self.hi]:
+            raise ConfigError(f"the checkpoint holds parameters {meta['range']}, this server shard [{self.lo}, {self.hi})")
         with self.write_lock:
             self.params[...] = arrays["params"]
         self.optimizer.load_state({k[4:]: v for k, v in arrays.items() if k.startswith("opt_")})
@@ -316,7 +393,8 @@ class ServerState:
     def stats(self) -> dict:
         now = self.clock()
         return {
-            "version": self.version, "examples": self.examples, "lr": self.lr(), "uptime": now - self.started,
+            "version": self.version, "examples": self.examples, "range": [self.lo, self.hi],
+            "server_shard": self.shard, "num_server_shards": self.num_server_shards, "lr": self.lr(), "uptime": now - self.started,
             "staleness": self.staleness.to_dict(), "errors": dict(self.errors), "stopping": self.stopping,
             "paused": self.paused, "consistency": self.config.consistency,
             "ssp_max_lead": getattr(self.gate, "max_lead", None),

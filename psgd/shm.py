@@ -30,8 +30,9 @@ HEADER_BYTES = 64  # u64 words: [0] sequence counter, [1] version, [2] nonce
 SEQ, VERSION, NONCE = 0, 1, 2
 
 DOORBELL = struct.Struct("<QII")  # base_version, examples, flags
-ACK = struct.Struct("<QII")  # version, staleness, status
-ACK_OK, ACK_REFUSED, ACK_SHUTDOWN = 0, 1, 2
+ACK = struct.Struct("<QII")  # version, staleness, status | data_generation << 8
+ACK_OK, ACK_REFUSED, ACK_SHUTDOWN, ACK_REJOIN = 0, 1, 2, 3  # REJOIN: the server no longer knows you
+ACK_STATUS_MASK = 0xFF  # the rest of the status word is the worker's data-shard generation
 HANDSHAKE_MAX = 4096  # bytes of the msgpack handshake a worker sends first
 SEQLOCK_SPINS = 10000  # reads retried before giving up (a writer holds it ~0.2 ms)
 

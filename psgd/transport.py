@@ -47,6 +47,9 @@ class Client:
             self.socket.close(linger=LINGER_MS)
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
+        # A DEALER's send blocks while it has no live peer (a killed server's connection can
+        # leave it so for good): bound it, and treat a send that cannot go as a lost try.
+        self.socket.setsockopt(zmq.SNDTIMEO, int(self.request_timeout * 1000))
         self.socket.connect(self.endpoint)
 
     def request(self, header: dict, arrays=(), offsets=None, copy: bool = False) -> Message:
@@ -54,27 +57,48 @@ class Client:
 
         With ``copy=False`` the arrays are sent without copying: leave them unchanged
         until this returns."""
+        self.send(header, arrays, offsets, copy)
+        return self.receive()
+
+    def send(self, header: dict, arrays=(), offsets=None, copy: bool = False) -> None:
+        """The first half of :meth:`request`: send now, and let :meth:`receive` wait (and
+        retry). Several clients can so have one request each in flight at once."""
         self.seq += 1
-        frames = encode({**header, "sender": self.name, "seq": self.seq}, arrays, offsets)
-        size = sum(len(f) for f in frames)
-        deadline = time.monotonic() + self.server_wait
+        self._frames = encode({**header, "sender": self.name, "seq": self.seq}, arrays, offsets)
+        self._size = sum(len(f) for f in self._frames)
+        self._deadline = time.monotonic() + self.server_wait
+        self._sent = self._try_send(copy)
+
+    def receive(self) -> Message:
+        """The reply to the request :meth:`send` sent, resending it on a fresh socket (with
+        growing pauses) while none comes, until ``server_wait`` has passed."""
         pause = RECONNECT_BACKOFF_S[0]
-        first = True
-        while True:
-            # A retry copies: the first try's zero-copy frames may still be held by the socket
-            # that was just closed, and are not sent twice.
-            self.socket.send_multipart(frames, copy=copy or not first)
-            first = False
-            self.bytes_sent += size
-            reply = self._await_reply(min(self.request_timeout, max(0.0, deadline - time.monotonic())))
-            if reply is not None:
-                return reply
-            if time.monotonic() + pause >= deadline:
-                raise TransportError(f"no answer from {self.endpoint} for {self.server_wait:.0f} s; is the server running?")
-            time.sleep(pause)
-            pause = min(pause * 2, RECONNECT_BACKOFF_S[1])
-            self.reconnects += 1
-            self._connect()
+        try:
+            while True:
+                if self._sent:
+                    reply = self._await_reply(min(self.request_timeout, max(0.0, self._deadline - time.monotonic())))
+                    if reply is not None:
+                        return reply
+                if time.monotonic() + pause >= self._deadline:
+                    raise TransportError(f"no answer from {self.endpoint} for {self.server_wait:.0f} s; "
+                                         "is the server running?")
+                time.sleep(pause)
+                pause = min(pause * 2, RECONNECT_BACKOFF_S[1])
+                self.reconnects += 1
+                self._connect()
+                # A retry copies: the first try's zero-copy frames may still be held by the
+                # socket that was just closed, and are not sent twice.
+                self._sent = self._try_send(copy=True)
+        finally:
+            self._frames = None
+
+    def _try_send(self, copy: bool) -> bool:
+        try:
+            self.socket.send_multipart(self._frames, copy=copy)
+        except zmq.Again:
+            return False  # no peer took it within the send timeout: a lost try
+        self.bytes_sent += self._size
+        return True
 
     def _await_reply(self, timeout: float) -> Message | None:
         end = time.monotonic() + timeout

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 
@@ -42,42 +43,54 @@ class WorkerOptions:
 
 
 class ZmqChannel:
-    """Pushes and pulls as protocol messages over the worker's Client."""
+    """Pushes and pulls as protocol messages over the worker's Client to one server shard."""
 
     transport = "zmq"
 
-    def __init__(self, client: Client, worker_id: int, n_params: int, dtype):
+    def __init__(self, client: Client, worker_id: int, grad: np.ndarray, offset: int):
         self.client, self.worker_id = client, worker_id
-        self.grad = np.empty(n_params, dtype)
+        self.grad, self.offset = grad, offset  # grad may be a view into the worker's whole gradient
+        self._params = None
 
     def pull(self, params: np.ndarray) -> int:
         reply = self._check(self.client.request({"type": "pull", "worker_id": self.worker_id}), "params")
         params[...] = reply.arrays[0]
         return reply["version"]
 
-    def push(self, base_version: int, examples: int, params: np.ndarray | None) -> tuple[int, int, int | None]:
-        """Send ``self.grad``; returns (server version, staleness, version of refreshed params or None)."""
+    def push_begin(self, base_version: int, examples: int, params: np.ndarray | None) -> None:
+        """Send ``self.grad``; :meth:`push_end` waits for the ack (and refreshed ``params``)."""
         header = {"type": "push", "worker_id": self.worker_id, "base_version": base_version,
                   "examples": examples, "want_params": params is not None}
-        reply = self._check(self.client.request(header, [self.grad]), "ack")
+        self._params = params
+        self.client.send(header, [self.grad], [self.offset])
+
+    def push_end(self) -> tuple[int, int, int | None, int]:
+        """(server version, staleness, version of refreshed params or None, data generation)."""
+        reply = self._check(self.client.receive(), "ack")
+        params, self._params = self._params, None
         if params is not None:
             params[...] = reply.arrays[0]
-            return reply["version"], reply["staleness"], reply["version"]
-        return reply["version"], reply["staleness"], None
+        return reply["version"], reply["staleness"], reply["version"] if params is not None else None, \
+            reply["data_generation"]
 
     def _check(self, reply, expected):
-        if reply.type == "shutdown":
-            raise ShutdownRequested("the server ended the run")
-        if reply.type == "error":
-            if reply["code"] == "unknown_worker":  # the server restarted: say hello again
-                raise TransportError(f"the server no longer knows this worker: {reply['message']}")
-            raise ProtocolError(reply["code"], reply["message"])
-        if reply.type != expected:
-            raise ProtocolError("bad_type", f"expected {expected}, got {reply.type}")
-        return reply
+        return check_reply(reply, expected)
 
     def close(self):
         pass
+
+
+def check_reply(reply, expected: str):
+    """The reply if it is of the expected type; else the right exception for the worker loop."""
+    if reply.type == "shutdown":
+        raise ShutdownRequested("the server ended the run")
+    if reply.type == "error":
+        if reply["code"] == "unknown_worker":  # the server restarted, or our lease ran out: say hello again
+            raise TransportError(f"the server no longer knows this worker: {reply['message']}")
+        raise ProtocolError(reply["code"], reply["message"])
+    if reply.type != expected:
+        raise ProtocolError("bad_type", f"expected {expected}, got {reply.type}")
+    return reply
 
 
 class ShmChannel:
@@ -92,6 +105,7 @@ class ShmChannel:
             raise TransportError("shared memory is not the server's (another machine?)")
         self.grad_seg = shm.Segment.create("psgd-grad", n_params, dtype)
         self.grad = self.grad_seg.array
+        self._params = None
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(timeout)
         try:
@@ -104,31 +118,38 @@ class ShmChannel:
         finally:
             self.grad_seg.unlink()  # the server has mapped it (or never will): drop the name
 
-    def _ack(self) -> tuple[int, int]:
+    def _ack(self) -> tuple[int, int, int]:
         try:
             data = self.sock.recv(64)
         except (OSError, socket.timeout) as exc:
             raise TransportError(f"server doorbell: {exc}") from None
         if len(data) != shm.ACK.size:
             raise TransportError("the server closed the doorbell")
-        version, staleness, status = shm.ACK.unpack(data)
+        version, staleness, word = shm.ACK.unpack(data)
+        status, generation = word & shm.ACK_STATUS_MASK, word >> 8
         if status == shm.ACK_SHUTDOWN:
             raise ShutdownRequested("the server ended the run")
+        if status == shm.ACK_REJOIN:
+            raise TransportError("the server no longer knows this worker")
         if status == shm.ACK_REFUSED:
             raise ProtocolError("refused", "the server refused the gradient")
-        return version, staleness
+        return version, staleness, generation
 
     def pull(self, params: np.ndarray) -> int:
         return shm.read_consistent(self.weights, params)
 
-    def push(self, base_version: int, examples: int, params: np.ndarray | None):
+    def push_begin(self, base_version: int, examples: int, params: np.ndarray | None) -> None:
+        self._params = params
         try:
             self.sock.send(shm.DOORBELL.pack(base_version, examples, 0))
         except OSError as exc:
             raise TransportError(f"server doorbell: {exc}") from None
-        version, staleness = self._ack()
+
+    def push_end(self):
+        version, staleness, generation = self._ack()
+        params, self._params = self._params, None
         fetched = self.pull(params) if params is not None else None
-        return version, staleness, fetched
+        return version, staleness, fetched, generation
 
     def close(self):
         self.sock.close()
@@ -136,75 +157,133 @@ class ShmChannel:
         self.grad_seg.close()
 
 
+@dataclass
+class ServerLink:
+    """One server shard as a worker sees it: its client, range and channel, and the
+    version of the weights the worker last fetched from it."""
+
+    client: Client
+    lo: int = 0
+    hi: int = 0
+    worker_id: int | None = None
+    channel: object = None
+    version: int = 0
+    window_base: int | None = None  # the version the gradient being summed was computed from
+    copy_in: bool = False  # the channel has its own gradient buffer: copy our range into it
+
+
 class Worker:
     def __init__(self, options: WorkerOptions):
         self.options = options
         self.name = options.name or f"worker-{socket.gethostname()}-{os.getpid()}"
-        self.client = Client(options.connect, self.name, server_wait=options.server_wait_s)
+        endpoints = [e.strip() for e in options.connect.split(",") if e.strip()]
+        if not endpoints:
+            raise ConfigError("--connect names no server")
+        self.links = [ServerLink(Client(e, self.name, server_wait=options.server_wait_s)) for e in endpoints]
         self.stop_requested = False
         self.stats = {"steps": 0, "pushes": 0, "examples": 0, "refused": 0, "reconnects": 0,
-                      "staleness_sum": 0, "compute_s": 0.0, "comm_s": 0.0}
-        self.channel = None
+                      "staleness_sum": 0, "compute_s": 0.0, "comm_s": 0.0, "reassignments": 0}
+        self.data_shards: list[int] | None = [options.shard] if options.shard is not None else None
+        self.data_generation = 0
         self._data_key = None
+        self._train_set = None
+        self.net = None
 
     # --- joining ----------------------------------------------------------------------
 
     def join(self) -> None:
-        """Say hello, set up the model, data shard and channel (again, after a server loss)."""
+        """Say hello to every server shard (shard 0 first: it hands out the data shards),
+        set up the model, data and channels (again, after a server loss)."""
         o = self.options
-        hello = {"type": "hello", "worker": self.name, "transport": o.transport,
-                 "shard": self.shard if self._data_key else o.shard}
-        reply = self.client.request(hello)
-        if reply.type == "shutdown":
-            raise ShutdownRequested("the server ended the run")
-        if reply.type != "welcome":
-            raise ProtocolError(reply.get("code", "bad_type"), reply.get("message", f"expected welcome, got {reply.type}"))
-        self.worker_id = reply["worker_id"]
-        run = reply["run"]
-        spec = ModelSpec.from_dict(reply["model"])
-        if Layout.from_wire(reply["layout"]) != MLP(spec).layout:
+        self._close_channels()
+        welcomes = []
+        for k, link in enumerate(self.links):
+            hello = {"type": "hello", "worker": self.name, "transport": o.transport, "data_shards": self.data_shards}
+            reply = link.client.request(hello)
+            if reply.type == "shutdown":
+                raise ShutdownRequested("the server ended the run")
+            if reply.type != "welcome":
+                raise ProtocolError(reply.get("code", "bad_type"),
+                                    reply.get("message", f"expected welcome, got {reply.type}"))
+            if (reply["server_shard"], reply["num_server_shards"]) != (k, len(self.links)):
+                raise ConfigError(f"--connect must list all {reply['num_server_shards']} server shards in order: "
+                                  f"{link.client.endpoint} is shard {reply['server_shard']}, listed as {k} "
+                                  f"of {len(self.links)}")
+            if k == 0:
+                self.data_shards = list(reply["data_shards"])  # the others take shard 0's word
+            welcomes.append(reply)
+        first = welcomes[0]
+        spec = ModelSpec.from_dict(first["model"])
+        run = first["run"]
+        if Layout.from_wire(first["layout"]) != MLP(spec).layout:
             raise ProtocolError("bad_field", "the server's parameter layout is not that of its model")
-        key = (tuple(spec.sizes), run["data"], run["seed"], run["validation"], reply["shard"], reply["num_shards"])
-        if key != self._data_key:
-            self._setup_data(spec, run, reply["shard"], reply["num_shards"])
-            self._data_key = key
-        if self.channel is not None:
-            self.channel.close()
-        self.channel = self._open_channel(reply)
-        self.params = np.empty(self.net.n_params, self.net.dtype)
+        self.lease_s = float(run.get("lease_s", 10.0))
+        self.data_generation = first["data_generation"]
+        self._setup_data(spec, run, first["num_data_shards"])
+        self._open_channels(welcomes)
 
-    def _setup_data(self, spec, run, shard, num_shards):
+    def _setup_data(self, spec, run, num_data_shards):
         o = self.options
-        self.net = MLP(spec)
-        self.shard = shard
-        self.batch_size = o.batch_size or int(run["batch_size"])
-        self.n_fetch = o.n_fetch or int(run["n_fetch"])
-        self.n_push = o.n_push or int(run["n_push"])
-        self.dropout = float(run.get("dropout", 0.0))
-        train, _ = data_mod.load(run["data"], o.data_dir, int(run["seed"]))
-        if int(run["validation"]):
-            train, _ = data_mod.split(train, int(run["validation"]), int(run["seed"]))
-        part = data_mod.shard(train, shard, num_shards, int(run["seed"]))
-        if spec.sizes[0] != part.n_inputs:
-            raise ConfigError(f"the server's model takes {spec.sizes[0]} inputs, the data has {part.n_inputs}")
-        seed = int(run["seed"]) * 1000 + shard + 1
+        key = (tuple(spec.sizes), run["data"], run["seed"], run["validation"], tuple(self.data_shards), num_data_shards)
+        if key == self._data_key:
+            return
+        if self._data_key is None or self._data_key[:4] != key[:4]:
+            self.net = MLP(spec)
+            self.batch_size = o.batch_size or int(run["batch_size"])
+            self.n_fetch = o.n_fetch or int(run["n_fetch"])
+            self.n_push = o.n_push or int(run["n_push"])
+            self.dropout = float(run.get("dropout", 0.0))
+            self.augment = bool(run.get("augment"))
+            train, _ = data_mod.load(run["data"], o.data_dir, int(run["seed"]))
+            if int(run["validation"]):
+                train, _ = data_mod.split(train, int(run["validation"]), int(run["seed"]))
+            if spec.sizes[0] != train.n_inputs:
+                raise ConfigError(f"the server's model takes {spec.sizes[0]} inputs, the data has {train.n_inputs}")
+            self._train_set = train
+            self.params = np.empty(self.net.n_params, self.net.dtype)
+            self.local_grad = np.empty(self.net.n_params, self.net.dtype) if self.n_push > 1 else None
+        elif self._data_key is not None:
+            print(f"psgd worker {self.name}: now training on data shards {self.data_shards}", file=sys.stderr, flush=True)
+        seed = int(run["seed"])
+        rows = np.concatenate([data_mod.shard_indices(len(self._train_set), s, num_data_shards, seed)
+                               for s in self.data_shards])
+        part = self._train_set.subset(np.sort(rows))
+        batch_seed = seed * 1000 + self.data_shards[0] + 1 + 7919 * self.stats["reassignments"]
         self.batches = data_mod.Minibatches(part.X.astype(self.net.dtype, copy=False), part.targets_for(spec.loss),
-                                            self.batch_size, seed, part.image_shape if run.get("augment") else None)
-        self.rng = np.random.default_rng(seed)
-        self.local_grad = np.empty(self.net.n_params, self.net.dtype) if self.n_push > 1 else None
+                                            self.batch_size, batch_seed, part.image_shape if self.augment else None)
+        self.rng = np.random.default_rng(batch_seed)
+        self._data_key = key
 
-    def _open_channel(self, welcome):
+    def _open_channels(self, welcomes):
+        """One channel per server shard; the whole gradient is computed into one buffer,
+        whose ranges go out as zero-copy views (zmq) or copied into shared memory."""
         o = self.options
-        local = welcome.get("local")
-        if o.transport in ("auto", "shm") and isinstance(local, dict) and shm.available():
-            try:
-                return ShmChannel(local, self.worker_id, self.net.n_params, self.net.dtype, o.server_wait_s)
-            except (TransportError, KeyError, ValueError, TypeError):
-                if o.transport == "shm":
-                    raise
-        elif o.transport == "shm":
-            raise TransportError("the shared-memory path was asked for, but the server does not offer it here")
-        return ZmqChannel(self.client, self.worker_id, self.net.n_params, self.net.dtype)
+        single = len(self.links) == 1
+        self.grad = None if single else np.empty(self.net.n_params, self.net.dtype)
+        for link, welcome in zip(self.links, welcomes):
+            link.lo, link.hi = welcome["range"]
+            link.worker_id = welcome["worker_id"]
+            local = welcome.get("local")
+            link.channel = None
+            if o.transport in ("auto", "shm") and isinstance(local, dict) and shm.available():
+                try:
+                    link.channel = ShmChannel(local, link.worker_id, link.hi - link.lo, self.net.dtype, o.server_wait_s)
+                except (TransportError, KeyError, ValueError, TypeError):
+                    if o.transport == "shm":
+                        raise
+            elif o.transport == "shm":
+                raise TransportError("the shared-memory path was asked for, but the server does not offer it here")
+            if link.channel is None:
+                view = np.empty(link.hi - link.lo, self.net.dtype) if single else self.grad[link.lo:link.hi]
+                link.channel = ZmqChannel(link.client, link.worker_id, view, link.lo)
+            link.copy_in = not single and link.channel.transport == "shm"
+        if single:
+            self.grad = self.links[0].channel.grad
+        self._last_contact = time.monotonic()
+
+    @property
+    def transports(self) -> list[str]:
+        return [link.channel.transport for link in self.links if link.channel is not None]
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -226,24 +305,83 @@ class Worker:
             self.close()
         return self.stats
 
+    def _pull(self) -> None:
+        for link in self.links:
+            link.version = link.channel.pull(self.params[link.lo:link.hi])
+        self._last_contact = time.monotonic()
+
+    def _push(self, examples: int, fetch: bool) -> None:
+        """Every shard its range of the gradient, all in flight at once; then the acks."""
+        for link in self.links:
+            if link.copy_in:
+                link.channel.grad[...] = self.grad[link.lo:link.hi]
+            link.channel.push_begin(link.window_base, examples, self.params[link.lo:link.hi] if fetch else None)
+        refused = False
+        for k, link in enumerate(self.links):
+            try:
+                _, staleness, fetched, generation = link.channel.push_end()
+            except ProtocolError:
+                refused = True
+                fetched = link.channel.pull(self.params[link.lo:link.hi]) if fetch else None
+            else:
+                if k == 0:
+                    self.stats["staleness_sum"] += staleness
+                    if generation != self.data_generation:
+                        self._refresh_assignment()
+            if fetched is not None:
+                link.version = fetched
+            link.window_base = None
+        self._last_contact = time.monotonic()
+        if refused:
+            self.stats["refused"] += 1
+        else:
+            self.stats["pushes"] += 1
+            self.stats["examples"] += examples
+
+    def _heartbeat(self) -> None:
+        """Tell every shard we are alive (a long n_push window would outlast the lease)."""
+        for k, link in enumerate(self.links):
+            reply = check_reply(link.client.request({"type": "heartbeat", "worker_id": link.worker_id}), "assignment")
+            if k == 0 and reply["data_generation"] != self.data_generation:
+                self._apply_assignment(reply)
+        self._last_contact = time.monotonic()
+
+    def _refresh_assignment(self) -> None:
+        link = self.links[0]
+        reply = check_reply(link.client.request({"type": "heartbeat", "worker_id": link.worker_id}), "assignment")
+        self._apply_assignment(reply)
+
+    def _apply_assignment(self, reply) -> None:
+        """The server moved data shards (a worker left, or came back): train on the new set."""
+        self.data_generation = reply["data_generation"]
+        shards = sorted(int(s) for s in reply["data_shards"])
+        if shards and shards != self.data_shards:
+            self.data_shards = shards
+            self.stats["reassignments"] += 1
+            spec_key = self._data_key
+            run = {"data": spec_key[1], "seed": spec_key[2], "validation": spec_key[3]}
+            self._setup_data(self.net.spec, run, spec_key[5])
+
     def _train(self):
         o, st = self.options, self.stats
-        version = self.channel.pull(self.params)
-        window_base, window_examples = None, 0
+        self._pull()
+        window_examples = 0
+        heartbeat_every = self.lease_s / 3
         while not self.stop_requested and (o.max_steps is None or st["steps"] < o.max_steps):
             t0 = time.perf_counter()
             x, t = next(self.batches)
-            first = window_base is None
+            first = self.links[0].window_base is None
             if self.local_grad is None:
-                self.net.loss_and_grad(self.params, x, t, self.channel.grad, self.dropout, self.rng)
+                self.net.loss_and_grad(self.params, x, t, self.grad, self.dropout, self.rng)
             else:
                 self.net.loss_and_grad(self.params, x, t, self.local_grad, self.dropout, self.rng)
                 if first:
-                    self.channel.grad[...] = self.local_grad
+                    self.grad[...] = self.local_grad
                 else:
-                    self.channel.grad += self.local_grad
+                    self.grad += self.local_grad
             if first:
-                window_base = version
+                for link in self.links:
+                    link.window_base = link.version
             window_examples += x.shape[0]
             st["steps"] += 1
             t1 = time.perf_counter()
@@ -253,19 +391,12 @@ class Worker:
                 t1 = time.perf_counter()
             fetch = st["steps"] % self.n_fetch == 0
             if st["steps"] % self.n_push == 0:
-                try:
-                    _, staleness, fetched = self.channel.push(window_base, window_examples, self.params if fetch else None)
-                    st["pushes"] += 1
-                    st["examples"] += window_examples
-                    st["staleness_sum"] += staleness
-                except ProtocolError:
-                    st["refused"] += 1
-                    fetched = self.channel.pull(self.params) if fetch else None
-                window_base, window_examples = None, 0
-                if fetched is not None:
-                    version = fetched
+                self._push(window_examples, fetch)
+                window_examples = 0
             elif fetch:
-                version = self.channel.pull(self.params)
+                self._pull()
+            elif time.monotonic() - self._last_contact > heartbeat_every:
+                self._heartbeat()
             st["comm_s"] += time.perf_counter() - t1
 
     def _install_signals(self):
@@ -280,15 +411,20 @@ class Worker:
             except ValueError:
                 pass  # not the main thread
 
+    def _close_channels(self):
+        for link in self.links:
+            if link.channel is not None:
+                link.channel.close()
+                link.channel = None
+
     def close(self):
-        if self.channel is not None:
-            self.channel.close()
-            self.channel = None
-        if getattr(self, "worker_id", None) is not None:
-            try:
-                self.client.server_wait = 1.0
-                self.client.request_timeout = 0.5
-                self.client.request({"type": "bye", "worker_id": self.worker_id})
-            except TransportError:
-                pass
-        self.client.close()
+        self._close_channels()
+        for link in self.links:
+            if link.worker_id is not None:
+                try:
+                    link.client.server_wait = 1.0
+                    link.client.request_timeout = 0.5
+                    link.client.request({"type": "bye", "worker_id": link.worker_id})
+                except TransportError:
+                    pass
+            link.client.close()

@@ -65,7 +65,7 @@ def hostile_messages(rng, worker_id):
 def test_server_survives_ten_thousand_hostile_messages_while_a_worker_trains(tmp_path, data_dir):
     procs = Processes(tmp_path, data_dir)
     try:
-        server, endpoint = procs.start_server("--layers", LAYERS, "--num-shards", "1", "--epochs", "1000",
+        server, endpoint = procs.start_server("--layers", LAYERS, "--data-shards", "1", "--epochs", "1000",
                                               "--schedule", "constant", "--lr", "0.05", "--no-shm")
         worker = procs.start("worker", "--connect", endpoint, "--transport", "zmq", "--max-steps", str(WORKER_STEPS),
                              log="worker", extra_env={"OPENBLAS_NUM_THREADS": "1"})

@@ -8,13 +8,16 @@ from psgd.errors import ProtocolError
 from psgd.protocol import MAX_HEADER_BYTES, MESSAGE_TYPES, PROTOCOL_VERSION, SCHEMAS, decode, encode
 
 EXAMPLES = {
-    "hello": {"worker": "w0", "transport": "auto", "shard": None},
+    "hello": {"worker": "w0", "transport": "auto", "data_shards": None},
     "welcome": {"worker_id": 3, "model": {"sizes": [4, 3]}, "optimizer": {"name": "sgd"}, "run": {"data": "mnist"},
-                "version": 7, "shard": 1, "num_shards": 2, "range": [0, 15], "layout": [["W1", [4, 3], 0]]},
+                "version": 7, "data_shards": [1], "num_data_shards": 2, "data_generation": 0, "range": [0, 15],
+                "server_shard": 0, "num_server_shards": 1, "layout": [["W1", [4, 3], 0]]},
     "pull": {"worker_id": 3},
     "params": {"version": 9},
     "push": {"worker_id": 3, "base_version": 8, "examples": 128, "want_params": True},
-    "ack": {"version": 9, "staleness": 1},
+    "ack": {"version": 9, "staleness": 1, "data_generation": 0},
+    "heartbeat": {"worker_id": 3},
+    "assignment": {"data_shards": [0, 2], "data_generation": 1},
     "stats": {},
     "stats_reply": {"stats": {"version": 9}},
     "set_lr": {"lr": 0.02},

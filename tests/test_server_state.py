@@ -20,8 +20,8 @@ def checksum(a):
     return hashlib.sha256(a.tobytes()).hexdigest()
 
 
-def new_state(num_shards=2):
-    state = ServerState(CONFIG, num_shards)
+def new_state(num_data_shards=2):
+    state = ServerState(CONFIG, num_data_shards)
     w0 = state.register("w0", "zmq").worker_id
     w1 = state.register("w1", "zmq").worker_id
     return state, w0, w1
@@ -49,10 +49,98 @@ def test_apply_updates_in_place_and_counts_versions_and_staleness():
 
 
 def test_shards_are_handed_out_evenly():
-    state = ServerState(CONFIG, num_shards=3)
-    shards = [state.register(f"w{i}", "zmq").shard for i in range(6)]
-    assert sorted(shards) == [0, 0, 1, 1, 2, 2]
-    assert state.register("chosen", "zmq", shard=1).shard == 1
+    state = ServerState(CONFIG, num_data_shards=3)
+    shards = [state.register(f"w{i}", "zmq").data_shards for i in range(6)]
+    assert sorted(shards) == [[0], [0], [1], [1], [2], [2]]
+    assert state.register("chosen", "zmq", [1]).data_shards == [1]
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_lost_workers_data_shard_goes_to_the_live_ones_and_comes_back_with_it():
+    clock = FakeClock()
+    state = ServerState(CONFIG.with_(lease_s=5.0), num_data_shards=3, clock=clock)
+    a, b, c = (state.register(n, "zmq") for n in "abc")
+    assert [a.data_shards, b.data_shards, c.data_shards] == [[0], [1], [2]]
+    clock.now = 3.0
+    state.touch(a.worker_id)
+    state.touch(c.worker_id)
+    clock.now = 6.0
+    state.tick()  # b was silent past its lease: dropped, its shard adopted by a (fewest, lowest id)
+    assert b.expired and not b.connected and state.live_workers() == {a.worker_id, c.worker_id}
+    assert a.data_shards == [0, 1] and a.data_generation == 1 and c.data_shards == [2]
+    g = np.zeros(state.size, np.float32)
+    reply, _ = request(state, "push", [g], worker_id=b.worker_id, base_version=0, examples=1)
+    assert reply["code"] == "unknown_worker" and "lease" in reply["message"]  # it must say hello again
+    reply, _ = request(state, "heartbeat", worker_id=a.worker_id)
+    assert reply == {"type": "assignment", "data_shards": [0, 1], "data_generation": 1}
+    back, _ = request(state, "hello", worker="b", transport="zmq", data_shards=[1])
+    assert back["data_shards"] == [1] and a.data_shards == [0] and a.data_generation == 2
+    reply, _ = request(state, "push", [g], worker_id=a.worker_id, base_version=0, examples=1)
+    assert reply["data_generation"] == 2  # how a worker learns that its shards changed
+
+
+def test_when_every_worker_is_gone_the_next_one_takes_all_the_data():
+    state = ServerState(CONFIG, num_data_shards=2)
+    a, b = state.register("a", "zmq"), state.register("b", "zmq")
+    state.disconnect(a.worker_id)
+    assert b.data_shards == [0, 1]
+    state.disconnect(b.worker_id)
+    assert state.register("c", "zmq").data_shards == [0, 1]
+
+
+def test_no_lease_runs_out_while_the_server_holds_the_workers():
+    clock = FakeClock()
+    state = ServerState(CONFIG.with_(lease_s=1.0), clock=clock)
+    w = state.register("w", "zmq")
+    request(state, "pause")
+    clock.now = 10.0
+    state.tick()
+    request(state, "resume")
+    clock.now = 10.5
+    state.tick()
+    assert w.connected and not w.expired
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adagrad"])
+def test_server_shards_together_do_exactly_what_one_server_does(optimizer):
+    """Each shard holds a contiguous range with its own optimizer state and version: fed the
+    same pushes, split, the shards' ranges put together are bit for bit the one server's."""
+    config = CONFIG.with_(optimizer=OptimizerSpec(optimizer, weight_decay=1e-3))
+    whole = ServerState(config)
+    shards = [ServerState(config, shard=k, num_server_shards=3) for k in range(3)]
+    assert [(s.lo, s.hi) for s in shards] == [(0, 17), (17, 35), (35, 53)] and whole.size == 53
+    assert np.array_equal(np.concatenate([s.params for s in shards]), whole.params)
+    rng = np.random.default_rng(0)
+    ids = [whole.register("w", "zmq").worker_id] + [s.register("w", "zmq").worker_id for s in shards]
+    for step in range(20):
+        g = rng.standard_normal(whole.size).astype(np.float32)
+        base = max(0, step - int(rng.integers(0, 3)))
+        whole.apply(ids[0], base, 8, g)
+        for s, wid in zip(shards, ids[1:]):
+            s.apply(wid, base, 8, g[s.lo:s.hi])
+    assert np.array_equal(np.concatenate([s.params for s in shards]), whole.params)
+    assert all(s.version == whole.version == 20 for s in shards)
+
+
+def test_a_shard_refuses_a_gradient_for_another_range():
+    state = ServerState(CONFIG, shard=1, num_server_shards=2)
+    wid = state.register("w", "zmq").worker_id
+    welcome = state.welcome(state.workers[wid])
+    assert welcome["range"] == [state.lo, state.hi] == [26, 53] and welcome["server_shard"] == 1
+    frames = encode({"type": "push", "worker_id": wid, "base_version": 0, "examples": 1},
+                    [np.zeros(state.size, np.float32)], [0])
+    reply, _ = state.handle(decode([bytes(f) for f in frames]))
+    assert reply["code"] == "bad_range" and state.version == 0
+    frames = encode({"type": "push", "worker_id": wid, "base_version": 0, "examples": 1},
+                    [np.zeros(state.size, np.float32)], [26])
+    assert state.handle(decode([bytes(f) for f in frames]))[0]["type"] == "ack"
 
 
 BAD_PUSHES = [
@@ -89,7 +177,7 @@ def test_push_with_offset_outside_the_vector_is_refused():
 
 
 def test_messages_hello_pull_push_stats_shutdown():
-    state = ServerState(CONFIG, num_shards=2)
+    state = ServerState(CONFIG, num_data_shards=2)
     welcome, _ = request(state, "hello", worker="a", transport="zmq")
     assert welcome["type"] == "welcome" and welcome["range"] == [0, state.size]
     assert ModelSpec.from_dict(welcome["model"]) == CONFIG.model
@@ -99,7 +187,7 @@ def test_messages_hello_pull_push_stats_shutdown():
     assert reply["version"] == 0 and np.array_equal(arrays[0], state.params)
     g = np.full(state.size, 0.1, np.float32)
     reply, arrays = request(state, "push", [g], worker_id=wid, base_version=0, examples=5, want_params=True)
-    assert reply == {"type": "ack", "version": 1, "staleness": 0} and arrays[0] is state.params
+    assert reply == {"type": "ack", "version": 1, "staleness": 0, "data_generation": 0} and arrays[0] is state.params
     stats, _ = request(state, "stats")
     assert stats["stats"]["version"] == 1 and stats["stats"]["workers"][str(wid)]["pushes"] == 1
     assert request(state, "shutdown")[0]["type"] == "ok"
@@ -137,3 +225,13 @@ def test_staleness_rules_scale_the_rate_of_stale_pushes(rule, expected):
         state.apply(wid, base, 1, g)
         steps.append(float(np.mean(before - state.params)))
     np.testing.assert_allclose(steps, expected, rtol=1e-5)
+
+
+def test_worker_ids_of_a_restarted_server_are_not_those_of_the_old_one():
+    """A worker of a killed server still sends its old id: the new server must not take it
+    for one of its own workers' (it answers unknown_worker, and the worker says hello)."""
+    old, new = ServerState(CONFIG), ServerState(CONFIG)
+    old_id = old.register("a", "zmq").worker_id
+    new.register("b", "zmq")
+    reply, _ = request(new, "push", [np.zeros(new.size, np.float32)], worker_id=old_id, base_version=0, examples=1)
+    assert reply["code"] == "unknown_worker" and new.version == 0

@@ -1,0 +1,80 @@
+"""All the shards of a parameter server, spoken to as one (by a coordinator or a tool).
+
+With K server shards each holds one contiguous range of the flat parameter vector.
+Control messages (pause, resume, set_lr, shutdown) go to every shard, all in flight at
+once; a pull is assembled from every shard's range; statistics are shard 0's (every
+push reaches every shard, so its counts stand for all) with the traffic and error
+counters summed over the shards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import PsgdError
+from .protocol import Message
+from .transport import Client
+
+
+def parse_endpoints(connect: str | list[str]) -> list[str]:
+    """``tcp://a:5555,tcp://b:5555`` (server shards in order) as a list."""
+    endpoints = [e.strip() for e in connect.split(",")] if isinstance(connect, str) else list(connect)
+    endpoints = [e for e in endpoints if e]
+    if not endpoints:
+        raise PsgdError("no server endpoint given")
+    return endpoints
+
+
+class ServerGroup:
+    def __init__(self, endpoints: str | list[str], name: str, server_wait: float = 10.0, **client_options):
+        self.endpoints = parse_endpoints(endpoints)
+        self.clients = [Client(e, name, server_wait=server_wait, **client_options) for e in self.endpoints]
+
+    def request_all(self, header: dict) -> list[Message]:
+        for client in self.clients:
+            client.send(header)
+        return [client.receive() for client in self.clients]
+
+    def control(self, header: dict) -> None:
+        """A message every shard must answer with ``ok``."""
+        for endpoint, reply in zip(self.endpoints, self.request_all(header)):
+            if reply.type != "ok":
+                raise PsgdError(f"{endpoint} answered {header['type']} with {reply.type}: {reply.get('message', '')}")
+
+    def stats(self) -> dict:
+        replies = self.request_all({"type": "stats"})
+        for endpoint, reply in zip(self.endpoints, replies):
+            if reply.type != "stats_reply":
+                raise PsgdError(f"{endpoint} answered stats with {reply.type}: {reply.get('message', '')}")
+        merged = dict(replies[0]["stats"])
+        if len(replies) > 1:
+            shards = [r["stats"] for r in replies]
+            merged["bytes_in"] = sum(s["bytes_in"] for s in shards)
+            merged["bytes_out"] = sum(s["bytes_out"] for s in shards)
+            errors: dict[str, int] = {}
+            for s in shards:
+                for code, n in s["errors"].items():
+                    errors[code] = errors.get(code, 0) + n
+            merged["errors"] = errors
+            merged["shard_versions"] = [s["version"] for s in shards]
+        return merged
+
+    def pull(self, out: np.ndarray) -> int:
+        """Fill ``out`` with the whole parameter vector; return the oldest shard's version."""
+        versions, covered = [], 0
+        for endpoint, reply in zip(self.endpoints, self.request_all({"type": "pull"})):
+            if reply.type != "params" or len(reply.arrays) != 1:
+                raise PsgdError(f"{endpoint} answered pull with {reply.type}: {reply.get('message', '')}")
+            part, lo = reply.arrays[0], reply.offset(0)
+            if lo + part.size > out.size:
+                raise PsgdError(f"{endpoint} sent parameters [{lo}, {lo + part.size}) of a {out.size}-vector")
+            out[lo:lo + part.size] = part
+            covered += part.size
+            versions.append(reply["version"])
+        if covered != out.size:
+            raise PsgdError(f"the server shards hold {covered} of {out.size} parameters: is one missing from the list?")
+        return min(versions)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
