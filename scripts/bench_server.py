@@ -1,6 +1,8 @@
-"""Pushes per second a psgd server applies, against the limit of a raw ZeroMQ socket.
+"""Pushes per second a psgd server applies, against the limit of a raw ZeroMQ socket;
+and pushes per second of a 10M-parameter model over 1, 2 and 4 server shards.
 
     python scripts/bench_server.py [--seconds 3] [--clients 1 2 4] [--layers 784,1024,192,10]
+                                   [--shards 1 2 4] [--shard-layers 784,4096,1600,10] [--shard-clients 2]
 
 For a model of about 1M parameters (float32, 4 MB per push), N client processes push
 gradients over ZeroMQ on loopback as fast as the server acknowledges them (each waits
@@ -8,6 +10,11 @@ for its ack, as a worker does). The same run measures the limit: a bare ROUTER s
 receives the same frames, applies the same momentum update with the same numpy code and
 answers a 16-byte ack. The ratio column is psgd / limit (target: at least 0.70).
 Runs alternate psgd and the limit so that machine noise hits both alike.
+
+The shard table: K server processes each hold 1/K of a 9.8M-parameter model (39 MB per
+push); each client sends every shard its range with all K pushes in flight at once, as a
+worker does, and counts whole pushes. The ratio is against 1 shard in the same run. On a
+machine with few cores the shards compete with the clients for CPU: the gain needs cores.
 """
 
 from __future__ import annotations
@@ -96,6 +103,70 @@ def psgd_client(endpoint, n_params, seconds, start_at, out_q):
     client.close()
 
 
+def shard_client(endpoints, n_params, seconds, start_at, out_q):
+    clients = [Client(e, f"bench-{os.getpid()}") for e in endpoints]
+    grad = np.full(n_params, 1e-3, np.float32)
+    links = []
+    for c in clients:
+        w = c.request({"type": "hello", "worker": "bench", "transport": "zmq"})
+        lo, hi = w["range"]
+        links.append([c, w["worker_id"], w["version"], grad[lo:hi], lo])
+    while time.time() < start_at:
+        time.sleep(0.001)
+    count, end = 0, start_at + seconds
+    while time.time() < end:
+        for c, wid, version, part, lo in links:
+            c.send({"type": "push", "worker_id": wid, "base_version": version, "examples": 128}, [part], [lo])
+        for link in links:
+            reply = link[0].receive()
+            if reply.type != "ack":
+                raise SystemExit(f"push refused: {reply.header}")
+            link[2] = reply["version"]
+        count += 1
+    out_q.put(count)
+    for c in clients:
+        c.close()
+
+
+def start_servers(layers, shards, tmp):
+    servers, endpoints = [], []
+    for k in range(shards):
+        ready = Path(tmp) / f"ready-{k}"
+        cmd = [sys.executable, "-m", "psgd", "server", "--layers", layers, "--no-shm", "--bind", "tcp://127.0.0.1:0",
+               "--ready-file", str(ready), "--optimizer", "momentum", "--lr", "1e-6", "--schedule", "constant",
+               "--shard", str(k), "--num-shards", str(shards)]
+        servers.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), ready))
+    for server, ready in servers:
+        deadline = time.time() + 60
+        while not ready.exists():
+            if server.poll() is not None or time.time() > deadline:
+                stop_servers([s for s, _ in servers])
+                raise SystemExit(f"psgd server did not start: {server.stderr.read().decode()[-1000:]}")
+            time.sleep(0.02)
+        endpoints.append(json.loads(ready.read_text())["endpoint"])
+    return [s for s, _ in servers], endpoints
+
+
+def stop_servers(servers):
+    for server in servers:
+        server.terminate()
+    for server in servers:
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def measure_shards(layers, n_params, shards, clients, seconds):
+    with tempfile.TemporaryDirectory() as tmp:
+        servers, endpoints = start_servers(layers, shards, tmp)
+        try:
+            return run_clients(shard_client, endpoints, n_params, clients, seconds)
+        finally:
+            stop_servers(servers)
+
+
 def run_clients(target, endpoint, n_params, clients, seconds):
     out_q = mp.Queue()
     start_at = time.time() + 0.5
@@ -155,6 +226,9 @@ def main():
     ap.add_argument("--layers", default="784,1024,192,10")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--shards", type=int, nargs="*", default=[1, 2, 4])
+    ap.add_argument("--shard-layers", default="784,4096,1600,10")
+    ap.add_argument("--shard-clients", type=int, default=2)
     args = ap.parse_args()
     n_params = MLP(ModelSpec(parse_sizes(args.layers))).n_params
     print(f"model {args.layers}: {n_params:,} parameters, {n_params * 4 / 1e6:.1f} MB per push; "
@@ -166,6 +240,17 @@ def main():
         ours = measure_psgd(args.layers, n_params, clients, args.seconds)
         print(f"{clients:>7} {ours:14.0f} {limit:15.0f} {ours / limit:6.2f} {ours * n_params * 4 / 1e6:10.0f}", flush=True)
     print("\nlimit = the same frames into a bare ROUTER socket plus the same numpy momentum update")
+    if not args.shards:
+        return
+    n_big = MLP(ModelSpec(parse_sizes(args.shard_layers))).n_params
+    print(f"\nserver shards: model {args.shard_layers}: {n_big:,} parameters, {n_big * 4 / 1e6:.0f} MB per push, "
+          f"{args.shard_clients} clients")
+    print(f"{'shards':>7} {'pushes/s':>9} {'vs 1 shard':>11} {'MB/s':>7}")
+    base = None
+    for shards in args.shards:
+        rate = measure_shards(args.shard_layers, n_big, shards, args.shard_clients, args.seconds)
+        base = base or rate
+        print(f"{shards:>7} {rate:9.1f} {rate / base:11.2f} {rate * n_big * 4 / 1e6:7.0f}", flush=True)
 
 
 if __name__ == "__main__":

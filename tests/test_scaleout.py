@@ -1,0 +1,106 @@
+"""Server shards and elastic workers over real processes and sockets."""
+
+import json
+import re
+import signal
+import time
+
+import pytest
+
+from cluster_util import Processes, doorbell_dirs, shm_segments
+from psgd.server_group import ServerGroup
+
+
+@pytest.fixture
+def procs(tmp_path, data_dir):
+    p = Processes(tmp_path, data_dir)
+    shm_before, doorbells_before = shm_segments(), doorbell_dirs()
+    yield p
+    left = p.cleanup()
+    assert not left, f"processes left behind: {left}"
+    assert shm_segments() <= shm_before, "shared-memory segments left behind"
+    assert doorbell_dirs() <= doorbells_before, "doorbell folders left behind"
+
+
+def _train(procs, out, servers, transport):
+    proc = procs.start("train", "--servers", str(servers), "--workers", "2", "--epochs", "3", "--layers", "784,128,10",
+                       "--transport", transport, "--out", str(out), log=f"train-{servers}")
+    assert proc.wait(240) == 0, procs.log(f"train-{servers}")
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("transport", ["zmq", "shm"])
+def test_two_server_shards_train_as_well_as_one_server(procs, tmp_path, transport):
+    """psgd train --servers 2: each shard holds half the weights, the workers split pushes
+    and assemble pulls; the run reaches the accuracy of a one-server run of the same config."""
+    one = _train(procs, tmp_path / "one", 1, transport)
+    two = _train(procs, tmp_path / "two", 2, transport)
+    print(f"test accuracy: one server {one['test_accuracy']:.4f}, two shards {two['test_accuracy']:.4f}")
+    assert one["test_accuracy"] >= 0.95 and two["test_accuracy"] >= 0.95
+    assert abs(one["test_accuracy"] - two["test_accuracy"]) <= 0.01
+    assert two["worker_transports"] == [transport] and two["failures"] == []
+    assert sorted(p.name for p in (tmp_path / "two" / "logs").iterdir()) == \
+        ["server-0.log", "server-1.log", "worker-0.log", "worker-1.log"]
+    for k in range(2):  # each shard checkpoints its own range
+        assert list((tmp_path / "two" / "checkpoints" / f"shard-{k}").glob("checkpoint-*.npz"))
+    log = (tmp_path / "two" / "logs" / "server-1.log").read_text()
+    assert "shard 1 of 2: parameters [50885, 101770)" in log
+
+
+def test_a_worker_listing_the_shards_out_of_order_is_told_so(procs):
+    shard0, ep0 = procs.start_server("--shard", "0", "--num-shards", "2", "--epochs", "100", name="s0")
+    shard1, ep1 = procs.start_server("--shard", "1", "--num-shards", "2", "--epochs", "100", name="s1")
+    worker = procs.start("worker", "--connect", f"{ep1},{ep0}", log="w")
+    assert worker.wait(60) == 2
+    assert "must list all 2 server shards in order" in procs.log("w"), procs.log("w")
+    group = ServerGroup([ep0, ep1], "test")
+    group.control({"type": "shutdown"})
+    group.close()
+    assert shard0.wait(30) == 0 and shard1.wait(30) == 0
+
+
+def test_a_silent_workers_data_goes_to_the_live_one_and_comes_back_with_it(procs):
+    """Two workers, two data shards, a 2 s lease. One worker is frozen (SIGSTOP): past its
+    lease it is dropped and the other trains on both shards; thawed, it hears that the
+    server no longer knows it, says hello again and gets its shard back."""
+    server, endpoint = procs.start_server("--data-shards", "2", "--epochs", "1000", "--lease", "2",
+                                          "--layers", "784,64,10")
+    env = {"OPENBLAS_NUM_THREADS": "1"}
+    a = procs.start("worker", "--connect", endpoint, "--name", "a", "--transport", "zmq", log="a", extra_env=env)
+    b = procs.start("worker", "--connect", endpoint, "--name", "b", "--transport", "shm", log="b", extra_env=env)
+    group = ServerGroup(endpoint, "test", server_wait=20)
+
+    def wait_for(ok, what, timeout=60):
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = group.stats()
+            by_name = {}
+            for w in stats["workers"].values():
+                by_name.setdefault(w["name"], []).append(w)
+            if ok(by_name):
+                return stats, by_name
+            assert time.monotonic() < deadline, f"{what}: {stats['workers']}"
+            time.sleep(0.1)
+
+    _, workers = wait_for(lambda w: len(w) == 2 and all(r[-1]["pushes"] > 10 for r in w.values()), "both training")
+    (a_shard,), (b_shard,) = workers["a"][-1]["data_shards"], workers["b"][-1]["data_shards"]
+    assert {a_shard, b_shard} == {0, 1}
+    b.send_signal(signal.SIGSTOP)
+    _, workers = wait_for(lambda w: w["b"][-1]["expired"] and w["a"][-1]["data_shards"] == [0, 1],
+                          "b dropped and its shard adopted")
+    assert not workers["b"][-1]["connected"]
+    deadline = time.monotonic() + 30
+    while "now training on data shards [0, 1]" not in procs.log("a"):
+        assert time.monotonic() < deadline, procs.log("a")
+        time.sleep(0.1)
+    pushes = workers["a"][-1]["pushes"]
+    wait_for(lambda w: w["a"][-1]["pushes"] > pushes + 50, "a training on both shards")
+    b.send_signal(signal.SIGCONT)
+    _, workers = wait_for(lambda w: len(w["b"]) == 2 and w["b"][-1]["pushes"] > 10
+                          and w["a"][-1]["data_shards"] == [a_shard], "b back with its shard")
+    assert workers["b"][-1]["data_shards"] == [b_shard] and workers["b"][-1]["connected"]
+    group.control({"type": "shutdown"})
+    group.close()
+    assert server.wait(30) == 0
+    assert a.wait(30) == 0 and b.wait(30) == 0
+    assert re.search(r"[1-9]\d* reconnects", procs.log("b")), procs.log("b")
