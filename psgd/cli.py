@@ -128,7 +128,7 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
                             pick("lr_factor", base.schedule.factor), pick("lr_patience", base.schedule.patience),
                             pick("warmup", base.schedule.warmup))
     fields = ["data", "data_dir", "batch_size", "epochs", "seed", "validation", "dropout", "augment",
-              "target_accuracy", "evals_per_epoch", "out_dir", "workers", "servers", "n_fetch", "n_push", "transport",
+              "target_accuracy", "evals_per_epoch", "out_dir", "workers", "servers", "curve", "n_fetch", "n_push", "transport",
               "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "slow_worker", "max_updates", "max_seconds"]
     changes = {name: pick(name, getattr(base, name)) for name in fields if name in kw}
     return base.with_(model=model, optimizer=optimizer, schedule=schedule, **changes)
@@ -188,6 +188,15 @@ def print_summary(summary: dict) -> None:
         click.echo(line)
 
 
+def client_curve_options(f):
+    f = env_option("--curve-server-key", type=click.Path(dir_okay=False, exists=True), default=None,
+                   help="CURVE: the server's public key file (NAME.key from psgd keygen).")(f)
+    f = env_option("--curve-key", type=click.Path(dir_okay=False, exists=True), default=None,
+                   help="CURVE: this client's secret key file (NAME.key_secret); its NAME.key must be in "
+                        "the server's --curve-allow folder.")(f)
+    return f
+
+
 # --- commands ---------------------------------------------------------------------------
 
 @cli.command()
@@ -196,6 +205,8 @@ def print_summary(summary: dict) -> None:
             help="0: train in this process; N: a local cluster of N workers. [default: one per CPU, at most 4]")
 @env_option("--servers", type=int, default=_DEFAULT.servers,
             help="Server shards of a local cluster, each holding one range of the parameters.")
+@env_option("--curve/--no-curve", default=_DEFAULT.curve,
+            help="Encrypt and authenticate the local cluster's ZeroMQ traffic (CURVE, keys made for the run).")
 @env_option("--n-fetch", type=int, default=_DEFAULT.n_fetch, help="Pull weights every n steps (Downpour).")
 @env_option("--n-push", type=int, default=_DEFAULT.n_push, help="Push the summed gradient every n steps (Downpour).")
 @env_option("--transport", type=click.Choice(TRANSPORTS), default=_DEFAULT.transport,
@@ -290,20 +301,28 @@ def fetch(data_dir, mirrors):
 @env_option("--checkpoint-every", type=float, default=10.0)
 @env_option("--resume/--no-resume", default=False, help="Start from the newest valid checkpoint.")
 @click.pass_context
+@env_option("--curve-secret-key", type=click.Path(dir_okay=False, exists=True), default=None,
+            help="CURVE: encrypt and authenticate with this secret key file (from psgd keygen).")
+@env_option("--curve-allow", type=click.Path(file_okay=False, exists=True), default=None,
+            help="CURVE: the folder of public keys (*.key) of the clients to accept; all others get nothing.")
 def server(ctx, bind, server_shard, num_shards, data_shards, shared_memory, ready_file, checkpoint_dir,
-           checkpoint_every, resume, **kw):
+           checkpoint_every, resume, curve_secret_key, curve_allow, **kw):
     """Run a parameter server: hold the weights, apply every push the moment it arrives.
 
     --max-updates and --max-seconds stop it by itself (without a coordinator)."""
     from .server import Server, ServerOptions
+    from .transport import server_keys
     kw.update(workers=0)
     config = build_config(ctx, **kw)
     srv = Server(config, ServerOptions(bind, data_shards, shared_memory, ready_file, config.max_updates,
                                        config.max_seconds, checkpoint_dir, checkpoint_every, resume,
-                                       server_shard, num_shards))
+                                       server_shard, num_shards, server_keys(curve_secret_key, curve_allow)))
     st = srv.state
     click.echo(f"psgd server listening on {srv.endpoint} ({config.model.sizes}; shard {st.shard} of "
                f"{st.num_server_shards}: parameters [{st.lo}, {st.hi}))")
+    if curve_allow:
+        n = len(list(Path(curve_allow).glob("*.key")))
+        click.echo(f"CURVE: accepting {n} client key{'s' if n != 1 else ''} from {curve_allow}; others get nothing")
     stats = srv.run()
     click.echo(f"server stopped at version {stats['version']}; errors {stats['errors'] or 'none'}")
 
@@ -323,12 +342,15 @@ def server(ctx, bind, server_shard, num_shards, data_shards, shared_memory, read
 @env_option("--max-steps", type=int, default=None, help="Stop after this many minibatches.")
 @env_option("--server-wait", type=float, default=None, help="Seconds to keep trying an absent server.")
 @env_option("--slowdown", type=float, default=1.0, help="Take this many times the compute time per step.")
-def worker(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps, server_wait, slowdown):
+@client_curve_options
+def worker(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps, server_wait, slowdown,
+           curve_key, curve_server_key):
     """Run a worker: pull weights, compute gradients on a data shard, push them (Downpour)."""
-    from .transport import SERVER_WAIT_S
+    from .transport import SERVER_WAIT_S, client_keys
     from .worker import Worker, WorkerOptions
     options = WorkerOptions(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps,
-                            server_wait if server_wait is not None else SERVER_WAIT_S, slowdown)
+                            server_wait if server_wait is not None else SERVER_WAIT_S, slowdown,
+                            client_keys(curve_key, curve_server_key))
     stats = Worker(options).run()
     mean = stats["staleness_sum"] / stats["pushes"] if stats["pushes"] else 0.0
     click.echo(f"worker done: {stats['steps']} steps, {stats['pushes']} pushes, {stats['examples']} examples, "
@@ -345,15 +367,17 @@ def worker(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_pus
 @env_option("--target-accuracy", type=float, default=None, help="Stop once validation accuracy reaches this.")
 @env_option("--max-updates", type=int, default=None, help="Stop after this many applied updates.")
 @env_option("--max-seconds", type=float, default=None, help="Stop after this many seconds.")
-def coordinator(connect, **overrides):
+@client_curve_options
+def coordinator(connect, curve_key, curve_server_key, **overrides):
     """Watch and steer a running cluster: evaluate, set the learning rate, stop it, write the run.
 
     For K server shards, --connect lists all K endpoints, comma-separated, in shard order."""
     from .coordinator import Coordinator
     from .server_group import parse_endpoints
     from .trainer import prepare_data
-    from .transport import Client
-    client = Client(parse_endpoints(connect)[0], "coordinator", server_wait=30.0)
+    from .transport import Client, client_keys
+    keys = client_keys(curve_key, curve_server_key)
+    client = Client(parse_endpoints(connect)[0], "coordinator", server_wait=30.0, keys=keys)
     try:
         reply = client.request({"type": "describe"})
     finally:
@@ -362,10 +386,26 @@ def coordinator(connect, **overrides):
         raise PsgdError(f"the server at {connect} did not describe its run: {reply.get('message', reply.type)}")
     config = TrainConfig.from_dict(reply["config"])
     config = config.with_(**{k: v for k, v in overrides.items() if v is not None})
-    coord = Coordinator(config, connect, prepare_data(config), Progress())
+    coord = Coordinator(config, connect, prepare_data(config), Progress(), keys=keys)
     summary = coord.finish(coord.run())
     print_summary(summary)
     click.echo(f"run written to {config.out_dir}")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--name", "names", multiple=True, default=["server"], show_default=True,
+              help="Key pairs to write (repeatable): FOLDER/NAME.key (public) and FOLDER/NAME.key_secret.")
+def keygen(folder, names):
+    """Write CURVE key pairs for encrypted, authenticated traffic.
+
+    Give the server its NAME.key_secret (--curve-secret-key) and a folder holding the public
+    .key files of the clients it accepts (--curve-allow); give each worker and coordinator
+    its own .key_secret (--curve-key) and the server's .key (--curve-server-key)."""
+    from .transport import write_keypair
+    for name in names:
+        public, secret = write_keypair(folder, name)
+        click.echo(f"{public} (public) and {secret} (secret, mode 600)")
 
 
 @cli.command()

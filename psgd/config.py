@@ -50,6 +50,7 @@ class TrainConfig:
     # the distributed run (ignored when workers == 0)
     workers: int = 0
     servers: int = 1  # server shards, each holding one range of the parameter vector
+    curve: bool = False  # a local cluster encrypts and authenticates its traffic (fresh keys per run)
     n_fetch: int = 1  # pull fresh weights every n_fetch steps (Downpour)
     n_push: int = 1  # push the accumulated gradient every n_push steps (Downpour)
     transport: str = "auto"  # auto: shared memory for workers on the server's machine

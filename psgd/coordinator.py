@@ -25,6 +25,7 @@ from .metrics import StalenessHistogram
 from .network import MLP
 from .trainer import PreparedData, RunRecorder
 from .server_group import ServerGroup
+from .transport import max_reply_bytes
 
 STATS_INTERVAL_S = 0.02  # between statistics polls
 STALL_S = 20.0  # no new examples for this long (not paused): the run is stuck
@@ -48,14 +49,15 @@ class Coordinator:
     a failure of the server ends the run with an error."""
 
     def __init__(self, config: TrainConfig, endpoint: str, data: PreparedData, on_event=None, say=None,
-                 watch=None, append: bool = False):
+                 watch=None, append: bool = False, keys=None):
         self.config = config
         self.data = data
         self.net = MLP(config.model)
         self.recorder = RunRecorder(config, on_event, append=append)
         self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
         self.watch = watch or (lambda: [])
-        self.servers = ServerGroup(endpoint, "coordinator", server_wait=10.0)  # one or all K shards
+        self.servers = ServerGroup(endpoint, "coordinator", server_wait=10.0, keys=keys,  # one or all K shards
+                                   max_message=max_reply_bytes(self.net.n_params, self.net.dtype.itemsize))
         self.schedule = config.schedule.build()
         self.params = np.empty(self.net.n_params, self.net.dtype)
         self.failures: list[str] = []

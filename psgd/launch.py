@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,6 +132,19 @@ def _wait_ready(server: Child, ready_file: Path) -> str:
     raise PsgdError(f"the server did not start listening within {READY_TIMEOUT_S:.0f} s")
 
 
+def _make_keys(keydir: Path):
+    """CURVE keys for one local run: the server's pair, and one client pair (in the folder
+    of allowed keys) shared by the workers and the coordinator."""
+    from .transport import client_keys, write_keypair
+    server_public, server_secret = write_keypair(keydir, "server")
+    client_public, client_secret = write_keypair(keydir / "allowed", "client")
+    secret_copy = keydir / "client.key_secret"  # the allowed folder holds public keys only
+    client_secret.rename(secret_copy)
+    return (["--curve-secret-key", str(server_secret), "--curve-allow", str(keydir / "allowed")],
+            ["--curve-key", str(secret_copy), "--curve-server-key", str(server_public)],
+            client_keys(secret_copy, server_public))
+
+
 CHECKPOINT_EVERY_S = 5.0  # the local server's checkpoints, when the run has a directory
 
 
@@ -150,7 +164,9 @@ def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = F
     else:
         workdir = Path(tempfile.mkdtemp(prefix="psgd-run-"))
     cluster = Cluster(workdir)
+    keydir = Path(tempfile.mkdtemp(prefix="psgd-keys-")) if config.curve else None
     try:
+        server_curve, client_curve, client_keys = _make_keys(keydir) if keydir else ([], [], None)
         cfg_file = workdir / "config.json"
         # The coordinator decides when the run ends; a server that stopped by itself first
         # would leave it talking to nobody.
@@ -161,7 +177,7 @@ def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = F
             ready = workdir / f"{name}.ready.json"
             server_args = ["server", "--config", str(cfg_file), "--bind", "tcp://127.0.0.1:0",
                            "--shard", str(k), "--num-shards", str(config.servers),
-                           "--data-shards", str(config.workers), "--ready-file", str(ready)]
+                           "--data-shards", str(config.workers), "--ready-file", str(ready)] + server_curve
             if config.out_dir:
                 ckpt = Path(config.out_dir) / "checkpoints" / ("" if config.servers == 1 else f"shard-{k}")
                 server_args += ["--checkpoint-dir", str(ckpt),
@@ -170,7 +186,7 @@ def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = F
         endpoint = ",".join(_wait_ready(server, ready) for server, ready in servers)
         for i in range(config.workers):
             args = ["worker", "--connect", endpoint, "--name", f"worker-{i}", "--data-shard", str(i),
-                    "--transport", config.transport]
+                    "--transport", config.transport] + client_curve
             if config.data_dir:
                 args += ["--data-dir", str(config.data_dir)]
             if i == config.workers - 1 and config.slow_worker > 1:
@@ -187,7 +203,7 @@ def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = F
                 raise PsgdError("every worker has failed: " + "; ".join(failed))
             return failed
 
-        coordinator = Coordinator(config, endpoint, data, on_event, say, watch, append=resume)
+        coordinator = Coordinator(config, endpoint, data, on_event, say, watch, append=resume, keys=client_keys)
         summary = coordinator.run()
         if not cluster.wait(SERVER_EXIT_S):
             (say or print)("psgd: some processes did not stop in time and were terminated")
@@ -198,6 +214,8 @@ def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = F
         return coordinator.finish(summary)
     finally:
         cluster.stop()
+        if keydir:
+            shutil.rmtree(keydir, ignore_errors=True)
         for f in workdir.iterdir():
             if not (keep_logs and f.suffix == ".log"):
                 f.unlink()

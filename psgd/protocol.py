@@ -17,7 +17,8 @@ import numpy as np
 from .errors import ProtocolError
 
 PROTOCOL_VERSION = 2  # 2: server shards (range), elastic data shards, heartbeats
-MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 64 * 1024  # what a server reads from anyone
+MAX_REPLY_HEADER_BYTES = 4 * 1024 * 1024  # what a client reads from its server (stats of many workers)
 MAX_ARRAYS = 16
 DTYPES = {"<f4": np.dtype("<f4"), "<f8": np.dtype("<f8")}
 
@@ -94,7 +95,7 @@ def encode(header: dict, arrays: tuple | list = (), offsets: tuple | list | None
     return [msgpack.packb(full, use_bin_type=True)] + [memoryview(np.ascontiguousarray(a)).cast("B") for a in arrays]
 
 
-def decode(frames: list) -> Message:
+def decode(frames: list, max_header: int = MAX_HEADER_BYTES) -> Message:
     """The message in ``frames`` (bytes, memoryviews or zmq Frames), fully checked.
 
     Checks: header size and msgpack form, protocol version, message type and its required
@@ -104,8 +105,8 @@ def decode(frames: list) -> Message:
     if not frames:
         raise ProtocolError("bad_frames", "empty message")
     raw = _buffer(frames[0])
-    if len(raw) > MAX_HEADER_BYTES:
-        raise ProtocolError("bad_header", f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    if len(raw) > max_header:
+        raise ProtocolError("bad_header", f"header of {len(raw)} bytes exceeds {max_header}")
     try:
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises many types for garbage; all mean the same here

@@ -27,7 +27,7 @@ from .layout import shard_range
 from .network import MLP
 from .protocol import decode, encode
 from .server_state import ServerState
-from .transport import POLL_INTERVAL_MS, Poller, ServerSocket, max_message_bytes
+from .transport import POLL_INTERVAL_MS, Poller, ServerKeys, ServerSocket, max_message_bytes
 
 SHUTDOWN_GRACE_S = 3.0  # after stopping, how long to keep telling late workers to stop
 
@@ -45,6 +45,7 @@ class ServerOptions:
     resume: bool = False  # start from the newest valid checkpoint in checkpoint_dir
     shard: int = 0  # this server holds range `shard` of `num_shards` of the parameter vector
     num_shards: int = 1
+    keys: ServerKeys | None = None  # CURVE: encrypt, and accept only the allowed clients' keys
 
 
 class _LocalWorker:
@@ -74,7 +75,7 @@ class Server:
         self._last_checkpoint = (time.monotonic(), -1)
         if options.resume:
             self._resume()
-        self.sock = ServerSocket(options.bind, max_message_bytes(hi - lo, net.dtype.itemsize))
+        self.sock = ServerSocket(options.bind, max_message_bytes(hi - lo, net.dtype.itemsize), keys=options.keys)
         self.poller = Poller()
         self.poller.register(self.sock.socket)
         self.local: dict[int, _LocalWorker] = {}

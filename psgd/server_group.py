@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import PsgdError
 from .protocol import Message
-from .transport import Client
+from .transport import Client, ClientKeys
 
 
 def parse_endpoints(connect: str | list[str]) -> list[str]:
@@ -26,9 +26,13 @@ def parse_endpoints(connect: str | list[str]) -> list[str]:
 
 
 class ServerGroup:
-    def __init__(self, endpoints: str | list[str], name: str, server_wait: float = 10.0, **client_options):
+    def __init__(self, endpoints: str | list[str], name: str, server_wait: float = 10.0, keys: ClientKeys | None = None,
+                 max_message: int | None = None):
+        """``max_message``: the largest reply taken (default: no weights; a coordinator
+        that pulls gives its model's size)."""
         self.endpoints = parse_endpoints(endpoints)
-        self.clients = [Client(e, name, server_wait=server_wait, **client_options) for e in self.endpoints]
+        self.clients = [Client(e, name, server_wait=server_wait, keys=keys, max_message=max_message)
+                        for e in self.endpoints]
 
     def request_all(self, header: dict) -> list[Message]:
         for client in self.clients:

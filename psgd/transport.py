@@ -5,16 +5,26 @@ strict request/reply discipline: each request carries a sequence number, the rep
 echoes it, and replies to abandoned requests are dropped. A request that gets no reply
 within ``REQUEST_TIMEOUT_S`` is sent again on a fresh socket, with growing pauses, until
 ``SERVER_WAIT_S`` has passed; then :class:`TransportError` says the server is gone.
+
+With CURVE keys (``psgd keygen``) traffic is encrypted and the server accepts only the
+clients whose public keys lie in its allowed folder: a ZAP handler (pyzmq's
+authenticator thread) checks each connection before any message of it is delivered, so
+an unknown or plaintext client gets nothing and changes nothing.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
 from .errors import ProtocolError, TransportError
-from .protocol import MAX_HEADER_BYTES, Message, decode, encode
+from .protocol import MAX_HEADER_BYTES, MAX_REPLY_HEADER_BYTES, Message, decode, encode
 
 REQUEST_TIMEOUT_S = 5.0  # one try of a request
 SERVER_WAIT_S = 60.0  # all tries of a request, before giving up on the server
@@ -23,17 +33,82 @@ LINGER_MS = 0  # an abandoned socket drops what it has not sent
 POLL_INTERVAL_MS = 100  # how often a blocked loop looks at its stop flag
 
 
+@dataclass(frozen=True)
+class ClientKeys:
+    """CURVE for a client: its own key pair and the public key of the server it trusts."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes
+
+
+@dataclass(frozen=True)
+class ServerKeys:
+    """CURVE for a server: its key pair and the folder of public keys it accepts."""
+
+    public: bytes
+    secret: bytes
+    allowed_dir: str
+
+
+def _load(path, want_secret: bool) -> tuple[bytes, bytes | None]:
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise TransportError(f"cannot read the CURVE key {path}: {exc}") from None
+    if want_secret and not secret:
+        raise TransportError(f"{path} holds no secret key: give the .key_secret file")
+    return public, secret
+
+
+def client_keys(key_file, server_key_file) -> ClientKeys | None:
+    """Keys from ``psgd keygen`` files: this client's .key_secret and the server's .key."""
+    if not key_file and not server_key_file:
+        return None
+    if not (key_file and server_key_file):
+        raise TransportError("CURVE needs both the client's secret key file and the server's public key file")
+    public, secret = _load(key_file, True)
+    return ClientKeys(public, secret, _load(server_key_file, False)[0])
+
+
+def server_keys(secret_key_file, allowed_dir) -> ServerKeys | None:
+    if not secret_key_file and not allowed_dir:
+        return None
+    if not (secret_key_file and allowed_dir):
+        raise TransportError("CURVE needs both the server's secret key file and the folder of allowed client keys")
+    if not Path(allowed_dir).is_dir():
+        raise TransportError(f"the folder of allowed client keys {allowed_dir} does not exist")
+    public, secret = _load(secret_key_file, True)
+    return ServerKeys(public, secret, str(allowed_dir))
+
+
+def write_keypair(folder, name: str) -> tuple[Path, Path]:
+    """``folder/name.key`` (public: hand it out) and ``folder/name.key_secret`` (keep it)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(folder), name)
+    os.chmod(secret, 0o600)
+    return Path(public), Path(secret)
+
+
 def max_message_bytes(n_params: int, itemsize: int) -> int:
-    """The largest message a peer may send: one full parameter vector plus a header."""
+    """The largest message a worker may send: one parameter range plus a header."""
     return n_params * itemsize + MAX_HEADER_BYTES + 4096
+
+
+def max_reply_bytes(n_params: int = 0, itemsize: int = 4) -> int:
+    """The largest reply a client takes: a parameter range plus a (stats) header."""
+    return n_params * itemsize + MAX_REPLY_HEADER_BYTES + 4096
 
 
 class Client:
     """Request/reply to one server over a DEALER socket, surviving server restarts."""
 
     def __init__(self, endpoint: str, name: str, context: zmq.Context | None = None,
-                 request_timeout: float = REQUEST_TIMEOUT_S, server_wait: float = SERVER_WAIT_S):
+                 request_timeout: float = REQUEST_TIMEOUT_S, server_wait: float = SERVER_WAIT_S,
+                 keys: ClientKeys | None = None, max_message: int | None = None):
         self.endpoint, self.name = endpoint, name
+        self.keys = keys
+        self.max_message = max_message or max_reply_bytes()  # no weights until told their size
         self.context = context or zmq.Context.instance()
         self.request_timeout, self.server_wait = request_timeout, server_wait
         self.seq = 0
@@ -50,7 +125,21 @@ class Client:
         # A DEALER's send blocks while it has no live peer (a killed server's connection can
         # leave it so for good): bound it, and treat a send that cannot go as a lost try.
         self.socket.setsockopt(zmq.SNDTIMEO, int(self.request_timeout * 1000))
+        # A reply larger than this drops the connection (a worker raises it to its range of
+        # the weights once the welcome told it).
+        self.socket.setsockopt(zmq.MAXMSGSIZE, self.max_message)
+        if self.keys is not None:
+            self.socket.curve_publickey = self.keys.public
+            self.socket.curve_secretkey = self.keys.secret
+            self.socket.curve_serverkey = self.keys.server_public
         self.socket.connect(self.endpoint)
+
+    def limit_messages(self, max_message: int) -> None:
+        """Refuse replies above this size from now on (on a fresh socket: the option
+        applies to new connections)."""
+        if max_message != self.max_message:
+            self.max_message = max_message
+            self._connect()
 
     def request(self, header: dict, arrays=(), offsets=None, copy: bool = False) -> Message:
         """Send one request and return the decoded reply (which may be an ``error``).
@@ -109,7 +198,7 @@ class Client:
             frames = self.socket.recv_multipart(copy=False)
             self.bytes_received += sum(len(f.buffer) for f in frames)
             try:
-                msg = decode(frames)
+                msg = decode(frames, MAX_REPLY_HEADER_BYTES)
             except ProtocolError:
                 continue  # garbage from a confused peer: keep waiting for our reply
             if msg.get("seq") == self.seq:
@@ -124,12 +213,21 @@ class Client:
 class ServerSocket:
     """The server's ROUTER socket: receive ``(identity, frames)``, send replies."""
 
-    def __init__(self, bind: str, max_message: int, context: zmq.Context | None = None):
+    def __init__(self, bind: str, max_message: int, context: zmq.Context | None = None,
+                 keys: ServerKeys | None = None):
         self.context = context or zmq.Context.instance()
+        self.authenticator = None
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message)  # larger frames drop the connection
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if keys is not None:
+            self.authenticator = ThreadAuthenticator(self.context)
+            self.authenticator.start()
+            self.authenticator.configure_curve(domain="*", location=keys.allowed_dir)
+            self.socket.curve_publickey = keys.public
+            self.socket.curve_secretkey = keys.secret
+            self.socket.curve_server = True
         try:
             if bind.endswith(":0"):
                 port = self.socket.bind_to_random_port(bind[: bind.rindex(":")])
@@ -137,7 +235,7 @@ class ServerSocket:
             else:
                 self.socket.bind(bind)
         except zmq.ZMQError as exc:
-            self.socket.close()
+            self.close()
             raise TransportError(f"cannot bind {bind}: {exc}") from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -151,6 +249,9 @@ class ServerSocket:
 
     def close(self):
         self.socket.close(linger=LINGER_MS)
+        if self.authenticator is not None:
+            self.authenticator.stop()
+            self.authenticator = None
 
 
 class Poller:

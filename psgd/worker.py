@@ -24,7 +24,7 @@ from . import shm
 from .errors import ConfigError, ProtocolError, ShutdownRequested, TransportError
 from .layout import Layout
 from .network import MLP, ModelSpec
-from .transport import SERVER_WAIT_S, Client
+from .transport import SERVER_WAIT_S, Client, ClientKeys, max_reply_bytes
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class WorkerOptions:
     max_steps: int | None = None
     server_wait_s: float = SERVER_WAIT_S
     slowdown: float = 1.0  # > 1: sleep so that each step takes this many times its compute time
+    keys: ClientKeys | None = None  # CURVE, for a server that demands it
 
 
 class ZmqChannel:
@@ -179,7 +180,8 @@ class Worker:
         endpoints = [e.strip() for e in options.connect.split(",") if e.strip()]
         if not endpoints:
             raise ConfigError("--connect names no server")
-        self.links = [ServerLink(Client(e, self.name, server_wait=options.server_wait_s)) for e in endpoints]
+        self.links = [ServerLink(Client(e, self.name, server_wait=options.server_wait_s, keys=options.keys))
+                      for e in endpoints]
         self.stop_requested = False
         self.stats = {"steps": 0, "pushes": 0, "examples": 0, "refused": 0, "reconnects": 0,
                       "staleness_sum": 0, "compute_s": 0.0, "comm_s": 0.0, "reassignments": 0}
@@ -263,6 +265,7 @@ class Worker:
         for link, welcome in zip(self.links, welcomes):
             link.lo, link.hi = welcome["range"]
             link.worker_id = welcome["worker_id"]
+            link.client.limit_messages(max_reply_bytes(link.hi - link.lo, self.net.dtype.itemsize))
             local = welcome.get("local")
             link.channel = None
             if o.transport in ("auto", "shm") and isinstance(local, dict) and shm.available():
