@@ -11,21 +11,10 @@ import time
 
 import pytest
 
-from cluster_util import Processes, doorbell_dirs, shm_segments
+from cluster_util import shm_segments
 from psgd.transport import Client
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def procs(tmp_path, data_dir):
-    p = Processes(tmp_path, data_dir)
-    shm_before, doorbells_before = shm_segments(), doorbell_dirs()
-    yield p
-    left = p.cleanup()
-    assert not left, f"processes left behind: {left}"
-    assert shm_segments() <= shm_before, "shared-memory segments left behind"
-    assert doorbell_dirs() <= doorbells_before, "doorbell folders left behind"
 
 
 @pytest.mark.parametrize("transport", ["shm", "zmq"])

@@ -7,19 +7,7 @@ import time
 
 import pytest
 
-from cluster_util import Processes, doorbell_dirs, shm_segments
 from psgd.server_group import ServerGroup
-
-
-@pytest.fixture
-def procs(tmp_path, data_dir):
-    p = Processes(tmp_path, data_dir)
-    shm_before, doorbells_before = shm_segments(), doorbell_dirs()
-    yield p
-    left = p.cleanup()
-    assert not left, f"processes left behind: {left}"
-    assert shm_segments() <= shm_before, "shared-memory segments left behind"
-    assert doorbell_dirs() <= doorbells_before, "doorbell folders left behind"
 
 
 def _train(procs, out, servers, transport):

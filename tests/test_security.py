@@ -9,22 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from cluster_util import Processes, doorbell_dirs, shm_segments
 from psgd.errors import TransportError
 from psgd.transport import Client, client_keys, write_keypair
 
 LAYERS = "784,32,10"
-
-
-@pytest.fixture
-def procs(tmp_path, data_dir):
-    p = Processes(tmp_path, data_dir)
-    shm_before, doorbells_before = shm_segments(), doorbell_dirs()
-    yield p
-    left = p.cleanup()
-    assert not left, f"processes left behind: {left}"
-    assert shm_segments() <= shm_before, "shared-memory segments left behind"
-    assert doorbell_dirs() <= doorbells_before, "doorbell folders left behind"
 
 
 def test_keygen_writes_a_public_and_a_private_key(tmp_path):
