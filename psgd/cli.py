@@ -393,6 +393,37 @@ def coordinator(connect, curve_key, curve_server_key, **overrides):
 
 
 @cli.command()
+@env_option("--connect", default="tcp://127.0.0.1:5555", help="The server's endpoint (K shards: all K, comma-separated).")
+@env_option("--json/--text", "as_json", default=False, help="Print the statistics as JSON.")
+@click.option("--shutdown", is_flag=True, help="Then tell the server(s) to end the run.")
+@client_curve_options
+def status(connect, as_json, shutdown, curve_key, curve_server_key):
+    """Show a running server's statistics: version, examples, staleness, workers."""
+    from .metrics import StalenessHistogram
+    from .server_group import ServerGroup
+    from .transport import client_keys
+    group = ServerGroup(connect, "status", server_wait=10.0, keys=client_keys(curve_key, curve_server_key))
+    try:
+        stats = group.stats()
+        if shutdown:
+            group.control({"type": "shutdown"})
+    finally:
+        group.close()
+    if as_json:
+        click.echo(json.dumps(stats))
+        return
+    hist = StalenessHistogram.from_dict(stats["staleness"]).summary()
+    click.echo(f"version {stats['version']}, {stats['examples']} examples, lr {stats['lr']:.4g}, "
+               f"staleness mean {hist['mean']:.2f} max {hist['max']}, errors {stats['errors'] or 'none'}")
+    for w in stats["workers"].values():
+        state = "live" if w["connected"] else ("lease ran out" if w["expired"] else "gone")
+        click.echo(f"  {w['name']}: {state}, {w['transport']}, data shards {w['data_shards']}, {w['pushes']} pushes, "
+                   f"{w['examples_per_s']:.0f} examples/s")
+    if shutdown:
+        click.echo("told the server to end the run")
+
+
+@cli.command()
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--name", "names", multiple=True, default=["server"], show_default=True,
               help="Key pairs to write (repeatable): FOLDER/NAME.key (public) and FOLDER/NAME.key_secret.")

@@ -24,9 +24,11 @@ class Processes:
         self.env = dict(os.environ, PSGD_DATA_DIR=str(data_dir), PSGD_TEST_MARKER=self.marker)
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, *args, log: str, extra_env: dict | None = None) -> subprocess.Popen:
+    def start(self, *args, log: str, extra_env: dict | None = None, prefix: list[str] = ()) -> subprocess.Popen:
+        """``psgd ARGS`` with output to LOG.log; ``prefix`` runs it through e.g. ``ip netns exec NS``
+        (which execs it: the pid is psgd's own)."""
         out = open(self.tmp / f"{log}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "psgd", *args], stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "psgd", *args], stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env={**self.env, **(extra_env or {})})
         out.close()
         self.procs.append(proc)

@@ -83,7 +83,7 @@ def test_a_worker_without_keys_gives_up_on_a_curve_server_with_a_clear_error(pro
 
 def test_psgd_train_with_curve_runs_its_cluster_encrypted(procs, tmp_path):
     out = tmp_path / "run"
-    proc = procs.start("train", "--curve", "--workers", "2", "--epochs", "1", "--layers", "784,64,10",
+    proc = procs.start("train", "--curve", "--workers", "2", "--epochs", "2", "--layers", "784,64,10",
                        "--transport", "zmq", "--out", str(out), log="train")
     assert proc.wait(180) == 0, procs.log("train")
     summary = json.loads((out / "summary.json").read_text())

@@ -1,0 +1,138 @@
+"""A real training job across hosts made of network namespaces: the server and each worker
+on its own address behind a bridge. Links are cut and packets dropped; the run goes on.
+
+Needs root, iproute2 and iptables (CI installs them and sets PSGD_REQUIRE_NETNS=1, so
+that there these tests fail rather than skip when namespaces cannot be made).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import netns_util
+
+WHY_NOT = netns_util.available()
+if WHY_NOT and os.environ.get("PSGD_REQUIRE_NETNS"):
+    raise RuntimeError(f"PSGD_REQUIRE_NETNS is set but {WHY_NOT}")
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
+
+PORT = 5555
+ENV = {"OPENBLAS_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def net():
+    network = netns_util.Network()
+    try:
+        for name in ("server", "w1", "w2"):
+            network.add_host(name)
+        yield network
+    finally:
+        network.close()
+        assert netns_util.leftover_namespaces(network.tag) == [], "namespaces left behind"
+
+
+class Job:
+    """A server and two zmq workers, each in its own namespace."""
+
+    def __init__(self, procs, net, *server_args):
+        self.procs, self.net = procs, net
+        self.endpoint = f"tcp://{net.address('server')}:{PORT}"
+        assert net.reachable("w1", "server") and net.reachable("w2", "server")
+        self.server = procs.start("server", "--bind", f"tcp://*:{PORT}", "--data-shards", "2",
+                                  "--layers", "784,64,10", "--epochs", "1000", "--no-shm", *server_args,
+                                  log="server", prefix=net.exec_prefix("server"))
+        self.workers = {name: procs.start("worker", "--connect", self.endpoint, "--name", name, "--transport", "zmq",
+                                          "--server-wait", "120", log=name, extra_env=ENV, prefix=net.exec_prefix(name))
+                        for name in ("w1", "w2")}
+
+    def stats(self) -> dict:
+        """The server's statistics, asked from inside its namespace (psgd status)."""
+        out = subprocess.run([*self.net.exec_prefix("server"), sys.executable, "-m", "psgd", "status", "--json",
+                              "--connect", f"tcp://127.0.0.1:{PORT}"], capture_output=True, text=True, timeout=60,
+                             env=self.procs.env)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def pushes(self) -> dict[str, int]:
+        """Pushes per worker name (a worker that rejoined has two records: summed)."""
+        counts = {"w1": 0, "w2": 0}
+        for w in self.stats()["workers"].values():
+            counts[w["name"]] += w["pushes"]
+        return counts
+
+    def wait_for(self, ok, what, timeout=90) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        while True:
+            pushes = self.pushes()
+            if ok(pushes):
+                return pushes
+            for name, w in self.workers.items():
+                assert w.poll() is None, f"{name} died: {self.procs.log(name)}"
+            assert time.monotonic() < deadline, f"{what}: pushes {pushes}"
+            time.sleep(0.5)
+
+    def finish(self):
+        out = subprocess.run([*self.net.exec_prefix("server"), sys.executable, "-m", "psgd", "status", "--shutdown",
+                              "--connect", f"tcp://127.0.0.1:{PORT}"], capture_output=True, text=True, timeout=60,
+                             env=self.procs.env)
+        assert out.returncode == 0, out.stderr
+        assert self.server.wait(60) == 0, self.procs.log("server")
+        for name, w in self.workers.items():
+            assert w.wait(60) == 0, self.procs.log(name)
+
+
+def test_a_worker_whose_link_is_cut_for_10_s_resumes_and_the_run_completes(procs, net):
+    job = Job(procs, net)
+    before = job.wait_for(lambda p: p["w1"] > 50 and p["w2"] > 50, "both workers training")
+    net.cut("w1")
+    time.sleep(2)  # what was in flight lands or is lost
+    during = job.pushes()
+    time.sleep(8)
+    after_cut = job.pushes()
+    net.restore("w1")
+    assert after_cut["w1"] == during["w1"], "w1 pushed through a cut link"
+    assert after_cut["w2"] > during["w2"] + 50, "w2 stopped while only w1 was cut off"
+    resumed = job.wait_for(lambda p: p["w1"] > after_cut["w1"] + 50, "w1 training again after the link came back")
+    print(f"w1 pushes: {before['w1']} before, {after_cut['w1']} through the cut, {resumed['w1']} after")
+    job.finish()
+
+
+def test_dropping_30_percent_of_a_workers_packets_slows_it_but_does_not_stop_the_run(procs, net):
+    job = Job(procs, net)
+    job.wait_for(lambda p: p["w1"] > 50 and p["w2"] > 50, "both workers training")
+    t0, p0 = time.monotonic(), job.pushes()
+    time.sleep(6)
+    t1, p1 = time.monotonic(), job.pushes()
+    net.drop("w1", 0.3)
+    time.sleep(12)
+    t2, p2 = time.monotonic(), job.pushes()
+    net.undrop("w1")
+    clean = (p1["w1"] - p0["w1"]) / (t1 - t0)
+    lossy = (p2["w1"] - p1["w1"]) / (t2 - t1)
+    print(f"w1: {clean:.0f} pushes/s on a clean link, {lossy:.1f} pushes/s with 30% of its packets dropped; "
+          f"w2 meanwhile {(p2['w2'] - p1['w2']) / (t2 - t1):.0f} pushes/s")
+    assert lossy > 0, "w1 stopped altogether"
+    assert p2["w2"] > p1["w2"] + 100
+    job.wait_for(lambda p: p["w1"] > p2["w1"] + 50, "w1 at speed again")
+    job.finish()
+
+
+def test_workers_cut_off_from_the_server_wait_and_resume(procs, net):
+    job = Job(procs, net)
+    job.wait_for(lambda p: p["w1"] > 50 and p["w2"] > 50, "both workers training")
+    net.cut("server")
+    time.sleep(2)
+    during = job.pushes()  # asked inside the server's namespace: its loopback still works
+    time.sleep(10)
+    after_cut = job.pushes()
+    net.restore("server")
+    assert after_cut == during, "pushes arrived at a server that was cut off"
+    for name, w in job.workers.items():
+        assert w.poll() is None, f"{name} gave up: {procs.log(name)}"
+    job.wait_for(lambda p: all(p[n] > after_cut[n] + 50 for n in ("w1", "w2")), "both training again")
+    job.finish()
