@@ -298,7 +298,8 @@ def fetch(data_dir, mirrors):
             help="Write {endpoint, pid} as JSON here once listening.")
 @env_option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
             help="Write checkpoints here (atomically), every --checkpoint-every seconds and on a clean stop.")
-@env_option("--checkpoint-every", type=float, default=10.0)
+@env_option("--checkpoint-every", type=float, default=10.0, help="Seconds between checkpoints.")
+@env_option("--checkpoint-every-updates", type=int, default=None, help="Also checkpoint after this many updates.")
 @env_option("--resume/--no-resume", default=False, help="Start from the newest valid checkpoint.")
 @click.pass_context
 @env_option("--curve-secret-key", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -306,7 +307,7 @@ def fetch(data_dir, mirrors):
 @env_option("--curve-allow", type=click.Path(file_okay=False, exists=True), default=None,
             help="CURVE: the folder of public keys (*.key) of the clients to accept; all others get nothing.")
 def server(ctx, bind, server_shard, num_shards, data_shards, shared_memory, ready_file, checkpoint_dir,
-           checkpoint_every, resume, curve_secret_key, curve_allow, **kw):
+           checkpoint_every, checkpoint_every_updates, resume, curve_secret_key, curve_allow, **kw):
     """Run a parameter server: hold the weights, apply every push the moment it arrives.
 
     --max-updates and --max-seconds stop it by itself (without a coordinator)."""
@@ -316,7 +317,8 @@ def server(ctx, bind, server_shard, num_shards, data_shards, shared_memory, read
     config = build_config(ctx, **kw)
     srv = Server(config, ServerOptions(bind, data_shards, shared_memory, ready_file, config.max_updates,
                                        config.max_seconds, checkpoint_dir, checkpoint_every, resume,
-                                       server_shard, num_shards, server_keys(curve_secret_key, curve_allow)))
+                                       server_shard, num_shards, server_keys(curve_secret_key, curve_allow),
+                                       checkpoint_every_updates))
     st = srv.state
     click.echo(f"psgd server listening on {srv.endpoint} ({config.model.sizes}; shard {st.shard} of "
                f"{st.num_server_shards}: parameters [{st.lo}, {st.hi}))")

@@ -46,6 +46,7 @@ class ServerOptions:
     shard: int = 0  # this server holds range `shard` of `num_shards` of the parameter vector
     num_shards: int = 1
     keys: ServerKeys | None = None  # CURVE: encrypt, and accept only the allowed clients' keys
+    checkpoint_every_updates: int | None = None  # also checkpoint after this many updates
 
 
 class _LocalWorker:
@@ -72,7 +73,7 @@ class Server:
             writer = shm.SeqlockWriter(self.weights_seg)
         self.state = ServerState(config, options.data_shards, params, writer,
                                  shard=options.shard, num_server_shards=options.num_shards)
-        self._last_checkpoint = (time.monotonic(), -1)
+        self._last_checkpoint = (time.monotonic(), 0)  # version 0 is the seed: nothing to keep
         if options.resume:
             self._resume()
         self.sock = ServerSocket(options.bind, max_message_bytes(hi - lo, net.dtype.itemsize), keys=options.keys)
@@ -112,7 +113,10 @@ class Server:
         if not self.options.checkpoint_dir:
             return
         when, version = self._last_checkpoint
-        if self.state.version == version or (not force and time.monotonic() - when < self.options.checkpoint_every_s):
+        every_u = self.options.checkpoint_every_updates
+        due = force or time.monotonic() - when >= self.options.checkpoint_every_s or \
+            (every_u is not None and self.state.version - version >= every_u)
+        if self.state.version == version or not due:
             return
         arrays, meta = self.state.checkpoint()
         checkpoint.write(Path(self.options.checkpoint_dir), self.state.version, arrays, meta)

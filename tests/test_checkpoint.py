@@ -93,3 +93,21 @@ def test_segments_of_dead_processes_are_reaped_and_live_ones_kept():
         stale.unlink()
         live.unlink()
         os.rmdir(live_dir)
+
+
+def test_a_server_checkpoints_every_u_updates_as_well_as_every_t_seconds(tmp_path):
+    from psgd.server import Server, ServerOptions
+    server = Server(CONFIG, ServerOptions(bind="tcp://127.0.0.1:0", shared_memory=False, checkpoint_dir=str(tmp_path),
+                                          checkpoint_every_s=1e9, checkpoint_every_updates=5))
+    try:
+        wid = server.state.register("w", "zmq").worker_id
+        g = np.zeros(server.state.size, np.float32)
+        for _ in range(4):
+            server.state.apply(wid, server.state.version, 1, g)
+            server._maybe_checkpoint()
+        assert not list(tmp_path.glob("*.npz"))
+        server.state.apply(wid, server.state.version, 1, g)
+        server._maybe_checkpoint()
+        assert [p.name for p in tmp_path.glob("*.npz")] == ["checkpoint-000000000005.npz"]
+    finally:
+        server.close()
