@@ -389,7 +389,10 @@ def coordinator(connect, curve_key, curve_server_key, **overrides):
     config = TrainConfig.from_dict(reply["config"])
     config = config.with_(**{k: v for k, v in overrides.items() if v is not None})
     coord = Coordinator(config, connect, prepare_data(config), Progress(), keys=keys)
-    summary = coord.finish(coord.run())
+    try:
+        summary = coord.finish(coord.run())
+    finally:
+        coord.end_run()
     print_summary(summary)
     click.echo(f"run written to {config.out_dir}")
 

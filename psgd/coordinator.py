@@ -109,11 +109,8 @@ class Coordinator:
                 time.sleep(STATS_INTERVAL_S)
             self.servers.pull(self.params)
             stats = self._stats()
-            self.servers.control({"type": "shutdown"})
         except TransportError as exc:
             raise PsgdError(f"lost the server: {exc}") from None
-        finally:
-            self.servers.close()
         train_time = (time.perf_counter() - eval_time - t_first) if t_first else 0.0
         test_loss, test_acc = self.net.evaluate(self.params, d.test.X, d.T_test)
         summary = self._summary(stats, n_train, test_loss, test_acc, t0, t_first, train_time, eval_time, stop_reason)
@@ -122,6 +119,19 @@ class Coordinator:
     def finish(self, summary: dict) -> dict:
         """Write weights and summary (after the caller added what it knows, e.g. exits)."""
         return self.recorder.finish(self.params, summary)
+
+    def end_run(self) -> None:
+        """Tell the server(s) to end the run, which ends the workers. Separate from run() so
+        that a coordinator on its own writes the run directory first: a container
+        orchestrator may stop it as soon as the server exits."""
+        try:
+            for client in self.servers.clients:
+                client.server_wait = 5.0
+            self.servers.control({"type": "shutdown"})
+        except (TransportError, PsgdError):
+            pass  # already gone: nothing left to end
+        finally:
+            self.servers.close()
 
     # --- steps of the loop ----------------------------------------------------------------
 

@@ -204,7 +204,10 @@ def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = F
             return failed
 
         coordinator = Coordinator(config, endpoint, data, on_event, say, watch, append=resume, keys=client_keys)
-        summary = coordinator.run()
+        try:
+            summary = coordinator.run()
+        finally:
+            coordinator.end_run()
         if not cluster.wait(SERVER_EXIT_S):
             (say or print)("psgd: some processes did not stop in time and were terminated")
         for child in cluster.newly_dead():
