@@ -73,7 +73,7 @@ PYVER="$(docker run --rm --network none psgd-base:bookworm python3 -c 'import sy
 say "base image psgd-base:bookworm has python $PYVER"
 
 # Wheels of the dependencies (and the build backend) for that python: the image build is offline.
-"$PYTHON" -m pip download --quiet --no-warn-script-location --only-binary=:all: --python-version "$PYVER" --platform manylinux2014_x86_64 \
+"$PYTHON" -m pip download --quiet --only-binary=:all: --python-version "$PYVER" --platform manylinux2014_x86_64 \
     --dest deploy/wheels numpy pyzmq msgpack click "setuptools>=64" wheel
 say "building deploy/Dockerfile on it"
 DOCKER_BUILDKIT=0 docker build --quiet -f deploy/Dockerfile --build-arg BASE=psgd-base:bookworm \
