@@ -107,7 +107,9 @@ class Coordinator:
                 else:
                     self.recorder.on_event("progress", {"examples": examples, "loss": None})
                 time.sleep(STATS_INTERVAL_S)
-            self.servers.pull(self.params)
+            # Every way out of the loop has just evaluated a snapshot: those weights, the ones
+            # the validation set saw (and that met the target), are the run's result, not
+            # the few unvalidated pushes the workers made since.
             stats = self._stats()
         except TransportError as exc:
             raise PsgdError(f"lost the server: {exc}") from None

@@ -81,9 +81,9 @@ DOCKER_BUILDKIT=0 docker build --quiet -f deploy/Dockerfile --build-arg BASE=psg
 [ "$(docker run --rm --network none --entrypoint id psgd:smoke -u)" != 0 ] || fail "the image runs as root"
 docker image ls psgd:smoke --format 'image psgd:smoke: {{.Size}}'
 
-say "docker compose up: a server, 2 workers and a coordinator, to 93% on a small network"
-export PSGD_IMAGE=psgd:smoke PSGD_DATA="$DATA_DIR" PSGD_LAYERS=784,64,10 PSGD_EPOCHS=5 \
-    PSGD_TARGET_ACCURACY=0.93 PSGD_DATA_SHARDS=2
+say "docker compose up: a server, 2 workers and a coordinator, to 95% on a small network"
+export PSGD_IMAGE=psgd:smoke PSGD_DATA="$DATA_DIR" PSGD_LAYERS=784,64,10 PSGD_EPOCHS=8 \
+    PSGD_TARGET_ACCURACY=0.95 PSGD_DATA_SHARDS=2
 set +e
 timeout 600 "${DC[@]}" up --no-build --scale worker=2 --exit-code-from coordinator >"$WORK/up.log" 2>&1
 status=$?
@@ -97,7 +97,7 @@ s = json.load(open(sys.argv[1]))
 print(f"compose-smoke: stopped on {s['stop_reason']}, test accuracy {s['test_accuracy']:.4f}, "
       f"{s['updates']} updates, {s['wall_time']:.1f} s")
 assert s["stop_reason"] == "target accuracy", s["stop_reason"]
-assert s["test_accuracy"] >= 0.90, s["test_accuracy"]
+assert s["test_accuracy"] >= 0.93, s["test_accuracy"]
 PY
 grep -q "worker-2\|worker_2\|worker-1" "$WORK/up.log" || fail "the workers did not run"
 
