@@ -221,10 +221,13 @@ class Worker:
             raise ProtocolError("bad_field", "the server's parameter layout is not that of its model")
         self.lease_s = float(run.get("lease_s", 10.0))
         self.data_generation = first["data_generation"]
-        self._setup_data(spec, run, first["num_data_shards"])
+        self._run, self._num_data_shards = run, first["num_data_shards"]
+        self._setup_data(spec, run, self._num_data_shards)
         self._open_channels(welcomes)
 
     def _setup_data(self, spec, run, num_data_shards):
+        """Model, settings and the minibatches of this worker's data shards; after a
+        reassignment only the minibatches change."""
         o = self.options
         key = (tuple(spec.sizes), run["data"], run["seed"], run["validation"], tuple(self.data_shards), num_data_shards)
         if key == self._data_key:
@@ -284,10 +287,6 @@ class Worker:
             self.grad = self.links[0].channel.grad
         self._last_contact = time.monotonic()
 
-    @property
-    def transports(self) -> list[str]:
-        return [link.channel.transport for link in self.links if link.channel is not None]
-
     # --- the loop -----------------------------------------------------------------------
 
     def run(self) -> dict:
@@ -319,18 +318,17 @@ class Worker:
             if link.copy_in:
                 link.channel.grad[...] = self.grad[link.lo:link.hi]
             link.channel.push_begin(link.window_base, examples, self.params[link.lo:link.hi] if fetch else None)
-        refused = False
+        refused, generation = False, self.data_generation
         for k, link in enumerate(self.links):
             try:
-                _, staleness, fetched, generation = link.channel.push_end()
+                _, staleness, fetched, link_generation = link.channel.push_end()
             except ProtocolError:
                 refused = True
                 fetched = link.channel.pull(self.params[link.lo:link.hi]) if fetch else None
             else:
-                if k == 0:
+                if k == 0:  # shard 0 hands out the data: its word counts
                     self.stats["staleness_sum"] += staleness
-                    if generation != self.data_generation:
-                        self._refresh_assignment()
+                    generation = link_generation
             if fetched is not None:
                 link.version = fetched
             link.window_base = None
@@ -340,19 +338,17 @@ class Worker:
         else:
             self.stats["pushes"] += 1
             self.stats["examples"] += examples
+        if generation != self.data_generation:
+            self._heartbeat(self.links[:1])  # learn the new data shards
 
-    def _heartbeat(self) -> None:
-        """Tell every shard we are alive (a long n_push window would outlast the lease)."""
-        for k, link in enumerate(self.links):
+    def _heartbeat(self, links=None) -> None:
+        """Tell the shards we are alive (a long n_push window would outlast the lease);
+        the answer says which data shards to train on."""
+        for link in links or self.links:
             reply = check_reply(link.client.request({"type": "heartbeat", "worker_id": link.worker_id}), "assignment")
-            if k == 0 and reply["data_generation"] != self.data_generation:
+            if link is self.links[0] and reply["data_generation"] != self.data_generation:
                 self._apply_assignment(reply)
         self._last_contact = time.monotonic()
-
-    def _refresh_assignment(self) -> None:
-        link = self.links[0]
-        reply = check_reply(link.client.request({"type": "heartbeat", "worker_id": link.worker_id}), "assignment")
-        self._apply_assignment(reply)
 
     def _apply_assignment(self, reply) -> None:
         """The server moved data shards (a worker left, or came back): train on the new set."""
@@ -361,9 +357,7 @@ class Worker:
         if shards and shards != self.data_shards:
             self.data_shards = shards
             self.stats["reassignments"] += 1
-            spec_key = self._data_key
-            run = {"data": spec_key[1], "seed": spec_key[2], "validation": spec_key[3]}
-            self._setup_data(self.net.spec, run, spec_key[5])
+            self._setup_data(self.net.spec, self._run, self._num_data_shards)
 
     def _train(self):
         o, st = self.options, self.stats
