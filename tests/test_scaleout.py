@@ -92,3 +92,28 @@ def test_a_silent_workers_data_goes_to_the_live_one_and_comes_back_with_it(procs
     assert server.wait(30) == 0
     assert a.wait(30) == 0 and b.wait(30) == 0
     assert re.search(r"[1-9]\d* reconnects", procs.log("b")), procs.log("b")
+
+
+def test_psgd_status_shows_every_shards_run_and_ends_it(procs):
+    """psgd status against two shards: one line for the run, one per worker; --shutdown ends it."""
+    s0, ep0 = procs.start_server("--shard", "0", "--num-shards", "2", "--epochs", "100", "--layers", "784,32,10",
+                                 name="s0")
+    s1, ep1 = procs.start_server("--shard", "1", "--num-shards", "2", "--epochs", "100", "--layers", "784,32,10",
+                                 name="s1")
+    worker = procs.start("worker", "--connect", f"{ep0},{ep1}", "--name", "solo", log="w",
+                         extra_env={"OPENBLAS_NUM_THREADS": "1"})
+    group = ServerGroup([ep0, ep1], "test")
+    deadline = time.monotonic() + 60
+    while group.stats()["version"] < 20:
+        assert worker.poll() is None and time.monotonic() < deadline, procs.log("w")
+        time.sleep(0.1)
+    stats = group.stats()
+    assert len(stats["shard_versions"]) == 2 and min(stats["shard_versions"]) >= 19
+    group.close()
+    status = procs.start("status", "--connect", f"{ep0},{ep1}", "--shutdown", log="status")
+    assert status.wait(60) == 0, procs.log("status")
+    text = procs.log("status")
+    assert re.search(r"^version \d+, \d+ examples", text, re.M), text
+    assert re.search(r"^  solo: live, (zmq|shm), data shards \[0\], \d+ pushes", text, re.M), text
+    assert "told the server to end the run" in text
+    assert s0.wait(30) == 0 and s1.wait(30) == 0 and worker.wait(30) == 0
