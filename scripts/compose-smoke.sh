@@ -2,7 +2,8 @@
 # Really run the docker-compose cluster: start a Docker engine of our own, build a Debian
 # base image offline (debootstrap + docker import: no registry is needed), build
 # deploy/Dockerfile on it from a local wheelhouse, bring the compose cluster up for a short
-# MNIST run, check that it reached its target, and that `compose down` left nothing.
+# MNIST run (one server, then two server shards), check that it reached its target, and
+# that `compose down` left nothing.
 #
 #   sudo bash scripts/compose-smoke.sh        (CI runs it from .ci/run)
 #
@@ -33,11 +34,11 @@ COMPOSE="$("$PYTHON" -c 'import compose, pathlib; print(pathlib.Path(compose.__f
 WORK="$(mktemp -d /tmp/psgd-compose-smoke.XXXXXX)"
 export DOCKER_HOST="unix://$WORK/docker.sock"
 PROJECT="psgd-smoke-$$"
-DC=("$COMPOSE" -p "$PROJECT" -f deploy/docker-compose.yml)
 cleanup() {
     set +e
     if [ -S "$WORK/docker.sock" ]; then
-        "${DC[@]}" down -v --remove-orphans >/dev/null 2>&1
+        "$COMPOSE" -p "$PROJECT" -f deploy/docker-compose.yml -f deploy/docker-compose.shards.yml \
+            down -v --remove-orphans >/dev/null 2>&1
     fi
     if [ -f "$WORK/docker.pid" ]; then
         kill "$(cat "$WORK/docker.pid")" 2>/dev/null
@@ -81,30 +82,38 @@ DOCKER_BUILDKIT=0 docker build --quiet -f deploy/Dockerfile --build-arg BASE=psg
 [ "$(docker run --rm --network none --entrypoint id psgd:smoke -u)" != 0 ] || fail "the image runs as root"
 docker image ls psgd:smoke --format 'image psgd:smoke: {{.Size}}'
 
-say "docker compose up: a server, 2 workers and a coordinator, to 95% on a small network"
-export PSGD_IMAGE=psgd:smoke PSGD_DATA="$DATA_DIR" PSGD_LAYERS=784,64,10 PSGD_EPOCHS=8 \
-    PSGD_TARGET_ACCURACY=0.95 PSGD_DATA_SHARDS=2
-set +e
-timeout 600 "${DC[@]}" up --no-build --scale worker=2 --exit-code-from coordinator >"$WORK/up.log" 2>&1
-status=$?
-set -e
-tail -15 "$WORK/up.log"
-[ "$status" = 0 ] || fail "docker compose up exited with $status"
-"${DC[@]}" cp coordinator:/runs/latest/summary.json "$WORK/summary.json"
-"$PYTHON" - "$WORK/summary.json" <<'PY'
+# One short run of a compose cluster: up to the target, the coordinator's summary, down.
+run_cluster() {
+    local what="$1"; shift
+    local dc=("$COMPOSE" -p "$PROJECT" "$@")
+    say "docker compose up: $what, 2 workers and a coordinator, to 95% on a small network"
+    set +e
+    timeout 600 "${dc[@]}" up --no-build --scale worker=2 --exit-code-from coordinator >"$WORK/up.log" 2>&1
+    local status=$?
+    set -e
+    tail -8 "$WORK/up.log"
+    [ "$status" = 0 ] || fail "docker compose up ($what) exited with $status"
+    "${dc[@]}" cp coordinator:/runs/latest/summary.json "$WORK/summary.json" >/dev/null 2>&1
+    "$PYTHON" - "$WORK/summary.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
 print(f"compose-smoke: stopped on {s['stop_reason']}, test accuracy {s['test_accuracy']:.4f}, "
-      f"{s['updates']} updates, {s['wall_time']:.1f} s")
+      f"{s['updates']} updates, {s['wall_time']:.1f} s, workers {sorted(s['per_worker'])}")
 assert s["stop_reason"] == "target accuracy", s["stop_reason"]
 assert s["test_accuracy"] >= 0.93, s["test_accuracy"]
+assert len(s["per_worker"]) == 2, s["per_worker"]
 PY
-grep -q "worker-2\|worker_2\|worker-1" "$WORK/up.log" || fail "the workers did not run"
+    say "docker compose down"
+    "${dc[@]}" down -v --remove-orphans >/dev/null 2>&1
+    local left
+    left="$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT")"
+    [ -z "$left" ] || fail "containers left behind: $left"
+    [ -z "$(docker volume ls -q --filter "label=com.docker.compose.project=$PROJECT")" ] || fail "volumes left behind"
+    [ -z "$(docker network ls -q --filter "label=com.docker.compose.project=$PROJECT")" ] || fail "networks left behind"
+}
 
-say "docker compose down"
-"${DC[@]}" down -v --remove-orphans >/dev/null 2>&1
-left="$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT")"
-[ -z "$left" ] || fail "containers left behind: $left"
-[ -z "$(docker volume ls -q --filter "label=com.docker.compose.project=$PROJECT")" ] || fail "volumes left behind"
-[ -z "$(docker network ls -q --filter "label=com.docker.compose.project=$PROJECT")" ] || fail "networks left behind"
-say "passed: the cluster reached its target and compose down left nothing behind"
+export PSGD_IMAGE=psgd:smoke PSGD_DATA="$DATA_DIR" PSGD_LAYERS=784,64,10 PSGD_EPOCHS=8 \
+    PSGD_TARGET_ACCURACY=0.95 PSGD_DATA_SHARDS=2
+run_cluster "one server" -f deploy/docker-compose.yml
+run_cluster "two server shards" -f deploy/docker-compose.yml -f deploy/docker-compose.shards.yml
+say "passed: both clusters reached their target and compose down left nothing behind"

@@ -91,3 +91,19 @@ def test_the_image_runs_as_a_user_and_takes_its_base_as_a_build_argument():
 def test_the_smoke_scripts_are_valid_bash(script):
     path = DEPLOY.parent / "scripts" / script
     assert subprocess.run(["bash", "-n", str(path)], timeout=30).returncode == 0
+
+
+def test_the_two_shard_compose_override_connects_everyone_to_both_shards():
+    files = ["-f", str(DEPLOY / "docker-compose.yml"), "-f", str(DEPLOY / "docker-compose.shards.yml")]
+    out = subprocess.run([compose_binary(), *files, "config", "--format", "json"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    services = json.loads(out.stdout)["services"]
+    assert set(services) == {"server", "server-1", "worker", "coordinator"}
+    for k, name in enumerate(["server", "server-1"]):
+        command = services[name]["command"]
+        assert command[command.index("--shard") + 1] == str(k) and command[command.index("--num-shards") + 1] == "2"
+        assert command[command.index("--checkpoint-dir") + 1] == f"/checkpoints/shard-{k}"
+    for name in ("worker", "coordinator"):
+        assert "tcp://server:5555,tcp://server-1:5555" in services[name]["command"]
+    assert services["server-1"]["environment"] == services["server"]["environment"]
