@@ -90,20 +90,24 @@ for _ in $(seq 60); do
 done
 sinfo -h -o '%T' | grep -qE '^(idle|mixed)' || { tail -5 "$WORK/slurmctld.log" "$WORK/slurmd.log" >&2; fail "the node never became idle"; }
 
-say "sbatch --wait deploy/slurm/psgd.sbatch: 2 workers on $CPUS CPUs (--overcommit), to 95%"
-SUBMIT="$WORK/submit"
-mkdir -p "$SUBMIT" && cd "$SUBMIT"
-export PSGD_LAYERS=784,64,10 PSGD_EPOCHS=8 PSGD_TARGET_ACCURACY=0.95 PSGD_EVALS_PER_EPOCH=2 OPENBLAS_NUM_THREADS=1
-set +e
-timeout 600 sbatch --wait --overcommit --ntasks=2 --time=10 "$OLDPWD/deploy/slurm/psgd.sbatch" >"$WORK/sbatch.out" 2>&1
-status=$?
-set -e
-cat "$WORK/sbatch.out"
-cat psgd-*.out 2>/dev/null | tail -20
-[ "$status" = 0 ] || { tail -20 "$WORK/slurmd.log" >&2; fail "the job failed (sbatch exit $status)"; }
-summary="$(ls "$SUBMIT"/runs/psgd-*/summary.json 2>/dev/null | head -n 1)"
-[ -n "$summary" ] || fail "no summary.json under $SUBMIT/runs"
-python3 - "$summary" <<'PY'
+# One job: sbatch --wait, then the run's summary and logs in the submission directory.
+run_job() {
+    local servers="$1"
+    local submit="$WORK/submit-$servers"
+    say "sbatch --wait deploy/slurm/psgd.sbatch: $servers server shard(s), 2 workers on $CPUS CPUs (--overcommit), to 95%"
+    mkdir -p "$submit"
+    set +e
+    (cd "$submit" && PSGD_SERVERS="$servers" timeout 600 sbatch --wait --overcommit --ntasks=2 --time=10 \
+        "$REPO/deploy/slurm/psgd.sbatch") >"$WORK/sbatch.out" 2>&1
+    local status=$?
+    set -e
+    cat "$WORK/sbatch.out"
+    tail -6 "$submit"/psgd-*.out 2>/dev/null
+    [ "$status" = 0 ] || { tail -20 "$WORK/slurmd.log" >&2; fail "the job failed (sbatch exit $status)"; }
+    local summary
+    summary="$(ls "$submit"/runs/psgd-*/summary.json 2>/dev/null | head -n 1)"
+    [ -n "$summary" ] || fail "no summary.json under $submit/runs"
+    python3 - "$summary" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
 print(f"slurm-smoke: stopped on {s['stop_reason']}, test accuracy {s['test_accuracy']:.4f}, "
@@ -111,5 +115,16 @@ print(f"slurm-smoke: stopped on {s['stop_reason']}, test accuracy {s['test_accur
 assert s["stop_reason"] == "target accuracy", s["stop_reason"]
 assert s["test_accuracy"] >= 0.93 and len(s["per_worker"]) == 2
 PY
-ls "$(dirname "$summary")/logs"
-say "passed: the Slurm job reached its target"
+    local logs
+    logs="$(ls "$(dirname "$summary")/logs" | tr '\n' ' ')"
+    echo "slurm-smoke: logs: $logs"
+    for ((k = 0; k < servers; k++)); do
+        [[ " $logs " == *" server-$k.log "* ]] || fail "no log of server shard $k"
+    done
+}
+
+REPO="$PWD"
+export PSGD_LAYERS=784,64,10 PSGD_EPOCHS=8 PSGD_TARGET_ACCURACY=0.95 PSGD_EVALS_PER_EPOCH=2 OPENBLAS_NUM_THREADS=1
+run_job 1
+run_job 2
+say "passed: both Slurm jobs (one server, two shards) reached their target"
