@@ -54,7 +54,7 @@ MESSAGE_TYPES = frozenset(SCHEMAS)
 
 # Error codes carried by ``error`` replies (docs/protocol.md lists their meaning).
 ERROR_CODES = ("bad_frames", "bad_header", "bad_version", "bad_type", "bad_field", "bad_array",
-               "bad_range", "not_finite", "future_version", "unknown_worker", "not_ready")
+               "bad_range", "not_finite", "future_version", "unknown_worker", "not_ready", "too_many_workers")
 
 
 @dataclass

@@ -24,6 +24,8 @@ from .optim import make_optimizer
 from .protocol import Message, error
 
 MAX_EXAMPLES_PER_PUSH = 1 << 20
+MAX_WORKERS = 4096  # connected at once; a hello beyond is refused (a flood of hellos is bounded)
+LEASE_CHECK_S = 0.05  # how often the loop looks for expired leases
 DC_HISTORY = 16  # dcasgd: weight versions kept; an older push is applied uncompensated
 
 
@@ -66,6 +68,7 @@ class ServerState:
         self.clock = clock
         self.num_data_shards = max(1, num_data_shards)
         self.lost_shards: set[int] = set()  # data shards of departed workers, not yet adopted
+        self._leases_checked = float("-inf")
         self.version = 0
         self.examples = 0
         self.workers: dict[int, WorkerRecord] = {}
@@ -116,10 +119,12 @@ class ServerState:
         self.gate.tick(self)
 
     def _expire_leases(self) -> None:
-        if self.paused:
-            return  # the server holds the workers' requests: their silence is its own doing
-        now, held = self.clock(), self.gate.holding()
-        for record in self.workers.values():
+        now = self.clock()
+        if self.paused or now - self._leases_checked < LEASE_CHECK_S:
+            return  # paused: the server holds the workers' requests, their silence is its own doing
+        self._leases_checked = now
+        held = self.gate.holding()
+        for record in list(self.workers.values()):
             if record.connected and record.worker_id not in held and now - record.last_seen >= self.config.lease_s:
                 record.expired = True
                 self.disconnect(record.worker_id)
@@ -218,9 +223,11 @@ class ServerState:
         """A new worker, and the data shards it trains on: the ones it asks for (a worker
         coming back asks for those it had), else a shard nobody trains on, else the least
         used one. A shard it takes back from a worker that adopted it leaves that worker."""
+        live = [r for r in self.workers.values() if r.connected]
+        if len(live) >= MAX_WORKERS:
+            raise ProtocolError("too_many_workers", f"{MAX_WORKERS} workers are connected already")
         worker_id = self._next_worker_id
         self._next_worker_id += 1
-        live = [r for r in self.workers.values() if r.connected]
         if wanted and all(isinstance(s, int) and 0 <= s < self.num_data_shards for s in wanted):
             shards = sorted(set(wanted))
             for other in live:
@@ -254,6 +261,8 @@ class ServerState:
         record = self.workers.get(worker_id)
         if record is not None and record.connected:
             record.connected = False
+            if record.pushes == 0 and record.refused == 0:
+                del self.workers[worker_id]  # it did nothing: keeping it would let hellos grow the stats
             self.lost_shards.update(record.data_shards)
             self._adopt_lost_shards()
             self.gate.tick(self)  # a barrier may have been waiting for it

@@ -68,6 +68,8 @@ def test_a_lost_workers_data_shard_goes_to_the_live_ones_and_comes_back_with_it(
     state = ServerState(CONFIG.with_(lease_s=5.0), num_data_shards=3, clock=clock)
     a, b, c = (state.register(n, "zmq") for n in "abc")
     assert [a.data_shards, b.data_shards, c.data_shards] == [[0], [1], [2]]
+    for w in (a, b, c):
+        state.apply(w.worker_id, state.version, 1, np.zeros(state.size, np.float32))
     clock.now = 3.0
     state.touch(a.worker_id)
     state.touch(c.worker_id)
@@ -77,12 +79,13 @@ def test_a_lost_workers_data_shard_goes_to_the_live_ones_and_comes_back_with_it(
     assert a.data_shards == [0, 1] and a.data_generation == 1 and c.data_shards == [2]
     g = np.zeros(state.size, np.float32)
     reply, _ = request(state, "push", [g], worker_id=b.worker_id, base_version=0, examples=1)
-    assert reply["code"] == "unknown_worker" and "lease" in reply["message"]  # it must say hello again
+    assert reply["code"] == "unknown_worker" and "lease" in reply["message"]
+    assert b.worker_id in state.workers  # it pushed: its record stays, for the statistics  # it must say hello again
     reply, _ = request(state, "heartbeat", worker_id=a.worker_id)
     assert reply == {"type": "assignment", "data_shards": [0, 1], "data_generation": 1}
     back, _ = request(state, "hello", worker="b", transport="zmq", data_shards=[1])
     assert back["data_shards"] == [1] and a.data_shards == [0] and a.data_generation == 2
-    reply, _ = request(state, "push", [g], worker_id=a.worker_id, base_version=0, examples=1)
+    reply, _ = request(state, "push", [g], worker_id=a.worker_id, base_version=3, examples=1)
     assert reply["data_generation"] == 2  # how a worker learns that its shards changed
 
 
@@ -235,3 +238,23 @@ def test_worker_ids_of_a_restarted_server_are_not_those_of_the_old_one():
     new.register("b", "zmq")
     reply, _ = request(new, "push", [np.zeros(new.size, np.float32)], worker_id=old_id, base_version=0, examples=1)
     assert reply["code"] == "unknown_worker" and new.version == 0
+
+
+def test_a_flood_of_hellos_is_bounded_and_leaves_no_records(monkeypatch):
+    """Workers that say hello and then nothing are dropped at their lease without a trace,
+    and no more than MAX_WORKERS are connected at once: hellos cannot grow the server."""
+    import psgd.server_state as server_state
+    monkeypatch.setattr(server_state, "MAX_WORKERS", 50)
+    clock = FakeClock()
+    state = ServerState(CONFIG.with_(lease_s=1.0), num_data_shards=2, clock=clock)
+    real = state.register("real", "zmq")
+    state.apply(real.worker_id, 0, 1, np.zeros(state.size, np.float32))
+    replies = [request(state, "hello", worker=f"flood{i}", transport="zmq")[0] for i in range(60)]
+    assert sum(r["type"] == "welcome" for r in replies) == 49
+    assert {r["code"] for r in replies if r["type"] == "error"} == {"too_many_workers"}
+    assert state.errors["too_many_workers"] == 11
+    clock.now = 2.0
+    state.touch(real.worker_id)  # the real worker is alive; the flood is silent
+    state.tick()
+    assert list(state.workers) == [real.worker_id]  # the real worker's record stays (it pushed)
+    assert real.data_shards == [0, 1] and request(state, "hello", worker="late", transport="zmq")[0]["type"] == "welcome"
