@@ -196,8 +196,28 @@ class Worker:
     def join(self) -> None:
         """Say hello to every server shard (shard 0 first: it hands out the data shards),
         set up the model, data and channels (again, after a server loss)."""
-        o = self.options
         self._close_channels()
+        said_hello = time.monotonic()
+        welcomes = self._hello()
+        first = welcomes[0]
+        spec = ModelSpec.from_dict(first["model"])
+        run = first["run"]
+        if Layout.from_wire(first["layout"]) != MLP(spec).layout:
+            raise ProtocolError("bad_field", "the server's parameter layout is not that of its model")
+        self.lease_s = float(run.get("lease_s", 10.0))
+        self._run, self._num_data_shards = run, first["num_data_shards"]
+        self._setup_data(spec, run, self._num_data_shards)
+        if time.monotonic() - said_hello > self.lease_s / 2:
+            # Loading the data took most of the lease: the servers may drop us before the
+            # first push. Say goodbye and hello again (the data is loaded now: this is quick).
+            self._bye()
+            welcomes = self._hello()
+        self.data_generation = welcomes[0]["data_generation"]
+        self._open_channels(welcomes)
+
+    def _hello(self) -> list:
+        """Hello to every server shard, shard 0 first: it hands out the data shards."""
+        o = self.options
         welcomes = []
         for k, link in enumerate(self.links):
             hello = {"type": "hello", "worker": self.name, "transport": o.transport, "data_shards": self.data_shards}
@@ -213,17 +233,9 @@ class Worker:
                                   f"of {len(self.links)}")
             if k == 0:
                 self.data_shards = list(reply["data_shards"])  # the others take shard 0's word
+            link.worker_id = reply["worker_id"]
             welcomes.append(reply)
-        first = welcomes[0]
-        spec = ModelSpec.from_dict(first["model"])
-        run = first["run"]
-        if Layout.from_wire(first["layout"]) != MLP(spec).layout:
-            raise ProtocolError("bad_field", "the server's parameter layout is not that of its model")
-        self.lease_s = float(run.get("lease_s", 10.0))
-        self.data_generation = first["data_generation"]
-        self._run, self._num_data_shards = run, first["num_data_shards"]
-        self._setup_data(spec, run, self._num_data_shards)
-        self._open_channels(welcomes)
+        return welcomes
 
     def _setup_data(self, spec, run, num_data_shards):
         """Model, settings and the minibatches of this worker's data shards; after a
@@ -414,14 +426,22 @@ class Worker:
                 link.channel.close()
                 link.channel = None
 
-    def close(self):
-        self._close_channels()
+    def _bye(self) -> None:
         for link in self.links:
             if link.worker_id is not None:
+                client = link.client
+                saved = client.server_wait, client.request_timeout
+                client.server_wait, client.request_timeout = 1.0, 0.5
                 try:
-                    link.client.server_wait = 1.0
-                    link.client.request_timeout = 0.5
-                    link.client.request({"type": "bye", "worker_id": link.worker_id})
+                    client.request({"type": "bye", "worker_id": link.worker_id})
                 except TransportError:
                     pass
+                finally:
+                    client.server_wait, client.request_timeout = saved
+                link.worker_id = None
+
+    def close(self):
+        self._close_channels()
+        self._bye()
+        for link in self.links:
             link.client.close()

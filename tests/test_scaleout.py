@@ -5,6 +5,7 @@ import re
 import signal
 import time
 
+import numpy as np
 import pytest
 
 from psgd.server_group import ServerGroup
@@ -119,3 +120,45 @@ def test_psgd_status_shows_every_shards_run_and_ends_it(procs):
     assert re.search(r"^  solo: live, (zmq|shm), data shards \[0\], \d+ pushes", text, re.M), text
     assert "told the server to end the run" in text
     assert s0.wait(30) == 0 and s1.wait(30) == 0 and worker.wait(30) == 0
+
+
+def test_heartbeats_keep_a_worker_with_a_long_push_window_alive(procs):
+    """A 1 s lease, and a worker that pushes only every 400 steps (seconds apart): its
+    heartbeats keep it in, so it is neither expired nor robbed of its data shard."""
+    server, endpoint = procs.start_server("--data-shards", "1", "--epochs", "1000", "--lease", "1",
+                                          "--layers", "784,64,10")
+    worker = procs.start("worker", "--connect", endpoint, "--name", "patient", "--transport", "zmq",
+                         "--n-push", "400", "--n-fetch", "400", "--slowdown", "3", log="w",
+                         extra_env={"OPENBLAS_NUM_THREADS": "1"})
+    group = ServerGroup(endpoint, "test")
+    deadline = time.monotonic() + 60
+    while True:
+        workers = list(group.stats()["workers"].values())
+        if workers and workers[0]["pushes"] >= 2:
+            break
+        assert worker.poll() is None and time.monotonic() < deadline, procs.log("w")
+        time.sleep(0.2)
+    assert len(workers) == 1 and workers[0]["connected"] and not workers[0]["expired"], workers
+    group.control({"type": "shutdown"})
+    group.close()
+    assert server.wait(30) == 0 and worker.wait(30) == 0
+    assert "0 reconnects" in procs.log("w")  # never dropped, so never had to say hello again
+
+
+def test_a_reply_over_the_clients_size_limit_is_dropped_and_the_request_times_out(procs):
+    """Every socket bounds its messages: a client that takes at most 64 KB gets nothing from
+    a pull of 200 KB of weights (ZeroMQ drops the connection), and its own timeout says so."""
+    from psgd.errors import TransportError
+    from psgd.transport import Client
+    server, endpoint = procs.start_server("--epochs", "1000", "--layers", "784,64,10")
+    small = Client(endpoint, "small", server_wait=2, request_timeout=0.5, max_message=64 * 1024)
+    assert small.request({"type": "stats"}).type == "stats_reply"  # small replies pass
+    with pytest.raises(TransportError, match="no answer"):
+        small.request({"type": "pull"})
+    small.close()
+    group = ServerGroup(endpoint, "test", max_message=4 << 20)
+    params = np.empty(784 * 64 + 64 + 64 * 10 + 10, np.float32)
+    assert group.pull(params) == 0
+    group.control({"type": "shutdown"})
+    group.close()
+    assert server.wait(30) == 0
