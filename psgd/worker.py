@@ -54,7 +54,7 @@ class ZmqChannel:
         self._params = None
 
     def pull(self, params: np.ndarray) -> int:
-        reply = self._check(self.client.request({"type": "pull", "worker_id": self.worker_id}), "params")
+        reply = check_reply(self.client.request({"type": "pull", "worker_id": self.worker_id}), "params")
         params[...] = reply.arrays[0]
         return reply["version"]
 
@@ -67,15 +67,12 @@ class ZmqChannel:
 
     def push_end(self) -> tuple[int, int, int | None, int]:
         """(server version, staleness, version of refreshed params or None, data generation)."""
-        reply = self._check(self.client.receive(), "ack")
+        reply = check_reply(self.client.receive(), "ack")
         params, self._params = self._params, None
         if params is not None:
             params[...] = reply.arrays[0]
         return reply["version"], reply["staleness"], reply["version"] if params is not None else None, \
             reply["data_generation"]
-
-    def _check(self, reply, expected):
-        return check_reply(reply, expected)
 
     def close(self):
         pass
