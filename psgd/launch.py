@@ -1,8 +1,8 @@
 """``psgd train --workers N``: a whole cluster on this machine, and its clean teardown.
 
-The launcher starts one ``psgd server`` and N ``psgd worker`` processes (each worker on
-one BLAS thread: N workers share the cores) and runs the coordinator in its own process,
-telling it of any child that dies. Whatever happens (a crash, Ctrl-C), no process is left
+The launcher starts one ``psgd server`` (or K server shards) and N ``psgd worker``
+processes (each worker on one BLAS thread: N workers share the cores) and runs the
+coordinator in this very process, telling it of any child that dies. Whatever happens (a crash, Ctrl-C), no process is left
 behind: the ``finally`` clause reaps them all.
 """
 
