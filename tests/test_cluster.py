@@ -149,13 +149,19 @@ def test_standalone_coordinator_ends_a_cluster_and_writes_the_run(procs, tmp_pat
 
 
 def test_four_workers_with_the_defaults_and_the_report_of_where_the_time_went(procs, tmp_path):
-    """psgd train --workers 4, all defaults (measured here: 98.15-98.26% test accuracy); the
-    bound is 97.8% because asynchronous runs vary from run to run."""
+    """psgd train --workers 4, all defaults. Measured: 98.10-98.32% test accuracy in 11 runs on
+    one machine, 97.76% once in CI on another. Asynchronous runs vary with timing; 97.5% still
+    tells working defaults from the unstable ones they replaced (88% and 11% without the
+    staleness rule and warm-up)."""
     out = tmp_path / "run"
     proc = procs.start("train", "--workers", "4", "--out", str(out), log="train")
     assert proc.wait(300) == 0, procs.log("train")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["test_accuracy"] >= 0.978, summary["test_accuracy"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # what a failure needs to be understood: the validation curve, staleness, who pushed how much
+    seen = {"val_accuracy": [r["val_accuracy"] for r in records], "staleness": summary["staleness"],
+            "pushes": {w: r["pushes"] for w, r in summary["per_worker"].items()}}
+    assert summary["test_accuracy"] >= 0.975, (summary["test_accuracy"], seen)
     assert summary["epochs"] >= 14 and len(summary["per_worker"]) == 4 and summary["failures"] == []
     report = procs.start("report", str(out), "--no-plots", log="report")
     assert report.wait(60) == 0
