@@ -44,7 +44,10 @@ def hostile_messages(rng, worker_id):
         ("truncated header", lambda: [push()[: int(rng.integers(1, 60))], good.tobytes()]),
         ("missing array", lambda: [push()]),
         ("extra frames", lambda: [push(), good.tobytes(), b"x", b"y"]),
-        ("wrong version", lambda: [push(v=int(rng.integers(2, 1000))), good.tobytes()]),
+        # never the current version: an older one, 0, or one from the future
+        ("wrong version", lambda: [push(v=int(rng.choice([0, PROTOCOL_VERSION - 1,
+                                                          PROTOCOL_VERSION + int(rng.integers(1, 1000))]))),
+                                   good.tobytes()]),
         ("unknown type", lambda: [push(type="drop_tables"), good.tobytes()]),
         ("lying shape", lambda: [push(arrays=[{"dtype": "<f4", "shape": [N_PARAMS + 7], "offset": 0}]), good.tobytes()]),
         ("lying offset", lambda: [push(arrays=[{"dtype": "<f4", "shape": [N_PARAMS], "offset": 99}]), good.tobytes()]),
