@@ -1,11 +1,19 @@
 """Shared fixtures: where MNIST lives, and small helpers every layer of tests uses."""
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# A shell that starts pytest in the background (`pytest &` in a script) makes it ignore
+# SIGINT, and an ignored signal stays ignored across exec: the psgd processes the tests
+# start would then never see the Ctrl-C that some tests send. Take SIGINT back, so that
+# children start with its default action, as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def mnist_data_dir() -> Path:
