@@ -375,9 +375,8 @@ def coordinator(connect, curve_key, curve_server_key, **overrides):
 
     For K server shards, --connect lists all K endpoints, comma-separated, in shard order."""
     from .coordinator import Coordinator
-    from .server_group import parse_endpoints
     from .trainer import prepare_data
-    from .transport import Client, client_keys
+    from .transport import Client, client_keys, parse_endpoints
     keys = client_keys(curve_key, curve_server_key)
     client = Client(parse_endpoints(connect)[0], "coordinator", server_wait=30.0, keys=keys)
     try:

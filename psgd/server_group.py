@@ -13,16 +13,7 @@ import numpy as np
 
 from .errors import PsgdError
 from .protocol import Message
-from .transport import Client, ClientKeys
-
-
-def parse_endpoints(connect: str | list[str]) -> list[str]:
-    """``tcp://a:5555,tcp://b:5555`` (server shards in order) as a list."""
-    endpoints = [e.strip() for e in connect.split(",")] if isinstance(connect, str) else list(connect)
-    endpoints = [e for e in endpoints if e]
-    if not endpoints:
-        raise PsgdError("no server endpoint given")
-    return endpoints
+from .transport import ClientKeys, connect_clients, parse_endpoints
 
 
 class ServerGroup:
@@ -31,8 +22,8 @@ class ServerGroup:
         """``max_message``: the largest reply taken (default: no weights; a coordinator
         that pulls gives its model's size)."""
         self.endpoints = parse_endpoints(endpoints)
-        self.clients = [Client(e, name, server_wait=server_wait, keys=keys, max_message=max_message)
-                        for e in self.endpoints]
+        self.clients = connect_clients(self.endpoints, name, server_wait=server_wait, keys=keys,
+                                       max_message=max_message)
 
     def request_all(self, header: dict) -> list[Message]:
         for client in self.clients:

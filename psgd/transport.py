@@ -23,7 +23,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from .errors import ProtocolError, TransportError
+from .errors import ConfigError, ProtocolError, TransportError
 from .protocol import MAX_HEADER_BYTES, MAX_REPLY_HEADER_BYTES, Message, decode, encode
 
 REQUEST_TIMEOUT_S = 5.0  # one try of a request
@@ -100,6 +100,29 @@ def max_reply_bytes(n_params: int = 0, itemsize: int = 4) -> int:
     return n_params * itemsize + MAX_REPLY_HEADER_BYTES + 4096
 
 
+def parse_endpoints(connect: str | list[str]) -> list[str]:
+    """``tcp://a:5555,tcp://b:5555`` (server shards in order) as a list."""
+    endpoints = [e.strip() for e in connect.split(",")] if isinstance(connect, str) else list(connect)
+    endpoints = [e for e in endpoints if e]
+    if not endpoints:
+        raise ConfigError("no server address given: --connect tcp://HOST:PORT[,tcp://HOST2:PORT2...]")
+    return endpoints
+
+
+def connect_clients(connect: str | list[str], name: str, **options) -> list[Client]:
+    """One :class:`Client` per server shard; if one address is malformed, the sockets
+    already made are closed before the error goes up."""
+    clients: list[Client] = []
+    try:
+        for endpoint in parse_endpoints(connect):
+            clients.append(Client(endpoint, name, **options))
+    except ConfigError:
+        for client in clients:
+            client.close()
+        raise
+    return clients
+
+
 class Client:
     """Request/reply to one server over a DEALER socket, surviving server restarts."""
 
@@ -132,7 +155,13 @@ class Client:
             self.socket.curve_publickey = self.keys.public
             self.socket.curve_secretkey = self.keys.secret
             self.socket.curve_serverkey = self.keys.server_public
-        self.socket.connect(self.endpoint)
+        try:
+            self.socket.connect(self.endpoint)
+        except zmq.ZMQError as exc:  # only a malformed address fails here: connecting is lazy
+            self.socket.close(linger=0)
+            self.socket = None
+            raise ConfigError(f"cannot connect to {self.endpoint!r}: {zmq.strerror(exc.errno)}; "
+                              "an address looks like tcp://HOST:PORT") from None
 
     def limit_messages(self, max_message: int) -> None:
         """Refuse replies above this size from now on (on a fresh socket: the option

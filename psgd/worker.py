@@ -24,7 +24,7 @@ from . import shm
 from .errors import ConfigError, ProtocolError, ShutdownRequested, TransportError
 from .layout import Layout
 from .network import MLP, ModelSpec
-from .transport import SERVER_WAIT_S, Client, ClientKeys, max_reply_bytes
+from .transport import SERVER_WAIT_S, Client, ClientKeys, connect_clients, max_reply_bytes
 
 
 @dataclass(frozen=True)
@@ -174,11 +174,8 @@ class Worker:
     def __init__(self, options: WorkerOptions):
         self.options = options
         self.name = options.name or f"worker-{socket.gethostname()}-{os.getpid()}"
-        endpoints = [e.strip() for e in options.connect.split(",") if e.strip()]
-        if not endpoints:
-            raise ConfigError("--connect names no server")
-        self.links = [ServerLink(Client(e, self.name, server_wait=options.server_wait_s, keys=options.keys))
-                      for e in endpoints]
+        self.links = [ServerLink(client) for client in
+                      connect_clients(options.connect, self.name, server_wait=options.server_wait_s, keys=options.keys)]
         self.stop_requested = False
         self.stats = {"steps": 0, "pushes": 0, "examples": 0, "refused": 0, "reconnects": 0,
                       "staleness_sum": 0, "compute_s": 0.0, "comm_s": 0.0, "reassignments": 0}

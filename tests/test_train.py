@@ -85,6 +85,11 @@ def test_bad_options_end_with_one_line_errors(tmp_path, data_dir):
         (["train", "--layers", "784,x,10"], "layer sizes"),
         (["evaluate", str(tmp_path / "none.npz")], "does not exist"),
         (["train", "--data-dir", str(tmp_path / "empty")], "psgd fetch"),
+        # a malformed address is refused before any socket waits on it
+        (["worker", "--connect", "tcp://127.0.0.1"], "cannot connect to 'tcp://127.0.0.1'"),
+        (["worker", "--connect", "tcp://127.0.0.1:5555,nonsense"], "cannot connect to 'nonsense'"),
+        (["coordinator", "--connect", "localhost:5555"], "an address looks like tcp://HOST:PORT"),
+        (["status", "--connect", " , "], "no server address given"),
     ]
     for args, message in cases:
         result = runner.invoke(cli, args, env=env)
