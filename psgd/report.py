@@ -20,6 +20,8 @@ class Run:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        if not self.path.is_dir():
+            raise DataError(f"{self.path}: no such run directory")
         try:
             self.config = json.loads((self.path / "config.json").read_text())
             self.summary = json.loads((self.path / "summary.json").read_text())

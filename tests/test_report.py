@@ -55,3 +55,5 @@ def test_without_matplotlib_the_text_still_comes_and_says_how_to_get_plots(runs,
 def test_a_directory_that_is_not_a_run_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(cli, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "not a finished psgd run" in result.output
+    result = CliRunner().invoke(cli, ["report", str(tmp_path / "typo")])
+    assert result.exit_code == 2 and "no such run directory" in result.output
