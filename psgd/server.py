@@ -72,7 +72,8 @@ class Server:
             params = self.weights_seg.array
             writer = shm.SeqlockWriter(self.weights_seg)
         self.state = ServerState(config, options.data_shards, params, writer,
-                                 shard=options.shard, num_server_shards=options.num_shards)
+                                 shard=options.shard, num_server_shards=options.num_shards,
+                                 max_updates=options.max_updates)
         self._last_checkpoint = (time.monotonic(), 0)  # version 0 is the seed: nothing to keep
         if options.resume:
             self._resume()
@@ -153,9 +154,8 @@ class Server:
 
     def _finished(self, start) -> bool:
         o, s = self.options, self.state
-        if (o.max_updates is not None and s.version >= o.max_updates) or \
-                (o.deadline_s is not None and time.monotonic() - start >= o.deadline_s):
-            s.stopping = True
+        if o.deadline_s is not None and time.monotonic() - start >= o.deadline_s:
+            s.stopping = True  # (max_updates is the state's: it stops at the very update)
         if not s.stopping:
             return False
         if self._stop_since is None:

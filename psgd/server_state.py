@@ -48,8 +48,12 @@ class ServerState:
     """
 
     def __init__(self, config: TrainConfig, num_data_shards: int = 1, params: np.ndarray | None = None,
-                 write_lock=None, clock=time.monotonic, shard: int = 0, num_server_shards: int = 1):
+                 write_lock=None, clock=time.monotonic, shard: int = 0, num_server_shards: int = 1,
+                 max_updates: int | None = None):
         self.config = config
+        # The update that reaches this count stops the run there and then: a push that was
+        # already on its way (another worker's, in the same poll) is told to stop, not applied.
+        self.max_updates = max_updates
         self.net = MLP(config.model)
         self.dtype = self.net.dtype
         self.shard, self.num_server_shards = shard, num_server_shards
@@ -148,7 +152,7 @@ class ServerState:
             grad = self._compensate(grad, base_version, staleness)
         with self.write_lock:
             self.optimizer.step(self.params, grad, self.push_lr(staleness))
-        self.version += 1
+        self._advance()
         if self._history is not None:
             self._history[self.version % DC_HISTORY] = self.params
         self._count(worker_id, examples, staleness)
@@ -170,10 +174,15 @@ class ServerState:
         """Apply the average of one synchronous round (``{worker: examples}``) as one update."""
         with self.write_lock:
             self.optimizer.step(self.params, mean_grad, self.lr())
-        self.version += 1
+        self._advance()
         for worker_id, examples in contributions.items():
             self._count(worker_id, examples, 0)
         return self.version
+
+    def _advance(self) -> None:
+        self.version += 1
+        if self.max_updates is not None and self.version >= self.max_updates:
+            self.stopping = True
 
     def _count(self, worker_id, examples, staleness):
         record = self.workers[worker_id]
@@ -390,6 +399,8 @@ class ServerState:
             self.params[...] = arrays["params"]
         self.optimizer.load_state({k[4:]: v for k, v in arrays.items() if k.startswith("opt_")})
         self.version = int(meta["version"])
+        if self.max_updates is not None and self.version >= self.max_updates:
+            self.stopping = True  # resumed past the budget: nothing more to do
         if hasattr(self.write_lock, "set_version"):
             self.write_lock.set_version(self.version)
         self.examples = int(meta["examples"])

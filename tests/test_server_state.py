@@ -5,6 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 
+from psgd import checkpoint
 from psgd.config import TrainConfig
 from psgd.layout import Layout
 from psgd.network import MLP, ModelSpec
@@ -196,6 +197,23 @@ def test_messages_hello_pull_push_stats_shutdown():
     assert request(state, "shutdown")[0]["type"] == "ok"
     assert request(state, "push", [g], worker_id=wid, base_version=1, examples=5)[0]["type"] == "shutdown"
     assert request(state, "hello", worker="late", transport="zmq")[0]["type"] == "shutdown"
+
+
+def test_max_updates_stops_at_that_very_update(tmp_path):
+    """Pushes from two workers arrive together (one poll): the one that reaches the budget
+    is acknowledged, the next is told to stop and leaves the weights as they were."""
+    state = ServerState(CONFIG, num_data_shards=2, max_updates=3)
+    a, b = (request(state, "hello", worker=n, transport="zmq")[0]["worker_id"] for n in "ab")
+    g = np.full(state.size, 0.1, np.float32)
+    for version, wid in enumerate([a, b, a], start=1):
+        assert request(state, "push", [g], worker_id=wid, base_version=0, examples=5)[0]["version"] == version
+    assert state.stopping and state.version == 3
+    before = checksum(state.params)
+    assert request(state, "push", [g], worker_id=b, base_version=2, examples=5)[0]["type"] == "shutdown"
+    assert state.version == 3 and checksum(state.params) == before
+    resumed = ServerState(CONFIG, num_data_shards=2, max_updates=3)
+    resumed.restore(*checkpoint.read(checkpoint.write(tmp_path, state.version, *state.checkpoint())))
+    assert resumed.stopping  # a server resumed at its budget has nothing left to do
 
 
 def test_set_lr_overrides_the_servers_schedule_and_bad_rates_are_refused():
