@@ -20,6 +20,7 @@ import secrets
 import shutil
 import struct
 import tempfile
+import time
 
 import numpy as np
 
@@ -34,7 +35,8 @@ ACK = struct.Struct("<QII")  # version, staleness, status | data_generation << 8
 ACK_OK, ACK_REFUSED, ACK_SHUTDOWN, ACK_REJOIN = 0, 1, 2, 3  # REJOIN: the server no longer knows you
 ACK_STATUS_MASK = 0xFF  # the rest of the status word is the worker's data-shard generation
 HANDSHAKE_MAX = 4096  # bytes of the msgpack handshake a worker sends first
-SEQLOCK_SPINS = 10000  # reads retried before giving up (a writer holds it ~0.2 ms)
+SEQLOCK_SPINS = 1000  # quick retries (a write takes ~0.2 ms) before the reader starts sleeping
+SEQLOCK_TIMEOUT_S = 60.0  # a write still unfinished after this: the server is stuck
 
 
 def available() -> bool:
@@ -154,15 +156,31 @@ class SeqlockWriter:
         self.header[SEQ] += np.uint64(1)
 
 
-def read_consistent(segment: Segment, out: np.ndarray) -> int:
-    """Copy the segment's array into ``out`` as of one version; return that version."""
+def read_consistent(segment: Segment, out: np.ndarray, timeout_s: float = SEQLOCK_TIMEOUT_S) -> int:
+    """Copy the segment's array into ``out`` as of one version; return that version.
+
+    A write takes a fraction of a millisecond, but with more processes than cores the
+    server can be descheduled in the middle of one for tens of milliseconds: after a burst
+    of quick retries the reader sleeps between tries, and gives up only after ``timeout_s``
+    (a server that never finishes its write is stuck, or stopped)."""
     header = segment.header
-    for _ in range(SEQLOCK_SPINS):
+    deadline = None
+    spins = 0
+    while True:
         before = int(header[SEQ])
         if not before & 1:
             version = int(header[VERSION])
             np.copyto(out, segment.array)
             if int(header[SEQ]) == before:
                 return version
-        os.sched_yield()  # let the writer (maybe on this very core) finish
-    raise TransportError("could not read a consistent copy of the weights (is the server stuck mid-write?)")
+        spins += 1
+        if spins < SEQLOCK_SPINS:
+            os.sched_yield()  # let the writer (maybe on this very core) finish
+            continue
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + timeout_s
+        elif now >= deadline:
+            raise TransportError(f"could not read a consistent copy of the weights in {timeout_s:g} s "
+                                 "(is the server stuck mid-write?)")
+        time.sleep(0.0005)

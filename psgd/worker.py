@@ -104,6 +104,7 @@ class ShmChannel:
         self.grad_seg = shm.Segment.create("psgd-grad", n_params, dtype)
         self.grad = self.grad_seg.array
         self._params = None
+        self.timeout = timeout  # for an ack, and for a consistent read of the weights
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(timeout)
         try:
@@ -134,7 +135,7 @@ class ShmChannel:
         return version, staleness, generation
 
     def pull(self, params: np.ndarray) -> int:
-        return shm.read_consistent(self.weights, params)
+        return shm.read_consistent(self.weights, params, self.timeout)
 
     def push_begin(self, base_version: int, examples: int, params: np.ndarray | None) -> None:
         self._params = params
