@@ -195,10 +195,7 @@ class Coordinator:
         c = self.config
         hist = StalenessHistogram.from_dict(stats["staleness"]).summary()
         updates, examples = stats["version"], stats["examples"]
-        workers = {w["name"]: {k: w[k] for k in ("pushes", "examples", "refused", "transport", "connected", "data_shards")}
-                   | {"staleness": StalenessHistogram.from_dict(w["staleness"]).summary(),
-                      "examples_per_s": w["examples_per_s"]}
-                   for w in stats["workers"].values()}
+        workers = per_worker(stats["workers"].values())
         summary = {
             "workers": c.workers, "transport": c.transport, "consistency": c.consistency,
             "staleness_rule": c.staleness_rule, "stop_reason": stop_reason,
@@ -223,6 +220,29 @@ class Coordinator:
             f"workers pushed via {', '.join(summary['worker_transports'])}",
         ]
         return summary
+
+
+def per_worker(records) -> dict[str, dict]:
+    """The server's worker records by worker name. A worker that said hello again (its
+    lease ran out, its server restarted, a reconnect) has several records: its counts are
+    their sums, the rest is its latest record's (the server lists them in joining order)."""
+    out: dict[str, dict] = {}
+    hists: dict[str, StalenessHistogram] = {}
+    for w in records:
+        hist = StalenessHistogram.from_dict(w["staleness"])
+        row = {k: w[k] for k in ("pushes", "examples", "refused", "transport", "connected", "data_shards",
+                                 "examples_per_s")}
+        if w["name"] in out:
+            earlier = out[w["name"]]
+            for k in ("pushes", "examples", "refused"):
+                row[k] += earlier[k]
+            hists[w["name"]].merge(hist)
+            hist = hists[w["name"]]
+        hists[w["name"]] = hist
+        out[w["name"]] = row | {"records": out.get(w["name"], {}).get("records", 0) + 1}
+    for name, row in out.items():
+        row["staleness"] = hists[name].summary()
+    return out
 
 
 def _stall_message(stats: dict, seconds: float) -> str:

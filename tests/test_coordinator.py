@@ -1,6 +1,7 @@
-"""The coordinator's pure parts: straggler flags."""
+"""The coordinator's pure parts: straggler flags, the per-worker summary."""
 
-from psgd.coordinator import stragglers
+from psgd.coordinator import per_worker, stragglers
+from psgd.metrics import StalenessHistogram
 
 
 def test_stragglers_are_workers_far_below_the_others():
@@ -8,3 +9,28 @@ def test_stragglers_are_workers_far_below_the_others():
     assert stragglers({"a": 40.0, "b": 30.0}) == []
     assert stragglers({"a": 40.0, "b": 42.0, "c": 39.0, "d": 10.0}) == ["d"]
     assert stragglers({"a": 40.0}) == [] and stragglers({}) == []
+
+
+def record(name, pushes, staleness, connected, transport="shm", shards=(0,)):
+    hist = StalenessHistogram()
+    for s in staleness:
+        hist.add(s)
+    return {"name": name, "pushes": pushes, "examples": 128 * pushes, "refused": 0, "transport": transport,
+            "connected": connected, "data_shards": list(shards), "examples_per_s": 1000.0 * pushes,
+            "staleness": hist.to_dict()}
+
+
+def test_a_worker_that_joined_twice_is_one_row_with_all_its_pushes():
+    """A worker that said hello again (a reconnect, a lease that ran out) has two server
+    records under one name: the summary adds them up, so the rows still account for every
+    update, and keeps the latest record's state."""
+    rows = per_worker([record("a", 3, [0, 1, 1], connected=False, transport="zmq"),
+                       record("b", 2, [0, 0], connected=True, shards=(1,)),
+                       record("a", 1, [4], connected=True, shards=(0, 2))])
+    assert sorted(rows) == ["a", "b"]
+    a = rows["a"]
+    assert a["pushes"] == 4 and a["examples"] == 512 and a["records"] == 2
+    assert a["connected"] and a["transport"] == "shm" and a["data_shards"] == [0, 2]
+    assert a["staleness"]["count"] == 4 and a["staleness"]["max"] == 4
+    assert rows["b"]["pushes"] == 2 and rows["b"]["records"] == 1
+    assert sum(r["pushes"] for r in rows.values()) == 6
