@@ -310,7 +310,8 @@ def server(ctx, bind, server_shard, num_shards, data_shards, shared_memory, read
            checkpoint_every, checkpoint_every_updates, resume, curve_secret_key, curve_allow, **kw):
     """Run a parameter server: hold the weights, apply every push the moment it arrives.
 
-    --max-updates and --max-seconds stop it by itself (without a coordinator)."""
+    --max-updates and --max-seconds stop it by itself. A coordinator that watches it still
+    gets the final weights: the server waits (up to 30 s) for its shutdown."""
     from .server import Server, ServerOptions
     from .transport import server_keys
     kw.update(workers=0)

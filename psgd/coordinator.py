@@ -89,8 +89,9 @@ class Coordinator:
                     t_first = time.perf_counter()
                 self._set_lr(version)
                 elapsed = time.perf_counter() - t0
+                server_ended = stats.get("stopping", False)  # its own budget, or a signal
                 budget_hit = examples >= total or (c.max_updates is not None and version >= c.max_updates) \
-                    or (c.max_seconds is not None and elapsed >= c.max_seconds)
+                    or (c.max_seconds is not None and elapsed >= c.max_seconds) or server_ended
                 if examples >= next_eval or budget_hit:
                     while next_eval <= examples:
                         next_eval += eval_every
@@ -102,7 +103,8 @@ class Coordinator:
                         break
                     if budget_hit:
                         stop_reason = "epochs" if examples >= total else (
-                            "updates" if c.max_updates is not None and version >= c.max_updates else "time limit")
+                            "updates" if c.max_updates is not None and version >= c.max_updates else
+                            "server stop" if server_ended else "time limit")
                         break
                 else:
                     self.recorder.on_event("progress", {"examples": examples, "loss": None})

@@ -30,6 +30,7 @@ from .server_state import ServerState
 from .transport import POLL_INTERVAL_MS, Poller, ServerKeys, ServerSocket, max_message_bytes
 
 SHUTDOWN_GRACE_S = 3.0  # after stopping, how long to keep telling late workers to stop
+COORDINATOR_GRACE_S = 30.0  # after stopping on its own, how long to wait for a coordinator's shutdown
 
 
 @dataclass(frozen=True)
@@ -166,8 +167,12 @@ class Server:
             for identity, seq, _ in self.pending.values():
                 self._send(identity, {"type": "shutdown"}, [], seq)
             self.pending.clear()
-        still_here = any(r.connected for r in s.workers.values())
-        return not still_here or time.monotonic() - self._stop_since >= SHUTDOWN_GRACE_S
+        waited = time.monotonic() - self._stop_since
+        if any(r.connected for r in s.workers.values()) and waited < SHUTDOWN_GRACE_S:
+            return False
+        # A run that ended here (its budget, a signal) under a coordinator's watch: give the
+        # coordinator time to evaluate the final weights and say shutdown itself.
+        return not (s.coordinated and not s.shutdown_requested and waited < COORDINATOR_GRACE_S)
 
     def _serve_zmq(self):
         identity, frames = self.sock.recv()

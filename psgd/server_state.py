@@ -80,6 +80,8 @@ class ServerState:
         self.errors: Counter = Counter()
         self.bytes_in = self.bytes_out = 0
         self.stopping = False
+        self.shutdown_requested = False  # a client (coordinator, psgd status) ended the run
+        self.coordinated = False  # a coordinator set the rate: it will want the final weights
         self.paused = False  # while True the server loop holds workers' pushes and pulls
         self.lr_override: float | None = None  # set by a coordinator, which then owns the schedule
         self.gate = make_gate(config)
@@ -345,6 +347,7 @@ class ServerState:
             if not (np.isfinite(lr) and lr >= 0):
                 raise ProtocolError("bad_field", f"learning rate {lr} is not a finite number >= 0")
             self.lr_override = lr
+            self.coordinated = True
             return {"type": "ok"}, []
         if kind == "describe":
             return {"type": "description", "config": self.config.to_dict()}, []
@@ -354,7 +357,7 @@ class ServerState:
                 self.disconnect(worker_id)
             return {"type": "ok"}, []
         if kind == "shutdown":
-            self.stopping = True
+            self.stopping = self.shutdown_requested = True
             return {"type": "ok"}, []
         if kind in ("pause", "resume"):
             self.paused = kind == "pause"

@@ -148,6 +148,34 @@ def test_standalone_coordinator_ends_a_cluster_and_writes_the_run(procs, tmp_pat
     assert (out / "weights.npz").exists() and "test accuracy" in procs.log("coordinator")
 
 
+@pytest.mark.parametrize("ending", ["max-updates", "SIGINT"])
+def test_a_server_that_ends_the_run_itself_waits_for_its_coordinator(procs, tmp_path, ending):
+    """psgd server --max-updates, or Ctrl-C on the server, under a standalone coordinator:
+    the server keeps answering until the coordinator has evaluated the final weights and
+    said shutdown, so the run is written rather than lost ("lost the server")."""
+    budget = ["--max-updates", "300"] if ending == "max-updates" else []
+    server, endpoint = procs.start_server("--data-shards", "1", "--epochs", "1000", "--layers", "784,32,10", *budget)
+    worker = procs.start("worker", "--connect", endpoint, log="w", extra_env={"OPENBLAS_NUM_THREADS": "1"})
+    out = tmp_path / "run"
+    coord = procs.start("coordinator", "--connect", endpoint, "--out", str(out), log="coordinator")
+    if ending == "SIGINT":
+        client = Client(endpoint, "test", server_wait=20)
+        deadline = time.monotonic() + 60
+        while client.request({"type": "stats"})["stats"]["version"] < 300:
+            assert time.monotonic() < deadline, procs.log("w")
+            time.sleep(0.05)
+        client.close()
+        server.send_signal(signal.SIGINT)
+    assert coord.wait(60) == 0, procs.log("coordinator")
+    assert server.wait(30) == 0 and worker.wait(30) == 0, procs.log("server")
+    summary = json.loads((out / "summary.json").read_text())
+    if ending == "max-updates":
+        assert summary["stop_reason"] == "updates" and summary["updates"] == 300
+    else:
+        assert summary["stop_reason"] == "server stop" and summary["updates"] >= 300
+    assert summary["test_accuracy"] > 0.5 and (out / "weights.npz").exists()
+
+
 def test_four_workers_with_the_defaults_and_the_report_of_where_the_time_went(procs, tmp_path):
     """psgd train --workers 4, all defaults. Measured: 98.10-98.32% test accuracy in 11 runs on
     one machine, 97.76% once in CI on another. Asynchronous runs vary with timing; 97.5% still
