@@ -81,7 +81,7 @@ class ServerState:
         self.bytes_in = self.bytes_out = 0
         self.stopping = False
         self.shutdown_requested = False  # a client (coordinator, psgd status) ended the run
-        self.coordinated = False  # a coordinator set the rate: it will want the final weights
+        self.coordinated = False  # a coordinator set the rate or paused: it will want the final weights
         self.paused = False  # while True the server loop holds workers' pushes and pulls
         self.lr_override: float | None = None  # set by a coordinator, which then owns the schedule
         self.gate = make_gate(config)
@@ -361,6 +361,7 @@ class ServerState:
             return {"type": "ok"}, []
         if kind in ("pause", "resume"):
             self.paused = kind == "pause"
+            self.coordinated = True  # (also after a restart, when the rate is not sent again)
             if not self.paused:  # the pause held them silent: their leases start afresh
                 for record in self.workers.values():
                     record.last_seen = self.clock()
