@@ -231,17 +231,18 @@ def per_worker(records) -> dict[str, dict]:
     out: dict[str, dict] = {}
     hists: dict[str, StalenessHistogram] = {}
     for w in records:
-        hist = StalenessHistogram.from_dict(w["staleness"])
+        name, hist = w["name"], StalenessHistogram.from_dict(w["staleness"])
         row = {k: w[k] for k in ("pushes", "examples", "refused", "transport", "connected", "data_shards",
                                  "examples_per_s")}
-        if w["name"] in out:
-            earlier = out[w["name"]]
+        if name in out:
             for k in ("pushes", "examples", "refused"):
-                row[k] += earlier[k]
-            hists[w["name"]].merge(hist)
-            hist = hists[w["name"]]
-        hists[w["name"]] = hist
-        out[w["name"]] = row | {"records": out.get(w["name"], {}).get("records", 0) + 1}
+                row[k] += out[name][k]
+            row["records"] = out[name]["records"] + 1
+            hists[name].merge(hist)
+        else:
+            row["records"] = 1
+            hists[name] = hist
+        out[name] = row
     for name, row in out.items():
         row["staleness"] = hists[name].summary()
     return out
