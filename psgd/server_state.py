@@ -420,7 +420,7 @@ class ServerState:
             "version": self.version, "examples": self.examples, "range": [self.lo, self.hi],
             "server_shard": self.shard, "num_server_shards": self.num_server_shards, "lr": self.lr(), "uptime": now - self.started,
             "staleness": self.staleness.to_dict(), "errors": dict(self.errors), "stopping": self.stopping,
-            "paused": self.paused, "consistency": self.config.consistency,
+            "paused": self.paused, "coordinated": self.coordinated, "consistency": self.config.consistency,
             "ssp_max_lead": getattr(self.gate, "max_lead", None),
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "workers": {str(w): r.to_dict(now) for w, r in self.workers.items()},

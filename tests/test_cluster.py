@@ -155,17 +155,24 @@ def test_a_server_that_ends_the_run_itself_waits_for_its_coordinator(procs, tmp_
     said shutdown, so the run is written rather than lost ("lost the server")."""
     budget = ["--max-updates", "300"] if ending == "max-updates" else []
     server, endpoint = procs.start_server("--data-shards", "1", "--epochs", "1000", "--layers", "784,32,10", *budget)
-    worker = procs.start("worker", "--connect", endpoint, log="w", extra_env={"OPENBLAS_NUM_THREADS": "1"})
     out = tmp_path / "run"
     coord = procs.start("coordinator", "--connect", endpoint, "--out", str(out), log="coordinator")
-    if ending == "SIGINT":
-        client = Client(endpoint, "test", server_wait=20)
+    client = Client(endpoint, "test", server_wait=20)
+
+    def wait_for(ok, log):
         deadline = time.monotonic() + 60
-        while client.request({"type": "stats"})["stats"]["version"] < 300:
-            assert time.monotonic() < deadline, procs.log("w")
+        while not ok(client.request({"type": "stats"})["stats"]):
+            assert time.monotonic() < deadline, procs.log(log)
             time.sleep(0.05)
-        client.close()
+
+    # The worker starts once the coordinator has set the rate: a run that ended before any
+    # coordinator came is one no coordinator can write.
+    wait_for(lambda st: st["coordinated"], "coordinator")
+    worker = procs.start("worker", "--connect", endpoint, log="w", extra_env={"OPENBLAS_NUM_THREADS": "1"})
+    if ending == "SIGINT":
+        wait_for(lambda st: st["version"] >= 300, "w")
         server.send_signal(signal.SIGINT)
+    client.close()
     assert coord.wait(60) == 0, procs.log("coordinator")
     assert server.wait(30) == 0 and worker.wait(30) == 0, procs.log("server")
     summary = json.loads((out / "summary.json").read_text())
