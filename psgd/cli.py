@@ -311,7 +311,7 @@ def server(ctx, bind, server_shard, num_shards, data_shards, shared_memory, read
     """Run a parameter server: hold the weights, apply every push the moment it arrives.
 
     --max-updates and --max-seconds stop it by itself. A coordinator that watches it still
-    gets the final weights: the server waits (up to 30 s) for its shutdown."""
+    gets the final weights: the server then waits (up to 30 s) for its shutdown."""
     from .server import Server, ServerOptions
     from .transport import server_keys
     kw.update(workers=0)

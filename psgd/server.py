@@ -30,7 +30,7 @@ from .server_state import ServerState
 from .transport import POLL_INTERVAL_MS, Poller, ServerKeys, ServerSocket, max_message_bytes
 
 SHUTDOWN_GRACE_S = 3.0  # after stopping, how long to keep telling late workers to stop
-COORDINATOR_GRACE_S = 30.0  # after stopping on its own, how long to wait for a coordinator's shutdown
+COORDINATOR_GRACE_S = 30.0  # after its own budget ran out, how long to wait for a coordinator's shutdown
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class Server:
     def _finished(self, start) -> bool:
         o, s = self.options, self.state
         if o.deadline_s is not None and time.monotonic() - start >= o.deadline_s:
-            s.stopping = True  # (max_updates is the state's: it stops at the very update)
+            s.stopping = s.budget_spent = True  # (max_updates is the state's: it stops at the very update)
         if not s.stopping:
             return False
         if self._stop_since is None:
@@ -170,9 +170,10 @@ class Server:
         waited = time.monotonic() - self._stop_since
         if any(r.connected for r in s.workers.values()) and waited < SHUTDOWN_GRACE_S:
             return False
-        # A run that ended here (its budget, a signal) under a coordinator's watch: give the
-        # coordinator time to evaluate the final weights and say shutdown itself.
-        return not (s.coordinated and not s.shutdown_requested and waited < COORDINATOR_GRACE_S)
+        # A run that ran out of the server's own budget under a coordinator's watch: give the
+        # coordinator time to evaluate the final weights and say shutdown itself. (A signal
+        # means stop now: a SIGKILLed launcher's children get SIGTERM and must not linger.)
+        return not (s.budget_spent and s.coordinated and not s.shutdown_requested and waited < COORDINATOR_GRACE_S)
 
     def _serve_zmq(self):
         identity, frames = self.sock.recv()

@@ -81,6 +81,7 @@ class ServerState:
         self.bytes_in = self.bytes_out = 0
         self.stopping = False
         self.shutdown_requested = False  # a client (coordinator, psgd status) ended the run
+        self.budget_spent = False  # the server's own --max-updates or --max-seconds ended it
         self.coordinated = False  # a coordinator set the rate or paused: it will want the final weights
         self.paused = False  # while True the server loop holds workers' pushes and pulls
         self.lr_override: float | None = None  # set by a coordinator, which then owns the schedule
@@ -184,7 +185,7 @@ class ServerState:
     def _advance(self) -> None:
         self.version += 1
         if self.max_updates is not None and self.version >= self.max_updates:
-            self.stopping = True
+            self.stopping = self.budget_spent = True
 
     def _count(self, worker_id, examples, staleness):
         record = self.workers[worker_id]
@@ -404,7 +405,7 @@ class ServerState:
         self.optimizer.load_state({k[4:]: v for k, v in arrays.items() if k.startswith("opt_")})
         self.version = int(meta["version"])
         if self.max_updates is not None and self.version >= self.max_updates:
-            self.stopping = True  # resumed past the budget: nothing more to do
+            self.stopping = self.budget_spent = True  # resumed past the budget: nothing more to do
         if hasattr(self.write_lock, "set_version"):
             self.write_lock.set_version(self.version)
         self.examples = int(meta["examples"])
