@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import PsgdError
 from .protocol import Message
-from .transport import ClientKeys, connect_clients, parse_endpoints
+from .transport import ClientKeys, connect_clients
 
 
 class ServerGroup:
@@ -21,9 +21,8 @@ class ServerGroup:
                  max_message: int | None = None):
         """``max_message``: the largest reply taken (default: no weights; a coordinator
         that pulls gives its model's size)."""
-        self.endpoints = parse_endpoints(endpoints)
-        self.clients = connect_clients(self.endpoints, name, server_wait=server_wait, keys=keys,
-                                       max_message=max_message)
+        self.clients = connect_clients(endpoints, name, server_wait=server_wait, keys=keys, max_message=max_message)
+        self.endpoints = [client.endpoint for client in self.clients]
 
     def request_all(self, header: dict) -> list[Message]:
         for client in self.clients:

@@ -184,6 +184,9 @@ class ServerState:
 
     def _advance(self) -> None:
         self.version += 1
+        self._check_budget()
+
+    def _check_budget(self) -> None:
         if self.max_updates is not None and self.version >= self.max_updates:
             self.stopping = self.budget_spent = True
 
@@ -404,8 +407,7 @@ class ServerState:
             self.params[...] = arrays["params"]
         self.optimizer.load_state({k[4:]: v for k, v in arrays.items() if k.startswith("opt_")})
         self.version = int(meta["version"])
-        if self.max_updates is not None and self.version >= self.max_updates:
-            self.stopping = self.budget_spent = True  # resumed past the budget: nothing more to do
+        self._check_budget()  # resumed at or past the budget: nothing more to do
         if hasattr(self.write_lock, "set_version"):
             self.write_lock.set_version(self.version)
         self.examples = int(meta["examples"])
