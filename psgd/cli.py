@@ -15,10 +15,10 @@ import click
 
 from .config import CONSISTENCY, STALENESS_RULES, TRANSPORTS, TrainConfig, default_workers
 from .errors import PsgdError
-from .functions import ACTIVATIONS, LOSSES
-from .network import ModelSpec, parse_sizes
-from .optim import OPTIMIZERS, OptimizerSpec
-from .schedules import SCHEDULES, ScheduleSpec
+from .model.functions import ACTIVATIONS, LOSSES
+from .model.network import ModelSpec, parse_sizes
+from .model.optim import OPTIMIZERS, OptimizerSpec
+from .model.schedules import SCHEDULES, ScheduleSpec
 
 
 class PsgdGroup(click.Group):
@@ -245,8 +245,8 @@ def train(ctx, resume_dir, **kw):
 def evaluate(model, data, data_dir, split):
     """Print loss and accuracy of saved weights (a run's weights.npz) on a data set."""
     from .data import load
-    from .modelio import load_model
-    from .network import MLP
+    from .model.modelio import load_model
+    from .model.network import MLP
     spec, params, _ = load_model(Path(model))
     train_set, test_set = load(data, data_dir)
     dataset = test_set if split == "test" else train_set
@@ -264,7 +264,7 @@ def evaluate(model, data, data_dir, split):
 @env_option("--seed", type=int, default=0)
 def gradcheck(seed):
     """Check backpropagation against central finite differences, every combination."""
-    from .gradcheck import TOLERANCE, check_all
+    from .model.gradcheck import TOLERANCE, check_all
     results = check_all(seed)
     click.echo(f"{'hidden':<10} {'loss':<12} {'relative error':>15}  ok (< {TOLERANCE:g})")
     for r in results:
@@ -281,7 +281,7 @@ def gradcheck(seed):
 @env_option("--mirror", "mirrors", multiple=True, help="A mirror base URL (repeatable); default: the known mirrors.")
 def fetch(data_dir, mirrors):
     """Download MNIST into the data folder, verified against the original release."""
-    from . import mnist
+    from .data import mnist
     target = mnist.fetch(Path(data_dir) if data_dir else None, mirrors or mnist.MIRRORS, log=click.echo)
     click.echo(f"MNIST is in {target} and verified")
 
@@ -312,8 +312,8 @@ def server(ctx, bind, server_shard, num_shards, data_shards, shared_memory, read
 
     --max-updates and --max-seconds stop it by itself. A coordinator that watches it still
     gets the final weights: the server then waits (up to 30 s) for its shutdown."""
-    from .server import Server, ServerOptions
-    from .transport import server_keys
+    from .server.loop import Server, ServerOptions
+    from .wire.transport import server_keys
     kw.update(workers=0)
     config = build_config(ctx, **kw)
     srv = Server(config, ServerOptions(bind, data_shards, shared_memory, ready_file, config.max_updates,
@@ -349,8 +349,8 @@ def server(ctx, bind, server_shard, num_shards, data_shards, shared_memory, read
 def worker(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps, server_wait, slowdown,
            curve_key, curve_server_key):
     """Run a worker: pull weights, compute gradients on a data shard, push them (Downpour)."""
-    from .transport import SERVER_WAIT_S, client_keys
-    from .worker import Worker, WorkerOptions
+    from .wire.transport import SERVER_WAIT_S, client_keys
+    from .worker.loop import Worker, WorkerOptions
     options = WorkerOptions(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps,
                             server_wait if server_wait is not None else SERVER_WAIT_S, slowdown,
                             client_keys(curve_key, curve_server_key))
@@ -375,9 +375,9 @@ def coordinator(connect, curve_key, curve_server_key, **overrides):
     """Watch and steer a running cluster: evaluate, set the learning rate, stop it, write the run.
 
     For K server shards, --connect lists all K endpoints, comma-separated, in shard order."""
-    from .coordinator import Coordinator
-    from .trainer import prepare_data
-    from .transport import Client, client_keys, parse_endpoints
+    from .coordinator.loop import Coordinator
+    from .data.prepared import prepare_data
+    from .wire.transport import Client, client_keys, parse_endpoints
     keys = client_keys(curve_key, curve_server_key)
     client = Client(parse_endpoints(connect)[0], "coordinator", server_wait=30.0, keys=keys)
     try:
@@ -405,8 +405,8 @@ def coordinator(connect, curve_key, curve_server_key, **overrides):
 def status(connect, as_json, shutdown, curve_key, curve_server_key):
     """Show a running server's statistics: version, examples, staleness, workers."""
     from .metrics import StalenessHistogram
-    from .server_group import ServerGroup
-    from .transport import client_keys
+    from .wire.client import ServerGroup
+    from .wire.transport import client_keys
     group = ServerGroup(connect, "status", server_wait=10.0, keys=client_keys(curve_key, curve_server_key))
     try:
         stats = group.stats()
@@ -438,7 +438,7 @@ def keygen(folder, names):
     Give the server its NAME.key_secret (--curve-secret-key) and a folder holding the public
     .key files of the clients it accepts (--curve-allow); give each worker and coordinator
     its own .key_secret (--curve-key) and the server's .key (--curve-server-key)."""
-    from .transport import write_keypair
+    from .wire.transport import write_keypair
     for name in names:
         public, secret = write_keypair(folder, name)
         click.echo(f"{public} (public) and {secret} (secret, mode 600)")
@@ -451,7 +451,7 @@ def keygen(folder, names):
               help="Where PNGs go. Default: RUN/plots for one run, ./comparison.png for several.")
 def report(runs, plots, plots_dir):
     """Summarise runs: a text report for each and, for several, a side-by-side table; PNG plots."""
-    from . import report as rep
+    from .coordinator import report as rep
     loaded = [rep.Run(Path(r)) for r in runs]
     for run in loaded:
         for line in rep.text_report(run):

@@ -12,9 +12,9 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 
 from .errors import ConfigError
-from .network import ModelSpec
-from .optim import OptimizerSpec
-from .schedules import ScheduleSpec
+from .model.network import ModelSpec
+from .model.optim import OptimizerSpec
+from .model.schedules import ScheduleSpec
 
 TRANSPORTS = ("auto", "zmq", "shm")
 # How the server scales the learning rate of a push by its staleness s:

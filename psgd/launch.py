@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import shm
+from .wire import shm
 from .config import TrainConfig
-from .coordinator import Coordinator
+from .coordinator.loop import Coordinator
 from .errors import PsgdError
-from .trainer import prepare_data
+from .data.prepared import prepare_data
 
 READY_TIMEOUT_S = 30.0  # for the server to start listening
 TERMINATE_GRACE_S = 5.0  # after SIGTERM, before SIGKILL
@@ -135,7 +135,7 @@ def _wait_ready(server: Child, ready_file: Path) -> str:
 def _make_keys(keydir: Path):
     """CURVE keys for one local run: the server's pair, and one client pair (in the folder
     of allowed keys) shared by the workers and the coordinator."""
-    from .transport import client_keys, write_keypair
+    from .wire.transport import client_keys, write_keypair
     server_public, server_secret = write_keypair(keydir, "server")
     client_public, client_secret = write_keypair(keydir / "allowed", "client")
     secret_copy = keydir / "client.key_secret"  # the allowed folder holds public keys only

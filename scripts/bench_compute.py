@@ -23,8 +23,8 @@ clean_blas_env(sys.argv)
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from psgd.network import MLP, ModelSpec  # noqa: E402
-from psgd.optim import OptimizerSpec, make_optimizer  # noqa: E402
+from psgd.model.network import MLP, ModelSpec  # noqa: E402
+from psgd.model.optim import OptimizerSpec, make_optimizer  # noqa: E402
 
 SIZES = (784, 256, 256, 10)
 

@@ -37,10 +37,10 @@ clean_blas_env(sys.argv)
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
-from psgd.network import MLP, ModelSpec, parse_sizes  # noqa: E402
-from psgd.optim import OptimizerSpec, make_optimizer  # noqa: E402
-from psgd.protocol import encode  # noqa: E402
-from psgd.transport import Client  # noqa: E402
+from psgd.model.network import MLP, ModelSpec, parse_sizes  # noqa: E402
+from psgd.model.optim import OptimizerSpec, make_optimizer  # noqa: E402
+from psgd.wire.protocol import encode  # noqa: E402
+from psgd.wire.transport import Client  # noqa: E402
 
 
 # --- the limit: a bare ROUTER with the same update ----------------------------------------

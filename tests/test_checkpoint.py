@@ -3,13 +3,15 @@
 import numpy as np
 import pytest
 
-from psgd import checkpoint, shm
+from psgd.server import checkpoint
+
+from psgd.wire import shm
 from psgd.config import TrainConfig
 from psgd.errors import ConfigError, DataError
-from psgd.network import ModelSpec
-from psgd.optim import OptimizerSpec
-from psgd.schedules import ScheduleSpec
-from psgd.server_state import ServerState
+from psgd.model.network import ModelSpec
+from psgd.model.optim import OptimizerSpec
+from psgd.model.schedules import ScheduleSpec
+from psgd.server.state import ServerState
 
 CONFIG = TrainConfig(model=ModelSpec((6, 5, 3)), optimizer=OptimizerSpec("momentum", 0.9),
                      schedule=ScheduleSpec("step", 0.1, every=3, warmup=0))
@@ -96,7 +98,7 @@ def test_segments_of_dead_processes_are_reaped_and_live_ones_kept():
 
 
 def test_a_server_checkpoints_every_u_updates_as_well_as_every_t_seconds(tmp_path):
-    from psgd.server import Server, ServerOptions
+    from psgd.server.loop import Server, ServerOptions
     server = Server(CONFIG, ServerOptions(bind="tcp://127.0.0.1:0", shared_memory=False, checkpoint_dir=str(tmp_path),
                                           checkpoint_every_s=1e9, checkpoint_every_updates=5))
     try:

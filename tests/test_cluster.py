@@ -12,7 +12,7 @@ import time
 import pytest
 
 from cluster_util import shm_segments
-from psgd.transport import Client
+from psgd.wire.transport import Client
 
 pytestmark = pytest.mark.slow
 

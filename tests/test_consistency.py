@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from psgd.config import TrainConfig
-from psgd.network import MLP, ModelSpec
-from psgd.optim import OptimizerSpec, make_optimizer
-from psgd.schedules import ScheduleSpec
-from psgd.server_state import ServerState
+from psgd.model.network import MLP, ModelSpec
+from psgd.model.optim import OptimizerSpec, make_optimizer
+from psgd.model.schedules import ScheduleSpec
+from psgd.server.state import ServerState
 
 SPEC = ModelSpec((12, 9, 4), "tanh", "softmax_ce", "float64")
 

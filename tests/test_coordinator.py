@@ -1,6 +1,6 @@
 """The coordinator's pure parts: straggler flags, the per-worker summary."""
 
-from psgd.coordinator import per_worker, stragglers
+from psgd.coordinator.loop import per_worker, stragglers
 from psgd.metrics import StalenessHistogram
 
 

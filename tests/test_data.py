@@ -6,7 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from psgd import data, mnist
+from psgd import data
+
+from psgd.data import mnist
 from psgd.errors import DataError
 
 

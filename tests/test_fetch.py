@@ -9,7 +9,7 @@ from functools import partial
 
 import pytest
 
-from psgd import mnist
+from psgd.data import mnist
 from psgd.errors import DownloadError
 
 

@@ -16,8 +16,8 @@ import pytest
 import zmq
 
 from cluster_util import Processes
-from psgd.protocol import PROTOCOL_VERSION, encode
-from psgd.transport import Client
+from psgd.wire.protocol import PROTOCOL_VERSION, encode
+from psgd.wire.transport import Client
 
 pytestmark = pytest.mark.slow
 

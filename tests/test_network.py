@@ -5,10 +5,10 @@ from itertools import product
 import numpy as np
 import pytest
 
-from psgd import functions
+from psgd.model import functions
 from psgd.errors import ConfigError
-from psgd.gradcheck import EPSILON, TOLERANCE, check, random_problem
-from psgd.network import MLP, ModelSpec, parse_sizes
+from psgd.model.gradcheck import EPSILON, TOLERANCE, check, random_problem
+from psgd.model.network import MLP, ModelSpec, parse_sizes
 
 
 @pytest.mark.parametrize("hidden,loss", list(product(functions.ACTIVATIONS, functions.LOSSES)))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from psgd.errors import ConfigError
-from psgd.optim import OptimizerSpec, make_optimizer
-from psgd.schedules import Constant, Diminishing, Plateau, ScheduleSpec, StepDecay, Warmup
+from psgd.model.optim import OptimizerSpec, make_optimizer
+from psgd.model.schedules import Constant, Diminishing, Plateau, ScheduleSpec, StepDecay, Warmup
 
 
 def run(spec, steps, lr=0.1, mask=None):

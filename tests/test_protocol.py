@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from psgd.errors import ProtocolError
-from psgd.protocol import MAX_HEADER_BYTES, MESSAGE_TYPES, PROTOCOL_VERSION, SCHEMAS, decode, encode
+from psgd.wire.protocol import MAX_HEADER_BYTES, MESSAGE_TYPES, PROTOCOL_VERSION, SCHEMAS, decode, encode
 
 EXAMPLES = {
     "hello": {"worker": "w0", "transport": "auto", "data_shards": None},

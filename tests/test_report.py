@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from psgd.cli import cli
 from psgd.config import TrainConfig
-from psgd.network import ModelSpec
+from psgd.model.network import ModelSpec
 from psgd.trainer import train_single
 
 

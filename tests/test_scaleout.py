@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from psgd.server_group import ServerGroup
+from psgd.wire.client import ServerGroup
 
 
 def _train(procs, out, servers, transport):
@@ -149,7 +149,7 @@ def test_a_reply_over_the_clients_size_limit_is_dropped_and_the_request_times_ou
     """Every socket bounds its messages: a client that takes at most 64 KB gets nothing from
     a pull of 200 KB of weights (ZeroMQ drops the connection), and its own timeout says so."""
     from psgd.errors import TransportError
-    from psgd.transport import Client
+    from psgd.wire.transport import Client
     server, endpoint = procs.start_server("--epochs", "1000", "--layers", "784,64,10")
     small = Client(endpoint, "small", server_wait=2, request_timeout=0.5, max_message=64 * 1024)
     assert small.request({"type": "stats"}).type == "stats_reply"  # small replies pass

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from psgd.errors import TransportError
-from psgd.transport import Client, client_keys, write_keypair
+from psgd.wire.transport import Client, client_keys, write_keypair
 
 LAYERS = "784,32,10"
 

@@ -5,14 +5,14 @@ import hashlib
 import numpy as np
 import pytest
 
-from psgd import checkpoint
+from psgd.server import checkpoint
 from psgd.config import TrainConfig
-from psgd.layout import Layout
-from psgd.network import MLP, ModelSpec
-from psgd.optim import OptimizerSpec
-from psgd.protocol import decode, encode
-from psgd.schedules import ScheduleSpec
-from psgd.server_state import ServerState
+from psgd.model.layout import Layout
+from psgd.model.network import MLP, ModelSpec
+from psgd.model.optim import OptimizerSpec
+from psgd.wire.protocol import decode, encode
+from psgd.model.schedules import ScheduleSpec
+from psgd.server.state import ServerState
 
 CONFIG = TrainConfig(model=ModelSpec((6, 5, 3)), optimizer=OptimizerSpec("sgd"), schedule=ScheduleSpec("constant", 0.5, warmup=0))
 
@@ -261,7 +261,7 @@ def test_worker_ids_of_a_restarted_server_are_not_those_of_the_old_one():
 def test_a_flood_of_hellos_is_bounded_and_leaves_no_records(monkeypatch):
     """Workers that say hello and then nothing are dropped at their lease without a trace,
     and no more than MAX_WORKERS are connected at once: hellos cannot grow the server."""
-    import psgd.server_state as server_state
+    import psgd.server.state as server_state
     monkeypatch.setattr(server_state, "MAX_WORKERS", 50)
     clock = FakeClock()
     state = ServerState(CONFIG.with_(lease_s=1.0), num_data_shards=2, clock=clock)

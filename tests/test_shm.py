@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from psgd import shm
+from psgd.wire import shm
 from psgd.errors import TransportError
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="no /dev/shm")

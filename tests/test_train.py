@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from psgd.cli import cli
 from psgd.config import TrainConfig
-from psgd.network import ModelSpec
-from psgd.optim import OptimizerSpec
-from psgd.schedules import ScheduleSpec
+from psgd.model.network import ModelSpec
+from psgd.model.optim import OptimizerSpec
+from psgd.model.schedules import ScheduleSpec
 from psgd.trainer import train_single
 
 

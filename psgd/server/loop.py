@@ -20,14 +20,16 @@ from pathlib import Path
 
 import msgpack
 
-from . import checkpoint, shm
-from .config import TrainConfig
-from .errors import ConfigError, ProtocolError, TransportError
-from .layout import shard_range
-from .network import MLP
-from .protocol import decode, encode
-from .server_state import ServerState
-from .transport import POLL_INTERVAL_MS, Poller, ServerKeys, ServerSocket, max_message_bytes
+from . import checkpoint
+from ..wire import shm
+from ..config import TrainConfig
+from ..files import atomic_write
+from ..errors import ConfigError, ProtocolError, TransportError
+from ..model.layout import shard_range
+from ..model.network import MLP
+from ..wire.protocol import decode, encode
+from .state import ServerState
+from ..wire.transport import POLL_INTERVAL_MS, Poller, ServerKeys, ServerSocket, max_message_bytes
 
 SHUTDOWN_GRACE_S = 3.0  # after stopping, how long to keep telling late workers to stop
 COORDINATOR_GRACE_S = 30.0  # after its own budget ran out, how long to wait for a coordinator's shutdown
@@ -134,7 +136,7 @@ class Server:
         """Serve until told to stop; return the final statistics."""
         self._install_signals()
         if self.options.ready_file:
-            _write_atomic(Path(self.options.ready_file), json.dumps({"endpoint": self.endpoint, "pid": os.getpid()}))
+            atomic_write(Path(self.options.ready_file), json.dumps({"endpoint": self.endpoint, "pid": os.getpid()}))
         start = time.monotonic()
         try:
             while not self._finished(start):
@@ -368,9 +370,3 @@ def _say(text: str) -> None:
 def _from_worker(msg) -> bool:
     """Training traffic, held while paused; a monitor's pulls and stats go through."""
     return msg.type in ("push", "hello") or (msg.type == "pull" and msg.get("worker_id") is not None)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -23,7 +23,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from .errors import ConfigError, ProtocolError, TransportError
+from ..errors import ConfigError, ProtocolError, TransportError
 from .protocol import MAX_HEADER_BYTES, MAX_REPLY_HEADER_BYTES, Message, decode, encode
 
 REQUEST_TIMEOUT_S = 5.0  # one try of a request
@@ -135,7 +135,6 @@ class Client:
         self.context = context or zmq.Context.instance()
         self.request_timeout, self.server_wait = request_timeout, server_wait
         self.seq = 0
-        self.bytes_sent = self.bytes_received = 0
         self.reconnects = 0
         self.socket = None
         self._connect()
@@ -183,7 +182,6 @@ class Client:
         retry). Several clients can so have one request each in flight at once."""
         self.seq += 1
         self._frames = encode({**header, "sender": self.name, "seq": self.seq}, arrays, offsets)
-        self._size = sum(len(f) for f in self._frames)
         self._deadline = time.monotonic() + self.server_wait
         self._sent = self._try_send(copy)
 
@@ -215,7 +213,6 @@ class Client:
             self.socket.send_multipart(self._frames, copy=copy)
         except zmq.Again:
             return False  # no peer took it within the send timeout: a lost try
-        self.bytes_sent += self._size
         return True
 
     def _await_reply(self, timeout: float) -> Message | None:
@@ -225,7 +222,6 @@ class Client:
             if remaining <= 0 or not self.socket.poll(int(remaining * 1000) + 1, zmq.POLLIN):
                 return None
             frames = self.socket.recv_multipart(copy=False)
-            self.bytes_received += sum(len(f.buffer) for f in frames)
             try:
                 msg = decode(frames, MAX_REPLY_HEADER_BYTES)
             except ProtocolError:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad")
 

@@ -19,13 +19,14 @@ import time
 
 import numpy as np
 
-from .config import TrainConfig
-from .errors import PsgdError, TransportError
-from .metrics import StalenessHistogram
-from .network import MLP
-from .trainer import PreparedData, RunRecorder
-from .server_group import ServerGroup
-from .transport import max_reply_bytes
+from ..config import TrainConfig
+from ..errors import PsgdError, TransportError
+from ..metrics import StalenessHistogram
+from ..model.network import MLP
+from ..data.prepared import PreparedData
+from .rundir import RunRecorder
+from ..wire.client import ServerGroup
+from ..wire.transport import max_reply_bytes
 
 STATS_INTERVAL_S = 0.02  # between statistics polls
 STALL_S = 20.0  # no new examples for this long (not paused): the run is stuck

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import functions
-from .errors import ConfigError
+from ..errors import ConfigError
 from .layout import Layout
 
 EVAL_CHUNK = 4096  # rows per forward pass when evaluating a whole data set

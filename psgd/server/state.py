@@ -14,14 +14,14 @@ from collections import Counter
 
 import numpy as np
 
-from .config import TrainConfig
+from ..config import TrainConfig
 from .consistency import make_gate
-from .errors import ConfigError, ProtocolError
-from .layout import shard_range
-from .metrics import StalenessHistogram, WorkerRecord
-from .network import MLP
-from .optim import make_optimizer
-from .protocol import Message, error
+from ..errors import ConfigError, ProtocolError
+from ..model.layout import shard_range
+from ..metrics import StalenessHistogram, WorkerRecord
+from ..model.network import MLP
+from ..model.optim import make_optimizer
+from ..wire.protocol import Message, error
 
 MAX_EXAMPLES_PER_PUSH = 1 << 20
 MAX_WORKERS = 4096  # connected at once; a hello beyond is refused (a flood of hellos is bounded)

@@ -69,7 +69,6 @@ class SyncGate:
     def __init__(self):
         self.waiting: dict[int, int] = {}  # worker -> examples of its gradient in this round
         self.sum: np.ndarray | None = None
-        self.rounds = 0
 
     def holding(self) -> set[int]:
         return set(self.waiting)
@@ -92,7 +91,6 @@ class SyncGate:
             return
         self.sum *= 1.0 / len(self.waiting)
         state.apply_average(self.sum, self.waiting)
-        self.rounds += 1
         for worker_id in sorted(self.waiting):
             state.outbox.append((worker_id, state.version, 0))
         self.waiting = {}

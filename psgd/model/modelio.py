@@ -6,37 +6,20 @@ Written atomically (temporary file, fsync, rename), so a reader never sees half 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
+from ..files import atomic_write
 from .layout import Layout
 from .network import MLP, ModelSpec
-
-
-def atomic_write_bytes(path: Path, writer) -> None:
-    """Call ``writer(fileobj)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_model(path: Path, spec: ModelSpec, params: np.ndarray, **extra) -> None:
     layout = MLP(spec).layout
     meta = {"model": spec.to_dict(), "layout": layout.to_wire(), **extra}
-    atomic_write_bytes(path, lambda f: np.savez(f, params=params, meta=np.array(json.dumps(meta))))
+    atomic_write(path, lambda f: np.savez(f, params=params, meta=np.array(json.dumps(meta))))
 
 
 def load_model(path: Path) -> tuple[ModelSpec, np.ndarray, dict]:

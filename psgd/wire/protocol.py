@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 PROTOCOL_VERSION = 2  # 2: server shards (range), elastic data shards, heartbeats
 MAX_HEADER_BYTES = 64 * 1024  # what a server reads from anyone

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from .errors import TransportError
+from ..errors import TransportError
 
 SHM_DIR = "/dev/shm"
 HEADER_BYTES = 64  # u64 words: [0] sequence counter, [1] version, [2] nonce

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
-from .modelio import atomic_write_bytes
+from ..errors import DataError
+from ..files import atomic_write
 
 KEEP = 3  # checkpoints kept; older ones are removed after each write
 PATTERN = "checkpoint-*.npz"
@@ -34,7 +34,7 @@ def write(folder: Path, version: int, arrays: dict[str, np.ndarray], meta: dict)
     folder.mkdir(parents=True, exist_ok=True)
     full_meta = {**meta, "version": version, "digests": {k: _digest(v) for k, v in arrays.items()}}
     path = folder / f"checkpoint-{version:012d}.npz"
-    atomic_write_bytes(path, lambda f: np.savez(f, meta=np.array(json.dumps(full_meta)), **arrays))
+    atomic_write(path, lambda f: np.savez(f, meta=np.array(json.dumps(full_meta)), **arrays))
     for old in sorted(folder.glob(PATTERN))[:-KEEP]:
         old.unlink(missing_ok=True)
     return path

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import DataError
-from .metrics import StalenessHistogram
+from ..errors import DataError
+from ..metrics import StalenessHistogram
 
 TARGETS = (0.97, 0.98)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import PsgdError
+from ..errors import PsgdError
 from .protocol import Message
 from .transport import ClientKeys, connect_clients
 

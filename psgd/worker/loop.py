@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
-from . import data as data_mod
-from . import shm
-from .errors import ConfigError, ProtocolError, ShutdownRequested, TransportError
-from .layout import Layout
-from .network import MLP, ModelSpec
-from .transport import SERVER_WAIT_S, Client, ClientKeys, connect_clients, max_reply_bytes
+from .. import data as data_mod
+from ..wire import shm
+from ..errors import ConfigError, ProtocolError, ShutdownRequested, TransportError
+from ..model.layout import Layout
+from ..model.network import MLP, ModelSpec
+from ..wire.transport import SERVER_WAIT_S, Client, ClientKeys, connect_clients, max_reply_bytes
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, DownloadError
+from ..errors import DataError, DownloadError
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
