@@ -152,3 +152,23 @@ def test_fuzzed_frames_only_ever_raise_protocol_errors():
             decode([bytes(f) for f in frames])
         except ProtocolError:
             pass
+
+
+def test_worker_records_come_in_pages_within_the_header_limit():
+    from psgd.wire.protocol import STATS_PAGE_RECORDS, page_records
+
+    def record(i):
+        return {"worker_id": i, "name": "x" * 64, "staleness": {"cap": 64, "counts": [2**31] * 65, "max": 10**6}}
+
+    records = [(i, lambda i=i: record(i)) for i in range(10, 4106)]
+    seen, after, pages = [], None, 0
+    while True:
+        page, after = page_records(records, after)
+        assert len(msgpack.packb({"stats": {}, "workers": page, "next": after})) < MAX_HEADER_BYTES
+        assert 0 < len(page) <= STATS_PAGE_RECORDS
+        seen += [r["worker_id"] for r in page]
+        pages += 1
+        if after is None:
+            break
+    assert seen == list(range(10, 4106)) and pages > 4096 // STATS_PAGE_RECORDS
+    assert page_records([], None) == ([], None)

@@ -207,5 +207,31 @@ def _buffer(frame) -> memoryview:
     return memoryview(frame).cast("B")
 
 
+# Per-worker statistics travel in pages, so that a stats reply stays within the header
+# limit however many workers there are: at most this many records, and this many bytes
+# of them (the rest of the header is the summary, whose size does not grow with workers).
+STATS_PAGE_RECORDS = 128
+STATS_PAGE_BYTES = MAX_HEADER_BYTES - 16 * 1024
+
+
+def page_records(records, after: int | None) -> tuple[list[dict], int | None]:
+    """One page of per-worker records: ``records`` yields ``(worker_id, make_record)`` by
+    ascending id; the page holds those with an id above ``after`` (None: from the first),
+    as many as fit. Returns the page and the ``after`` of the next one (None: no more).
+    Only the records on the page (and one more, to know there is a next) are made."""
+    page: list[dict] = []
+    used = 0
+    for worker_id, make in records:
+        if after is not None and worker_id <= after:
+            continue
+        record = make()
+        size = len(msgpack.packb(record, use_bin_type=True))
+        if page and (len(page) >= STATS_PAGE_RECORDS or used + size > STATS_PAGE_BYTES):
+            return page, page[-1]["worker_id"]
+        page.append(record)
+        used += size
+    return page, None
+
+
 def error(code: str, message: str) -> dict:
     return {"type": "error", "code": code, "message": message}
