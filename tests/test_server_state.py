@@ -193,7 +193,9 @@ def test_messages_hello_pull_push_stats_shutdown():
     reply, arrays = request(state, "push", [g], worker_id=wid, base_version=0, examples=5, want_params=True)
     assert reply == {"type": "ack", "version": 1, "staleness": 0, "data_generation": 0} and arrays[0] is state.params
     stats, _ = request(state, "stats")
-    assert stats["stats"]["version"] == 1 and stats["stats"]["workers"][str(wid)]["pushes"] == 1
+    assert stats["stats"]["version"] == 1 and stats["stats"]["workers_connected"] == 1 and "workers" not in stats
+    stats, _ = request(state, "stats", workers=True)
+    assert [r["pushes"] for r in stats["workers"]] == [1] and stats["next"] is None
     assert request(state, "shutdown")[0]["type"] == "ok"
     assert request(state, "push", [g], worker_id=wid, base_version=1, examples=5)[0]["type"] == "shutdown"
     assert request(state, "hello", worker="late", transport="zmq")[0]["type"] == "shutdown"

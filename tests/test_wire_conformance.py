@@ -382,7 +382,7 @@ def test_a_seq_that_is_no_int_is_answered_with_seq_0(raw):
 def test_4096_workers_stats_stay_within_the_header_limit_and_the_next_hello_is_refused(tmp_path, data_dir):
     procs = Processes(tmp_path, data_dir)
     try:
-        _, endpoint = procs.start_server("--layers", "784,2,10", "--optimizer", "sgd", "--schedule", "constant",
+        server, endpoint = procs.start_server("--layers", "784,2,10", "--optimizer", "sgd", "--schedule", "constant",
                                          "--warmup", "0", "--lr", "0.001", "--data-shards", "4096", "--epochs", "1000",
                                          "--lease", "600", "--no-shm")
         raw = Raw(zmq.Context.instance(), endpoint)
@@ -426,8 +426,9 @@ def test_4096_workers_stats_stay_within_the_header_limit_and_the_next_hello_is_r
         assert all(r["pushes"] == 1 and r["examples"] == 128 for r in records)
         print(f"\n4,096 workers: summary {summary_bytes} bytes (at 0 workers {empty_bytes}), "
               f"{pages} pages of per-worker records, the largest {biggest} bytes")
-        raw.call("shutdown")
+        assert raw.call("shutdown")[0]["type"] == "ok"
         raw.close()
+        assert server.wait(30) == 0, procs.log("server")
     finally:
         left = procs.cleanup()
     assert not left
