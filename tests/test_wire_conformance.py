@@ -383,7 +383,7 @@ def test_4096_workers_stats_stay_within_the_header_limit_and_the_next_hello_is_r
     procs = Processes(tmp_path, data_dir)
     try:
         server, endpoint = procs.start_server("--layers", "784,2,10", "--optimizer", "sgd", "--schedule", "constant",
-                                         "--warmup", "0", "--lr", "0.001", "--data-shards", "4096", "--epochs", "1000",
+                                         "--warmup", "0", "--lr", "0.001", "--data-shards", "64", "--epochs", "1000",
                                          "--lease", "600", "--no-shm")
         raw = Raw(zmq.Context.instance(), endpoint)
         n = 784 * 2 + 2 + 2 * 10 + 10
