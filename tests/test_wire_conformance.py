@@ -471,7 +471,7 @@ def test_shared_memory_handshake_doorbell_ack_and_a_malformed_doorbell_closes(ra
         os.ftruncate(fd, nbytes)
         grad = mmap.mmap(fd, nbytes)
         bell.connect(local["doorbell"])
-        bell.send(pack({"worker_id": wid, "nonce": local["nonce"], "grad": grad_name}))
+        bell.send(pack({"v": 1, "worker_id": wid, "nonce": local["nonce"], "grad": grad_name}))
         version, staleness, word = DOORBELL.unpack(bell.recv(64))
         assert word & 0xFF == 0 and staleness == 0
         assert not os.path.exists(grad_path)  # the server mapped it and unlinked the name
@@ -493,14 +493,14 @@ def test_shared_memory_handshake_doorbell_ack_and_a_malformed_doorbell_closes(ra
 
         record = {r["worker_id"]: r for r in all_records(raw)}[wid]
         assert record["transport"] == "shm" and record["connected"] and record["pushes"] == 1
-        frames_errors = summary(raw)["errors"].get("bad_frames", 0)
+        doorbell_errors = summary(raw)["errors"].get("bad_doorbell", 0)
         bell.send(b"\x00" * 8)  # not 16 bytes: the server closes the connection
         assert bell.recv(64) == b""
         deadline = time.monotonic() + 10
         while {r["worker_id"]: r for r in all_records(raw)}[wid]["connected"]:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert summary(raw)["errors"].get("bad_frames", 0) == frames_errors + 1
+        assert summary(raw)["errors"].get("bad_doorbell", 0) == doorbell_errors + 1
         grad.close()
     finally:
         bell.close()
@@ -516,7 +516,25 @@ def test_a_malformed_handshake_closes_the_doorbell(raw):
     bell.settimeout(10)
     try:
         bell.connect(welcome["local"]["doorbell"])
-        bell.send(pack({"worker_id": welcome["worker_id"], "nonce": welcome["local"]["nonce"] + 1, "grad": "nope"}))
+        bell.send(pack({"v": 1, "worker_id": welcome["worker_id"], "nonce": welcome["local"]["nonce"] + 1,
+                        "grad": "nope"}))  # a wrong nonce
         assert bell.recv(64) == b""
     finally:
         bell.close()
+
+
+@pytest.mark.parametrize("handshake", [b"\x93\x01\x02\x03", pack({"worker_id": 1, "nonce": 2, "grad": "g"}),
+                                       pack({"v": 1.0, "worker_id": 1, "nonce": 2, "grad": "g"}), b"\xc1"],
+                         ids=["not a map", "no v", "float v", "not msgpack"])
+def test_a_handshake_of_the_wrong_form_closes_the_doorbell(raw, handshake):
+    welcome = hello(raw, "bad-form", transport="shm")
+    before = summary(raw)["errors"].get("bad_doorbell", 0)
+    bell = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    bell.settimeout(10)
+    try:
+        bell.connect(welcome["local"]["doorbell"])
+        bell.send(handshake)
+        assert bell.recv(64) == b""
+    finally:
+        bell.close()
+    assert summary(raw)["errors"].get("bad_doorbell", 0) == before + 1
