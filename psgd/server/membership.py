@@ -13,16 +13,19 @@ import secrets
 import time
 from collections import Counter
 
-from ..errors import ProtocolError
+from ..errors import ConfigError, ProtocolError
 from ..metrics import WorkerRecord
 
 MAX_WORKERS = 4096  # connected at once; a hello beyond is refused (a flood of hellos is bounded)
+MAX_DATA_SHARDS = 4096  # so that any worker's list of data shards fits a header (welcome, stats page)
 LEASE_CHECK_S = 0.05  # how often the loop looks for expired leases
 
 
 class Membership:
     def __init__(self, lease_s: float, num_data_shards: int = 1, clock=time.monotonic):
         self.lease_s = lease_s
+        if num_data_shards > MAX_DATA_SHARDS:
+            raise ConfigError(f"at most {MAX_DATA_SHARDS} data shards, not {num_data_shards}")
         self.num_data_shards = max(1, num_data_shards)
         self.clock = clock
         self.workers: dict[int, WorkerRecord] = {}  # by ascending id (ids only grow): stats pages rely on it
