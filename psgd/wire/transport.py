@@ -95,9 +95,14 @@ def max_message_bytes(n_params: int, itemsize: int) -> int:
     return n_params * itemsize + MAX_HEADER_BYTES + 4096
 
 
-def max_reply_bytes(n_params: int = 0, itemsize: int = 4) -> int:
-    """The largest reply a client takes: a parameter range plus a (stats) header."""
-    return n_params * itemsize + MAX_REPLY_HEADER_BYTES + 4096
+UNSIZED_WEIGHTS_BYTES = 4 * 1024 * 1024  # the weights a client takes before it knows their size
+
+
+def max_reply_bytes(n_params: int | None = None, itemsize: int = 4) -> int:
+    """The largest reply a client takes: a parameter range (of ``n_params``; None: not
+    known yet, up to UNSIZED_WEIGHTS_BYTES) plus a header."""
+    weights = UNSIZED_WEIGHTS_BYTES if n_params is None else n_params * itemsize
+    return weights + MAX_REPLY_HEADER_BYTES + 4096
 
 
 def parse_endpoints(connect: str | list[str]) -> list[str]:
