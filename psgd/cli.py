@@ -377,16 +377,14 @@ def coordinator(connect, curve_key, curve_server_key, **overrides):
     For K server shards, --connect lists all K endpoints, comma-separated, in shard order."""
     from .coordinator.loop import Coordinator
     from .data.prepared import prepare_data
-    from .wire.transport import Client, client_keys, parse_endpoints
+    from .wire.client import ParameterClient
+    from .wire.transport import client_keys
     keys = client_keys(curve_key, curve_server_key)
-    client = Client(parse_endpoints(connect)[0], "coordinator", server_wait=30.0, keys=keys)
+    client = ParameterClient(connect, "coordinator", keys)
     try:
-        reply = client.request({"type": "describe"})
+        config = TrainConfig.from_dict(client.describe())
     finally:
         client.close()
-    if reply.type != "description":
-        raise PsgdError(f"the server at {connect} did not describe its run: {reply.get('message', reply.type)}")
-    config = TrainConfig.from_dict(reply["config"])
     config = config.with_(**{k: v for k, v in overrides.items() if v is not None})
     coord = Coordinator(config, connect, prepare_data(config), Progress(), keys=keys)
     try:
@@ -405,9 +403,9 @@ def coordinator(connect, curve_key, curve_server_key, **overrides):
 def status(connect, as_json, shutdown, curve_key, curve_server_key):
     """Show a running server's statistics: version, examples, staleness, workers."""
     from .metrics import StalenessHistogram
-    from .wire.client import ServerGroup
+    from .wire.client import ParameterClient
     from .wire.transport import client_keys
-    group = ServerGroup(connect, "status", server_wait=10.0, keys=client_keys(curve_key, curve_server_key))
+    group = ParameterClient(connect, "status", client_keys(curve_key, curve_server_key))
     try:
         stats = group.stats(workers=True)
         if shutdown:

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from psgd.wire.client import ServerGroup
+from psgd.wire.client import ParameterClient
 
 
 def _train(procs, out, servers, transport):
@@ -44,7 +44,7 @@ def test_a_worker_listing_the_shards_out_of_order_is_told_so(procs):
     worker = procs.start("worker", "--connect", f"{ep1},{ep0}", log="w")
     assert worker.wait(60) == 2
     assert "must list all 2 server shards in order" in procs.log("w"), procs.log("w")
-    group = ServerGroup([ep0, ep1], "test")
+    group = ParameterClient([ep0, ep1], "test")
     group.control({"type": "shutdown"})
     group.close()
     assert shard0.wait(30) == 0 and shard1.wait(30) == 0
@@ -59,7 +59,7 @@ def test_a_silent_workers_data_goes_to_the_live_one_and_comes_back_with_it(procs
     env = {"OPENBLAS_NUM_THREADS": "1"}
     a = procs.start("worker", "--connect", endpoint, "--name", "a", "--transport", "zmq", log="a", extra_env=env)
     b = procs.start("worker", "--connect", endpoint, "--name", "b", "--transport", "shm", log="b", extra_env=env)
-    group = ServerGroup(endpoint, "test", server_wait=20)
+    group = ParameterClient(endpoint, "test", server_wait=20)
 
     def wait_for(ok, what, timeout=60):
         deadline = time.monotonic() + timeout
@@ -105,7 +105,7 @@ def test_psgd_status_shows_every_shards_run_and_ends_it(procs):
                                  name="s1")
     worker = procs.start("worker", "--connect", f"{ep0},{ep1}", "--name", "solo", log="w",
                          extra_env={"OPENBLAS_NUM_THREADS": "1"})
-    group = ServerGroup([ep0, ep1], "test")
+    group = ParameterClient([ep0, ep1], "test")
     deadline = time.monotonic() + 60
     while group.stats()["version"] < 20:
         assert worker.poll() is None and time.monotonic() < deadline, procs.log("w")
@@ -130,7 +130,7 @@ def test_heartbeats_keep_a_worker_with_a_long_push_window_alive(procs):
     worker = procs.start("worker", "--connect", endpoint, "--name", "patient", "--transport", "zmq",
                          "--n-push", "400", "--n-fetch", "400", "--slowdown", "3", log="w",
                          extra_env={"OPENBLAS_NUM_THREADS": "1"})
-    group = ServerGroup(endpoint, "test")
+    group = ParameterClient(endpoint, "test")
     deadline = time.monotonic() + 60
     while True:
         workers = list(group.stats(workers=True)["workers"].values())
@@ -156,7 +156,7 @@ def test_a_reply_over_the_clients_size_limit_is_dropped_and_the_request_times_ou
     with pytest.raises(TransportError, match="no answer"):
         small.request({"type": "pull"})
     small.close()
-    group = ServerGroup(endpoint, "test", max_message=4 << 20)
+    group = ParameterClient(endpoint, "test", max_message=4 << 20)
     params = np.empty(784 * 64 + 64 + 64 * 10 + 10, np.float32)
     assert group.pull(params) == 0
     group.control({"type": "shutdown"})

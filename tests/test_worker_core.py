@@ -12,7 +12,7 @@ from psgd.model.network import MLP, ModelSpec
 from psgd.model.optim import OptimizerSpec
 from psgd.model.schedules import ScheduleSpec
 from psgd.server.state import APPLIED, REFUSED, SHUTDOWN, ServerState
-from psgd.wire.sharded import PushResult
+from psgd.wire.client import PushResult
 from psgd.worker.core import StepSettings, WorkerCore
 
 SPEC = ModelSpec((8, 6, 3), "tanh", "softmax_ce", "float64")

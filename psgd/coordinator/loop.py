@@ -25,7 +25,7 @@ from ..metrics import StalenessHistogram
 from ..model.network import MLP
 from ..data.prepared import PreparedData
 from .rundir import RunRecorder
-from ..wire.client import ServerGroup
+from ..wire.client import SHUTDOWN_WAIT_S, ParameterClient
 from ..wire.transport import max_reply_bytes
 
 STATS_INTERVAL_S = 0.02  # between statistics polls
@@ -57,8 +57,8 @@ class Coordinator:
         self.recorder = RunRecorder(config, on_event, append=append)
         self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
         self.watch = watch or (lambda: [])
-        self.servers = ServerGroup(endpoint, "coordinator", server_wait=10.0, keys=keys,  # one or all K shards
-                                   max_message=max_reply_bytes(self.net.n_params, self.net.dtype.itemsize))
+        self.servers = ParameterClient(endpoint, "coordinator", keys,  # one or all K shards
+                                       max_message=max_reply_bytes(self.net.n_params, self.net.dtype.itemsize))
         self.schedule = config.schedule.build()
         self.params = np.empty(self.net.n_params, self.net.dtype)
         self.failures: list[str] = []
@@ -112,7 +112,10 @@ class Coordinator:
                 time.sleep(STATS_INTERVAL_S)
             # Every way out of the loop has just evaluated a snapshot: those weights, the ones
             # the validation set saw (and that met the target), are the run's result, not
-            # the few unvalidated pushes the workers made since.
+            # the few unvalidated pushes the workers made since. The servers hold the
+            # workers meanwhile, so the summary and the per-worker pages that follow it
+            # count the same pushes; the run ends next anyway.
+            self.servers.control({"type": "pause"})
             stats = self.servers.stats(workers=True)
         except TransportError as exc:
             raise PsgdError(f"lost the server: {exc}") from None
@@ -130,9 +133,7 @@ class Coordinator:
         that a coordinator on its own writes the run directory first: a container
         orchestrator may stop it as soon as the server exits."""
         try:
-            for client in self.servers.clients:
-                client.server_wait = 5.0
-            self.servers.control({"type": "shutdown"})
+            self.servers.control({"type": "shutdown"}, server_wait=SHUTDOWN_WAIT_S)
         except (TransportError, PsgdError):
             pass  # already gone: nothing left to end
         finally:

@@ -1,39 +1,105 @@
-"""All the shards of a parameter server, spoken to as one (by a coordinator or a tool).
+"""One client for the whole, possibly sharded, parameter vector, in the spirit of
+ps-lite's KVWorker: every psgd process that speaks to a server (a worker, the
+coordinator, ``psgd status``, the launcher) speaks through a :class:`ParameterClient`.
 
-With K server shards each holds one contiguous range of the flat parameter vector.
-Control messages (pause, resume, set_lr, shutdown) go to every shard, all in flight at
-once; a pull is assembled from every shard's range; statistics are shard 0's (every
-push reaches every shard, so its counts stand for all) with the traffic and error
-counters summed over the shards. Per-worker records come only on request, paged.
+With K server shards each holds one contiguous range of the flat vector. Requests go to
+every shard, all in flight at once; a pull is assembled from every shard's range;
+statistics are shard 0's (every push reaches every shard, so its counts stand for all)
+with the traffic and error counters summed over the shards; per-worker records come
+only on request, paged.
+
+A worker also *joins*: ``hello`` to every shard (shard 0 first: it hands out the data
+shards), then one channel per shard (psgd.wire.channels: shared memory where the server
+offers it on this machine, else ZeroMQ). Its gradient is computed into one buffer
+(:attr:`ParameterClient.grad`); each shard's range goes out as a zero-copy view (ZeroMQ)
+or is copied into that shard's shared segment. With one shard on this machine the
+buffer *is* the shared segment: no copy. A joined client is the channel the worker core
+(psgd.worker.core) runs on.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import numpy as np
 
-from ..errors import PsgdError
+from ..errors import ConfigError, ProtocolError, PsgdError, ShutdownRequested, TransportError
+from . import shm
+from .channels import ShmChannel, ZmqChannel, check_reply
 from .protocol import Message
-from .transport import ClientKeys, connect_clients
+from .transport import Client, ClientKeys, connect_clients, max_reply_bytes
+
+CONTROL_WAIT_S = 10.0  # how long a coordinator or psgd status waits for a server to answer
+DESCRIBE_WAIT_S = 30.0  # a coordinator started before its server waits this long for the run's description
+SHUTDOWN_WAIT_S = 5.0  # ending a run: a server that does not answer soon is gone already
+BYE_WAIT_S = 1.0  # a goodbye is a courtesy: a server that does not answer soon is gone anyway
+BYE_REQUEST_TIMEOUT_S = 0.5
 
 
-class ServerGroup:
-    def __init__(self, endpoints: str | list[str], name: str, server_wait: float = 10.0, keys: ClientKeys | None = None,
-                 max_message: int | None = None):
-        """``max_message``: the largest reply taken (default: no weights; a coordinator
-        that pulls gives its model's size)."""
+@dataclass
+class ShardLink:
+    """One server shard: its client and channel, its range, and the version of the
+    weights last fetched from it."""
+
+    client: Client
+    lo: int = 0
+    hi: int = 0
+    worker_id: int | None = None
+    channel: object = None
+    version: int = 0
+    window_base: int | None = None  # the version the gradient being summed was computed from
+    copy_in: bool = False  # the channel has its own gradient buffer: copy our range into it
+
+
+@dataclass(frozen=True)
+class PushResult:
+    staleness: int  # shard 0's word (every push reaches every shard)
+    refused: bool  # some shard refused it (its weights were pulled afresh instead)
+    data_generation: int  # shard 0's: a change means the data shards moved
+
+
+
+class ParameterClient:
+    """``endpoints``: one server's, or all K shards' in shard order (a list, or one
+    comma-separated string). ``server_wait``: how long a request may go unanswered
+    (resent meanwhile) before the server counts as gone. ``max_message``: the largest
+    reply taken before a worker's welcome says the size of its range (a coordinator
+    that pulls gives its model's size)."""
+
+    def __init__(self, endpoints: str | list[str], name: str, keys: ClientKeys | None = None,
+                 server_wait: float = CONTROL_WAIT_S, max_message: int | None = None, transport: str = "auto"):
         self.clients = connect_clients(endpoints, name, server_wait=server_wait, keys=keys, max_message=max_message)
         self.endpoints = [client.endpoint for client in self.clients]
+        self.links = [ShardLink(client) for client in self.clients]
+        self.name, self.transport, self.server_wait = name, transport, server_wait
+        self.grad: np.ndarray | None = None
+        self.last_contact = time.monotonic()
 
-    def request_all(self, header: dict) -> list[Message]:
+    @property
+    def joined(self) -> bool:
+        return all(link.channel is not None for link in self.links)
+
+    # --- any client -----------------------------------------------------------------------
+
+    def request_all(self, header: dict, server_wait: float | None = None) -> list[Message]:
         for client in self.clients:
-            client.send(header)
+            client.send(header, server_wait=server_wait)
         return [client.receive() for client in self.clients]
 
-    def control(self, header: dict) -> None:
+    def control(self, header: dict, server_wait: float | None = None) -> None:
         """A message every shard must answer with ``ok``."""
-        for endpoint, reply in zip(self.endpoints, self.request_all(header)):
+        for endpoint, reply in zip(self.endpoints, self.request_all(header, server_wait)):
             if reply.type != "ok":
                 raise PsgdError(f"{endpoint} answered {header['type']} with {reply.type}: {reply.get('message', '')}")
+
+    def describe(self) -> dict:
+        """The run's configuration, as the server (shard 0) holds it."""
+        reply = self.clients[0].request({"type": "describe"}, server_wait=DESCRIBE_WAIT_S)
+        if reply.type != "description":
+            raise PsgdError(f"the server at {self.endpoints[0]} did not describe its run: "
+                            f"{reply.get('message', reply.type)}")
+        return reply["config"]
 
     def stats(self, workers: bool = False) -> dict:
         """The servers' statistics (a summary of constant size). With ``workers``, also
@@ -71,7 +137,14 @@ class ServerGroup:
                 return records
 
     def pull(self, out: np.ndarray) -> int:
-        """Fill ``out`` with the whole parameter vector; return the oldest shard's version."""
+        """Fill ``out`` with the whole parameter vector; return the oldest shard's version.
+        A joined worker pulls through its channels (shared memory where it can); anyone
+        else asks every shard for its range."""
+        if self.joined:
+            for link in self.links:
+                link.version = link.channel.pull(out[link.lo:link.hi])
+            self.last_contact = time.monotonic()
+            return min(link.version for link in self.links)
         versions, covered = [], 0
         for endpoint, reply in zip(self.endpoints, self.request_all({"type": "pull"})):
             if reply.type != "params" or len(reply.arrays) != 1:
@@ -86,7 +159,127 @@ class ServerGroup:
             raise PsgdError(f"the server shards hold {covered} of {out.size} parameters: is one missing from the list?")
         return min(versions)
 
+    # --- a worker ------------------------------------------------------------------------
+
+    def hello(self, data_shards: list[int] | None) -> list:
+        """Hello to every shard, shard 0 first: it hands out the data shards, and the
+        others are asked for the same. Returns the welcomes."""
+        welcomes = []
+        for k, link in enumerate(self.links):
+            reply = link.client.request({"type": "hello", "worker": self.name, "transport": self.transport,
+                                         "data_shards": data_shards})
+            if reply.type == "shutdown":
+                raise ShutdownRequested("the server ended the run")
+            if reply.type != "welcome":
+                raise ProtocolError(reply.get("code", "bad_type"),
+                                    reply.get("message", f"expected welcome, got {reply.type}"))
+            if (reply["server_shard"], reply["num_server_shards"]) != (k, len(self.links)):
+                raise ConfigError(f"--connect must list all {reply['num_server_shards']} server shards in order: "
+                                  f"{link.client.endpoint} is shard {reply['server_shard']}, listed as {k} "
+                                  f"of {len(self.links)}")
+            if k == 0:
+                data_shards = list(reply["data_shards"])
+            link.worker_id = reply["worker_id"]
+            welcomes.append(reply)
+        return welcomes
+
+    def open(self, welcomes: list, n_params: int, dtype) -> None:
+        """One channel per shard, after :meth:`hello`; sets :attr:`grad`."""
+        self.close_channels()
+        single = len(self.links) == 1
+        self.grad = None if single else np.empty(n_params, dtype)
+        for link, welcome in zip(self.links, welcomes):
+            link.lo, link.hi = welcome["range"]
+            link.worker_id = welcome["worker_id"]
+            link.client.limit_messages(max_reply_bytes(link.hi - link.lo, np.dtype(dtype).itemsize))
+            local = welcome.get("local")
+            if self.transport in ("auto", "shm") and isinstance(local, dict) and shm.available():
+                try:
+                    link.channel = ShmChannel(local, link.worker_id, link.hi - link.lo, dtype, self.server_wait)
+                except (TransportError, KeyError, ValueError, TypeError):
+                    if self.transport == "shm":
+                        raise
+            elif self.transport == "shm":
+                raise TransportError("the shared-memory path was asked for, but the server does not offer it here")
+            if link.channel is None:
+                view = np.empty(link.hi - link.lo, dtype) if single else self.grad[link.lo:link.hi]
+                link.channel = ZmqChannel(link.client, link.worker_id, view, link.lo)
+            link.copy_in = not single and link.channel.transport == "shm"
+            link.window_base = None
+        if single:
+            self.grad = self.links[0].channel.grad
+        self.last_contact = time.monotonic()
+
+    @property
+    def transports(self) -> list[str]:
+        return [link.channel.transport for link in self.links if link.channel is not None]
+
+    # --- training -----------------------------------------------------------------------
+
+    def mark_window(self) -> None:
+        """The gradient summed from now on is computed from the weights last pulled."""
+        for link in self.links:
+            link.window_base = link.version
+
+    @property
+    def window_open(self) -> bool:
+        return self.links[0].window_base is not None
+
+    def push(self, examples: int, params: np.ndarray | None) -> PushResult:
+        """Every shard its range of :attr:`grad`, all in flight at once; then the acks.
+        With ``params``, each shard's fresh weights are fetched into it as well."""
+        for link in self.links:
+            if link.copy_in:
+                link.channel.grad[...] = self.grad[link.lo:link.hi]
+            link.channel.push_begin(link.window_base, examples, params[link.lo:link.hi] if params is not None else None)
+        refused, staleness, generation = False, 0, None
+        for k, link in enumerate(self.links):
+            try:
+                _, link_staleness, fetched, link_generation = link.channel.push_end()
+            except ProtocolError:
+                refused = True
+                fetched = link.channel.pull(params[link.lo:link.hi]) if params is not None else None
+            else:
+                if k == 0:  # shard 0 hands out the data: its word counts
+                    staleness, generation = link_staleness, link_generation
+            if fetched is not None:
+                link.version = fetched
+            link.window_base = None
+        self.last_contact = time.monotonic()
+        return PushResult(staleness, refused, generation)
+
+    def heartbeat(self, first_only: bool = False):
+        """Tell the shards we are alive; returns shard 0's ``assignment`` reply."""
+        first = None
+        for link in self.links[:1] if first_only else self.links:
+            reply = check_reply(link.client.request({"type": "heartbeat", "worker_id": link.worker_id}), "assignment")
+            first = first or reply
+        self.last_contact = time.monotonic()
+        return first
+
+    # --- leaving ------------------------------------------------------------------------
+
+    def bye(self) -> None:
+        """Say goodbye to every shard, briefly: a server that does not answer is gone."""
+        for link in self.links:
+            if link.worker_id is not None:
+                try:
+                    link.client.request({"type": "bye", "worker_id": link.worker_id},
+                                        server_wait=BYE_WAIT_S, request_timeout=BYE_REQUEST_TIMEOUT_S)
+                except TransportError:
+                    pass
+                link.worker_id = None
+
+    def close_channels(self) -> None:
+        for link in self.links:
+            if link.channel is not None:
+                link.channel.close()
+                link.channel = None
+
     def close(self) -> None:
+        """Close the channels, say goodbye if joined, close the sockets."""
+        self.close_channels()
+        self.bye()
         for client in self.clients:
             client.close()
 

@@ -5,8 +5,8 @@ steps, never wait for another worker. Everything it needs is fixed at constructi
 model, the minibatches, the settings); the channel it talks through is passed to
 :meth:`WorkerCore.run`, so a test can drive it against a server state in-process.
 
-A channel (psgd.wire.sharded.ShardedChannel, or any object with the same methods):
-``grad`` (the buffer gradients are computed into), ``pull(params)``, ``mark_window()``,
+A channel (a joined psgd.wire.client.ParameterClient, or any object with the same methods):
+``grad`` (the buffer gradients are computed into), ``pull(params) -> version``, ``mark_window()``,
 ``window_open``, ``push(examples, params_or_None) -> PushResult``, ``heartbeat(first_only)
 -> assignment reply`` and ``last_contact`` (time.monotonic of the last exchange).
 """

@@ -1,7 +1,7 @@
 """``psgd worker``: join the server, load this worker's data shards, run the compute loop.
 
 The compute loop itself (psgd.worker.core) knows no sockets; this module joins the
-server shards through one :class:`ShardedChannel` (psgd.wire.sharded), sets up the model
+server shards through one :class:`ParameterClient` (psgd.wire.client), sets up the model
 and the data the server's welcome describes, and keeps going: if the server goes away
 the worker says hello again (with backoff, for a bounded time) and carries on from the
 server's weights; if the server moves its data shards it trains on the new ones.
@@ -22,8 +22,8 @@ from .. import data as data_mod
 from ..errors import ConfigError, ProtocolError, ShutdownRequested, TransportError
 from ..model.layout import Layout
 from ..model.network import MLP, ModelSpec
-from ..wire.sharded import ShardedChannel
-from ..wire.transport import SERVER_WAIT_S, ClientKeys, connect_clients
+from ..wire.client import ParameterClient
+from ..wire.transport import SERVER_WAIT_S, ClientKeys
 from .core import StepSettings, WorkerCore, new_stats
 
 
@@ -47,8 +47,8 @@ class Worker:
     def __init__(self, options: WorkerOptions):
         self.options = options
         self.name = options.name or f"worker-{platform.node()}-{os.getpid()}"
-        clients = connect_clients(options.connect, self.name, server_wait=options.server_wait_s, keys=options.keys)
-        self.channel = ShardedChannel(clients, self.name, options.transport)
+        self.channel = ParameterClient(options.connect, self.name, options.keys, options.server_wait_s,
+                                       transport=options.transport)
         self.stop_requested = False
         self.stats = new_stats()
         self.data_shards: list[int] | None = [options.shard] if options.shard is not None else None
@@ -77,7 +77,7 @@ class Worker:
             self.channel.bye()
             welcomes = self._hello()
         self.core.data_generation = welcomes[0]["data_generation"]
-        self.channel.open(welcomes, self.core.net.n_params, self.core.net.dtype, self.options.server_wait_s)
+        self.channel.open(welcomes, self.core.net.n_params, self.core.net.dtype)
 
     def _hello(self) -> list:
         welcomes = self.channel.hello(self.data_shards)
