@@ -19,7 +19,7 @@ from .consistency import make_gate
 from ..errors import ConfigError, ProtocolError
 from ..model.layout import shard_range
 from ..metrics import StalenessHistogram, WorkerRecord
-from ..model.network import MLP
+from ..model.interface import build_model, fingerprint
 from ..model.optim import make_optimizer
 from ..wire.protocol import Message, error
 
@@ -54,7 +54,7 @@ class ServerState:
         # The update that reaches this count stops the run there and then: a push that was
         # already on its way (another worker's, in the same poll) is told to stop, not applied.
         self.max_updates = max_updates
-        self.net = MLP(config.model)
+        self.net = build_model(config.model)
         self.dtype = self.net.dtype
         self.shard, self.num_server_shards = shard, num_server_shards
         self.lo, self.hi = shard_range(self.net.n_params, shard, num_server_shards)
@@ -285,13 +285,13 @@ class ServerState:
     def welcome(self, record: WorkerRecord) -> dict:
         c = self.config
         return {
-            "type": "welcome", "worker_id": record.worker_id, "model": c.model.to_dict(),
+            "type": "welcome", "worker_id": record.worker_id, "model": {**c.model.wire_dict(), "fingerprint": fingerprint(self.net, c.model)},
             "optimizer": c.optimizer.to_dict(), "version": self.version, "data_shards": list(record.data_shards),
             "num_data_shards": self.num_data_shards, "data_generation": record.data_generation,
             "range": [self.lo, self.hi], "server_shard": self.shard, "num_server_shards": self.num_server_shards,
             "layout": self.net.layout.to_wire(),
             "run": {"data": c.data, "seed": c.seed, "validation": c.validation, "batch_size": c.batch_size,
-                    "n_fetch": c.n_fetch, "n_push": c.n_push, "dropout": c.dropout, "augment": c.augment,
+                    "n_fetch": c.n_fetch, "n_push": c.n_push, "dropout": c.dropout, "augment": c.augment, "distort": c.distort.to_dict(),
                     "lease_s": c.lease_s},
         }
 

@@ -22,8 +22,9 @@ import numpy as np
 from .. import data as data_mod
 from ..wire import shm
 from ..errors import ConfigError, ProtocolError, ShutdownRequested, TransportError
-from ..model.layout import Layout
-from ..model.network import MLP, ModelSpec
+from ..data.augment import DistortionSpec
+from ..model.interface import build_model, check_welcome
+from ..model.network import ModelSpec
 from ..wire.transport import SERVER_WAIT_S, Client, ClientKeys, connect_clients, max_reply_bytes
 
 
@@ -41,6 +42,7 @@ class WorkerOptions:
     server_wait_s: float = SERVER_WAIT_S
     slowdown: float = 1.0  # > 1: sleep so that each step takes this many times its compute time
     keys: ClientKeys | None = None  # CURVE, for a server that demands it
+    model: str | None = None  # package.module:factory of a user's model (the server never names it)
 
 
 class ZmqChannel:
@@ -185,6 +187,7 @@ class Worker:
         self._data_key = None
         self._train_set = None
         self.net = None
+        self.model_spec = None
 
     # --- joining ----------------------------------------------------------------------
 
@@ -195,10 +198,15 @@ class Worker:
         said_hello = time.monotonic()
         welcomes = self._hello()
         first = welcomes[0]
-        spec = ModelSpec.from_dict(first["model"])
+        spec = ModelSpec.from_dict({k: v for k, v in first["model"].items() if k != "factory"})
+        if first["model"].get("user"):
+            if not self.options.model:
+                raise ConfigError("the server trains a user's model: start this worker with --model package.module:factory")
+            spec = ModelSpec(spec.sizes, spec.hidden, spec.loss, spec.dtype, factory=self.options.model)
         run = first["run"]
-        if Layout.from_wire(first["layout"]) != MLP(spec).layout:
-            raise ProtocolError("bad_field", "the server's parameter layout is not that of its model")
+        if self.net is None or self.model_spec != spec:
+            self.net, self.model_spec = build_model(spec), spec
+        check_welcome(self.net, spec, first["model"], first["layout"])
         self.lease_s = float(run.get("lease_s", 10.0))
         self._run, self._num_data_shards = run, first["num_data_shards"]
         self._setup_data(spec, run, self._num_data_shards)
@@ -236,11 +244,10 @@ class Worker:
         """Model, settings and the minibatches of this worker's data shards; after a
         reassignment only the minibatches change."""
         o = self.options
-        key = (tuple(spec.sizes), run["data"], run["seed"], run["validation"], tuple(self.data_shards), num_data_shards)
+        key = (spec, run["data"], run["seed"], run["validation"], tuple(self.data_shards), num_data_shards)
         if key == self._data_key:
             return
         if self._data_key is None or self._data_key[:4] != key[:4]:
-            self.net = MLP(spec)
             self.batch_size = o.batch_size or int(run["batch_size"])
             self.n_fetch = o.n_fetch or int(run["n_fetch"])
             self.n_push = o.n_push or int(run["n_push"])
@@ -249,7 +256,7 @@ class Worker:
             train, _ = data_mod.load(run["data"], o.data_dir, int(run["seed"]))
             if int(run["validation"]):
                 train, _ = data_mod.split(train, int(run["validation"]), int(run["seed"]))
-            if spec.sizes[0] != train.n_inputs:
+            if not spec.factory and spec.sizes[0] != train.n_inputs:
                 raise ConfigError(f"the server's model takes {spec.sizes[0]} inputs, the data has {train.n_inputs}")
             self._train_set = train
             self.params = np.empty(self.net.n_params, self.net.dtype)
@@ -262,7 +269,8 @@ class Worker:
         part = self._train_set.subset(np.sort(rows))
         batch_seed = seed * 1000 + self.data_shards[0] + 1 + 7919 * self.stats["reassignments"]
         self.batches = data_mod.Minibatches(part.X.astype(self.net.dtype, copy=False), part.targets_for(spec.loss),
-                                            self.batch_size, batch_seed, part.image_shape if self.augment else None)
+                                            self.batch_size, batch_seed, part.image_shape if self.augment else None,
+                                            DistortionSpec.from_dict(run.get("distort")), part.image_shape)
         self.rng = np.random.default_rng(batch_seed)
         self._data_key = key
 
@@ -364,7 +372,7 @@ class Worker:
         if shards and shards != self.data_shards:
             self.data_shards = shards
             self.stats["reassignments"] += 1
-            self._setup_data(self.net.spec, self._run, self._num_data_shards)
+            self._setup_data(self.model_spec, self._run, self._num_data_shards)
 
     def _train(self):
         o, st = self.options, self.stats
