@@ -82,10 +82,28 @@ class Processes:
         return left
 
 
+def _creator_dead(name: str) -> bool:
+    """Segments and doorbell folders carry their creator's pid (psgd-weights-PID-xxxx,
+    psgd-doorbell-PID-xxxx). Only a dead creator's can be a leak: a live one may belong to
+    another psgd run on this machine (another test session, a user's run)."""
+    pid = name.split("-")[2]
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
+
+
 def shm_segments() -> set[str]:
-    return {p.name for p in SHM.glob("psgd-*")} if SHM.is_dir() else set()
+    """psgd's shared-memory segments whose creator has exited."""
+    return {p.name for p in SHM.glob("psgd-*") if _creator_dead(p.name)} if SHM.is_dir() else set()
 
 
 def doorbell_dirs() -> set[str]:
+    """psgd's doorbell folders whose server has exited."""
     import tempfile
-    return {p.name for p in Path(tempfile.gettempdir()).glob("psgd-doorbell-*")}
+    return {p.name for p in Path(tempfile.gettempdir()).glob("psgd-doorbell-*") if _creator_dead(p.name)}
