@@ -413,8 +413,9 @@ def worker(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_pus
 @env_option("--target-accuracy", type=float, default=None, help="Stop once validation accuracy reaches this.")
 @env_option("--max-updates", type=int, default=None, help="Stop after this many applied updates.")
 @env_option("--max-seconds", type=float, default=None, help="Stop after this many seconds.")
+@env_option("--model", default=None, help="package.module:factory, when the run trains a user's model.")
 @client_curve_options
-def coordinator(connect, curve_key, curve_server_key, **overrides):
+def coordinator(connect, curve_key, curve_server_key, model, **overrides):
     """Watch and steer a running cluster: evaluate, set the learning rate, stop it, write the run.
 
     For K server shards, --connect lists all K endpoints, comma-separated, in shard order."""
@@ -431,6 +432,15 @@ def coordinator(connect, curve_key, curve_server_key, **overrides):
         raise PsgdError(f"the server at {connect} did not describe its run: {reply.get('message', reply.type)}")
     config = TrainConfig.from_dict(reply["config"])
     config = config.with_(**{k: v for k, v in overrides.items() if v is not None})
+    described = reply["config"].get("model") or {}
+    if described.get("user"):  # the server names no module: this process brings its own
+        if not model:
+            raise PsgdError("the run trains a user's model: start the coordinator with --model package.module:factory")
+        m = config.model
+        config = config.with_(model=ModelSpec(m.sizes, m.hidden, m.loss, m.dtype, factory=model))
+    from .model.interface import build_model, check_welcome
+    net = build_model(config.model)
+    check_welcome(net, config.model, described, net.layout.to_wire(), "coordinator")  # the fingerprint must match
     coord = Coordinator(config, connect, prepare_data(config), Progress(), keys=keys)
     try:
         summary = coord.finish(coord.run())

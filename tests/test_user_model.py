@@ -66,10 +66,15 @@ def test_a_user_model_trains_on_a_local_cluster_and_an_impostor_is_refused(procs
 
     # A standalone server of the same model: a worker with another model, or none, is refused.
     server, endpoint = procs.start_server("--model", "my_user_model:make", "--max-updates", "5")
-    for name, args, message in [("impostor", ["--model", "my_user_model:impostor"], "is not the server's user model"),
-                                ("bare", [], "start this worker with --model")]:
-        worker = procs.start("worker", "--connect", endpoint, "--server-wait", "5", *args, log=name, extra_env=env)
-        assert worker.wait(60) == 2, procs.log(name)
+    for name, args, message in [
+        ("impostor", ["worker", "--model", "my_user_model:impostor"], "is not the server's user model"),
+        ("bare", ["worker"], "start this worker with --model"),
+        ("coordinator", ["coordinator", "--out", str(tmp_path / "c")], "start the coordinator with --model"),
+        ("coordinator-impostor", ["coordinator", "--model", "my_user_model:impostor", "--out", str(tmp_path / "c")],
+         "is not the server's user model"),
+    ]:
+        proc = procs.start(*args, "--connect", endpoint, log=name, extra_env=env)
+        assert proc.wait(60) == 2, procs.log(name)
         lines = [line for line in procs.log(name).splitlines() if line.strip()]
         assert message in lines[-1] and "Traceback" not in procs.log(name), procs.log(name)
     server.terminate()  # a signal: the server removes its shared memory as it stops

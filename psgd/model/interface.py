@@ -88,11 +88,11 @@ def fingerprint(model, spec: ModelSpec | None = None) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_welcome(model, spec: ModelSpec, welcome_model: dict, welcome_layout) -> None:
+def check_welcome(model, spec: ModelSpec, welcome_model: dict, welcome_layout, who: str = "worker") -> None:
     """Refuse (ConfigError, one line) a model that is not the one the server trains."""
     theirs = welcome_model.get("fingerprint")
     ours = fingerprint(model, spec)
     if Layout.from_wire(welcome_layout) != model.layout or (theirs is not None and theirs != ours):
         kind = "user model" if welcome_model.get("user") else "model"
-        raise ConfigError(f"this worker's model (fingerprint {ours}, {model.n_params} parameters) is not the "
-                          f"server's {kind} (fingerprint {theirs}); start the worker with the run's --model")
+        raise ConfigError(f"this {who}'s model (fingerprint {ours}, {model.n_params} parameters) is not the "
+                          f"server's {kind} (fingerprint {theirs}); start the {who} with the run's --model")

@@ -212,7 +212,9 @@ class ServerState:
             self.phase.coordinated = True
             return {"type": "ok"}, []
         if kind == "describe":
-            return {"type": "description", "config": self.config.to_dict()}, []
+            c = self.config  # a user's model is described by fingerprint, never by module name
+            model = {**c.model.wire_dict(), "fingerprint": fingerprint(self.store.net, c.model)}
+            return {"type": "description", "config": {**c.to_dict(), "model": model}}, []
         if kind == "bye":
             worker_id = msg.get("worker_id")
             if isinstance(worker_id, int):
