@@ -53,7 +53,7 @@ def test_parameters_are_views_of_the_flat_vector_and_gradients_land_in_the_flat_
     ref_loss = F.cross_entropy(reference(torch.from_numpy(X).reshape(6, 1, 8, 8)), torch.from_numpy(T))
     ref_loss.backward()
     expected = np.concatenate([p.grad.numpy().ravel() for p in reference.parameters()])
-    assert loss == pytest.approx(float(ref_loss))
+    assert loss == pytest.approx(float(ref_loss.detach()))
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
     model.loss_and_grad(params, X, T, grad)  # a second step does not accumulate into the first
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
