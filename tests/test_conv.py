@@ -104,3 +104,31 @@ def test_layers_that_do_not_fit_are_refused():
         ModelSpec.from_arch("1x7x7,pool2,10") and ConvNet(ModelSpec.from_arch("1x7x7,pool2,10"))
     with pytest.raises(ConfigError, match="does not fit"):
         ConvNet(ModelSpec.from_arch("1x4x4,conv5x5x2,10"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "lenet5", "--arch", "10"], "not both"),
+    (["--model", "lenet6"], "unknown model 'lenet6'"),
+    (["--arch", "conv5x5x6,pool3,10"], "'pool3'"),
+    (["--distort-rotate", "-5"], "distortion rotate"),
+])
+def test_bad_model_options_end_with_one_line_errors(args, message, tmp_path):
+    from click.testing import CliRunner
+
+    from psgd.cli import cli
+    result = CliRunner().invoke(cli, ["train", "--workers", "0", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_conv_spec_round_trips_through_a_config_file(tmp_path):
+    from psgd.cli import build_config, cli
+    cmd = cli.commands["train"]
+    ctx = cmd.make_context("train", ["--model", "lenet5", "--pool", "avg", "--activation", "tanh", "--workers", "0",
+                                     "--distort-rotate", "10"])
+    config = build_config(ctx, **ctx.params)
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json())
+    ctx = cmd.make_context("train", ["--config", str(path), "--epochs", "2"])
+    again = build_config(ctx, **ctx.params)
+    assert again.model == config.model and again.distort == config.distort and again.model.hidden == "tanh"
