@@ -69,8 +69,8 @@ def test_a_torch_cnn_trains_on_a_local_cluster(procs, tmp_path):
     (tmp_path / "tiny_torch_cnn.py").write_text(TINY_CNN)
     procs.env["PYTHONPATH"] = str(tmp_path)
     out = tmp_path / "run"
-    train = procs.start("train", "--workers", "2", "--model", "tiny_torch_cnn:make", "--epochs", "1", "--lr", "0.05",
+    train = procs.start("train", "--workers", "2", "--model", "tiny_torch_cnn:make", "--epochs", "2", "--lr", "0.05",
                         "--validation", "1000", "--out", str(out), log="train")
     assert train.wait(400) == 0, procs.log("train")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["test_accuracy"] >= 0.93 and summary["failures"] == [], summary  # 94.6-95.5% seen
+    assert summary["test_accuracy"] >= 0.95 and summary["failures"] == [], summary  # 1 epoch: 92.4-95.5%
