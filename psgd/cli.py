@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from .config import CONSISTENCY, STALENESS_RULES, TRANSPORTS, TrainConfig, default_workers
+from .data.augment import DistortionSpec
 from .errors import PsgdError
 from .model.functions import ACTIVATIONS, LOSSES
 from .model.network import ModelSpec, parse_sizes
@@ -63,6 +64,10 @@ def training_options(f):
         env_option("--config", "config_file", type=click.Path(dir_okay=False, exists=True), default=None,
                    envvar="PSGD_CONFIG", help="A JSON run configuration; options given here override it."),
         env_option("--layers", default=",".join(map(str, _DEFAULT.model.sizes)), help="Layer sizes, input to output."),
+        env_option("--model", "model_name", default="mlp",
+                   help="mlp (--layers), lenet5, or a user's model as package.module:factory."),
+        env_option("--arch", default=None, help="A conv stack, e.g. conv5x5x6same,pool2,conv5x5x16,pool2,120,84,10."),
+        env_option("--pool", type=click.Choice(["max", "avg"]), default="max", help="lenet5: max or average pooling."),
         env_option("--activation", type=click.Choice(list(ACTIVATIONS)), default=_DEFAULT.model.hidden, help="Hidden units."),
         env_option("--loss", type=click.Choice(list(LOSSES)), default=_DEFAULT.model.loss,
                    help="Output and error: softmax_ce (classes), bce (0/1 targets), sse (regression)."),
@@ -83,6 +88,11 @@ def training_options(f):
         env_option("--validation", type=int, default=_DEFAULT.validation, help="Examples held out for validation."),
         env_option("--dropout", type=float, default=_DEFAULT.dropout),
         env_option("--augment/--no-augment", default=_DEFAULT.augment, help="Random 2-pixel shifts of images."),
+        env_option("--distort-rotate", type=float, default=0.0, help="Random rotation of images, up to this many degrees."),
+        env_option("--distort-scale", type=float, default=0.0, help="Random stretch of each image axis by up to this fraction."),
+        env_option("--distort-shear", type=float, default=0.0, help="Random shear of images, up to this factor."),
+        env_option("--distort-shift", type=float, default=0.0, help="Random translation of images, up to this many pixels."),
+        env_option("--distort-noise", type=float, default=0.0, help="Additive Gaussian pixel noise of this deviation."),
         env_option("--target-accuracy", type=float, default=None, help="Stop once validation accuracy reaches this."),
         env_option("--evals-per-epoch", type=int, default=_DEFAULT.evals_per_epoch),
         env_option("--staleness-rule", type=click.Choice(STALENESS_RULES), default=_DEFAULT.staleness_rule,
@@ -117,10 +127,7 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
     def pick(name, current):
         return kw[name] if given(name) else current
 
-    model = ModelSpec(
-        parse_sizes(kw["layers"]) if given("layers") else base.model.sizes,
-        pick("activation", base.model.hidden), pick("loss", base.model.loss), pick("dtype", base.model.dtype),
-    )
+    model = build_model_spec(kw, ctx, given, base.model)
     optimizer = OptimizerSpec(pick("optimizer", base.optimizer.name), pick("momentum", base.optimizer.momentum),
                               pick("weight_decay", base.optimizer.weight_decay))
     schedule = ScheduleSpec(pick("schedule", base.schedule.name), pick("lr", base.schedule.lr),
@@ -131,7 +138,36 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
               "target_accuracy", "evals_per_epoch", "out_dir", "workers", "servers", "curve", "n_fetch", "n_push", "transport",
               "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "slow_worker", "max_updates", "max_seconds"]
     changes = {name: pick(name, getattr(base, name)) for name in fields if name in kw}
-    return base.with_(model=model, optimizer=optimizer, schedule=schedule, **changes)
+    distort = DistortionSpec(**{k: pick(f"distort_{k}", getattr(base.distort, k))
+                                for k in ("rotate", "scale", "shear", "shift", "noise")})
+    return base.with_(model=model, optimizer=optimizer, schedule=schedule, distort=distort, **changes)
+
+
+def build_model_spec(kw: dict, ctx: click.Context, given, base: ModelSpec) -> ModelSpec:
+    """The model from --model/--arch/--layers; one given explicitly wins over a config file's."""
+    from .model import arch as arch_mod
+
+    def explicit(name):
+        return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+
+    hidden, loss, dtype = (kw["activation"] if given("activation") else base.hidden,
+                           kw["loss"] if given("loss") else base.loss, kw["dtype"] if given("dtype") else base.dtype)
+    name = kw.get("model_name") or "mlp"
+    chosen = [opt for opt, ok in (("--model", explicit("model_name") and name != "mlp"),
+                                  ("--arch", explicit("arch") and kw.get("arch")), ("--layers", explicit("layers"))) if ok]
+    if len(chosen) > 1:
+        raise PsgdError(f"give one of {' or '.join(chosen)}, not both")
+    if explicit("arch") and kw.get("arch"):
+        return ModelSpec.from_arch(kw["arch"], hidden, loss, dtype)
+    if explicit("model_name") and name != "mlp":
+        if ":" in name:
+            return ModelSpec(base.sizes, hidden, loss, dtype, factory=name)
+        return ModelSpec.from_arch(arch_mod.named(name, kw.get("pool") or "max"), hidden, loss, dtype)
+    if explicit("layers") or explicit("model_name") or not (base.arch or base.factory):
+        return ModelSpec(parse_sizes(kw["layers"]) if given("layers") else base.sizes, hidden, loss, dtype)
+    if base.arch:
+        return ModelSpec.from_arch(base.arch, hidden, loss, dtype)
+    return ModelSpec(base.sizes, hidden, loss, dtype, factory=base.factory)
 
 
 def read_json(path: Path) -> dict:
@@ -246,15 +282,15 @@ def evaluate(model, data, data_dir, split):
     """Print loss and accuracy of saved weights (a run's weights.npz) on a data set."""
     from .data import load
     from .model.modelio import load_model
-    from .model.network import MLP
+    from .model.interface import build_model
     spec, params, _ = load_model(Path(model))
     train_set, test_set = load(data, data_dir)
     dataset = test_set if split == "test" else train_set
     n_out = dataset.n_outputs_for(spec.loss)
-    if spec.sizes[0] != dataset.n_inputs or spec.sizes[-1] != n_out:
+    if not spec.factory and (spec.sizes[0] != dataset.n_inputs or spec.sizes[-1] != n_out):
         raise PsgdError(f"model {','.join(map(str, spec.sizes))} does not fit {dataset.name} "
                         f"({dataset.n_inputs} inputs, {n_out} outputs)")
-    net = MLP(spec)
+    net = build_model(spec)
     loss, acc = net.evaluate(params, dataset.X.astype(net.dtype), dataset.targets_for(spec.loss))
     click.echo(f"{split} loss {loss:.4f}" + (f"  accuracy {acc:.2%}" if acc is not None else "")
                + f"  ({len(dataset)} examples)")
@@ -263,12 +299,18 @@ def evaluate(model, data, data_dir, split):
 @cli.command()
 @env_option("--seed", type=int, default=0)
 def gradcheck(seed):
-    """Check backpropagation against central finite differences, every combination."""
-    from .model.gradcheck import TOLERANCE, check_all
+    """Check backpropagation against central finite differences: every MLP combination,
+    and convolution (both paddings), both poolings and a small conv net."""
+    from .model.gradcheck import TOLERANCE, check_all, check_all_conv
     results = check_all(seed)
     click.echo(f"{'hidden':<10} {'loss':<12} {'relative error':>15}  ok (< {TOLERANCE:g})")
     for r in results:
         click.echo(f"{r.hidden:<10} {r.loss:<12} {r.relative_error:15.3e}  {'yes' if r.ok else 'NO'}")
+    conv = check_all_conv(seed)
+    click.echo(f"{'conv stack':<50} {'hidden':<6} {'relative error':>15}")
+    for r in conv:
+        click.echo(f"{r.arch:<50} {r.hidden:<6} {r.relative_error:15.3e}  {'yes' if r.ok else 'NO'}")
+    results = results + conv
     bad = [r for r in results if not r.ok]
     if bad:
         click.echo(f"{len(bad)} of {len(results)} combinations FAILED", err=True)
@@ -345,15 +387,16 @@ def server(ctx, bind, server_shard, num_shards, data_shards, shared_memory, read
 @env_option("--max-steps", type=int, default=None, help="Stop after this many minibatches.")
 @env_option("--server-wait", type=float, default=None, help="Seconds to keep trying an absent server.")
 @env_option("--slowdown", type=float, default=1.0, help="Take this many times the compute time per step.")
+@env_option("--model", default=None, help="package.module:factory, when the run trains a user's model.")
 @client_curve_options
 def worker(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps, server_wait, slowdown,
-           curve_key, curve_server_key):
+           model, curve_key, curve_server_key):
     """Run a worker: pull weights, compute gradients on a data shard, push them (Downpour)."""
     from .wire.transport import SERVER_WAIT_S, client_keys
     from .worker.loop import Worker, WorkerOptions
     options = WorkerOptions(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps,
                             server_wait if server_wait is not None else SERVER_WAIT_S, slowdown,
-                            client_keys(curve_key, curve_server_key))
+                            client_keys(curve_key, curve_server_key), model)
     stats = Worker(options).run()
     mean = stats["staleness_sum"] / stats["pushes"] if stats["pushes"] else 0.0
     click.echo(f"worker done: {stats['steps']} steps, {stats['pushes']} pushes, {stats['examples']} examples, "
@@ -370,8 +413,9 @@ def worker(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_pus
 @env_option("--target-accuracy", type=float, default=None, help="Stop once validation accuracy reaches this.")
 @env_option("--max-updates", type=int, default=None, help="Stop after this many applied updates.")
 @env_option("--max-seconds", type=float, default=None, help="Stop after this many seconds.")
+@env_option("--model", default=None, help="package.module:factory, when the run trains a user's model.")
 @client_curve_options
-def coordinator(connect, curve_key, curve_server_key, **overrides):
+def coordinator(connect, curve_key, curve_server_key, model, **overrides):
     """Watch and steer a running cluster: evaluate, set the learning rate, stop it, write the run.
 
     For K server shards, --connect lists all K endpoints, comma-separated, in shard order."""
@@ -382,10 +426,20 @@ def coordinator(connect, curve_key, curve_server_key, **overrides):
     keys = client_keys(curve_key, curve_server_key)
     client = ParameterClient(connect, "coordinator", keys)
     try:
-        config = TrainConfig.from_dict(client.describe())
+        description = client.describe()
     finally:
         client.close()
+    config = TrainConfig.from_dict(description)
     config = config.with_(**{k: v for k, v in overrides.items() if v is not None})
+    described = description.get("model") or {}
+    if described.get("user"):  # the server names no module: this process brings its own
+        if not model:
+            raise PsgdError("the run trains a user's model: start the coordinator with --model package.module:factory")
+        m = config.model
+        config = config.with_(model=ModelSpec(m.sizes, m.hidden, m.loss, m.dtype, factory=model))
+    from .model.interface import build_model, check_welcome
+    net = build_model(config.model)
+    check_welcome(net, config.model, described, net.layout.to_wire(), "coordinator")  # the fingerprint must match
     coord = Coordinator(config, connect, prepare_data(config), Progress(), keys=keys)
     try:
         summary = coord.finish(coord.run())

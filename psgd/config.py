@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 
+from .data.augment import DistortionSpec
 from .errors import ConfigError
 from .model.network import ModelSpec
 from .model.optim import OptimizerSpec
@@ -44,6 +45,7 @@ class TrainConfig:
     validation: int = 5000  # examples held out of the training set for validation
     dropout: float = 0.0
     augment: bool = False  # random shifts of up to 2 pixels, for image data
+    distort: DistortionSpec = field(default_factory=DistortionSpec)  # random affine warps and noise, per minibatch
     target_accuracy: float | None = None  # stop once validation accuracy reaches this
     out_dir: str | None = None  # where weights and metrics go; None: write nothing
     evals_per_epoch: int = 1
@@ -102,7 +104,8 @@ class TrainConfig:
             model = ModelSpec.from_dict(d.pop("model", ModelSpec().to_dict()))
             optimizer = OptimizerSpec(**d.pop("optimizer", {}))
             schedule = ScheduleSpec(**d.pop("schedule", {}))
-            return cls(model=model, optimizer=optimizer, schedule=schedule, **d)
+            distort = DistortionSpec.from_dict(d.pop("distort", {}))
+            return cls(model=model, optimizer=optimizer, schedule=schedule, distort=distort, **d)
         except TypeError as exc:
             raise ConfigError(f"bad configuration: {exc}") from None
 

@@ -191,6 +191,8 @@ def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = F
                 args += ["--data-dir", str(config.data_dir)]
             if i == config.workers - 1 and config.slow_worker > 1:
                 args += ["--slowdown", str(config.slow_worker)]
+            if config.model.factory:  # each worker loads the user's model itself
+                args += ["--model", config.model.factory]
             cluster.spawn(f"worker-{i}", args, WORKER_ENV)
 
         def watch() -> list[str]:

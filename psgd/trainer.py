@@ -19,7 +19,7 @@ from . import data as data_mod
 from .config import TrainConfig
 from .coordinator.rundir import RunRecorder
 from .data.prepared import prepare_data
-from .model.network import MLP
+from .model.interface import build_model
 from .model.optim import make_optimizer
 
 PROGRESS_EVERY = 50  # steps between progress events
@@ -29,13 +29,14 @@ def train_single(config: TrainConfig, on_event=None) -> dict:
     """Train in this process; returns the summary (test loss and accuracy, timings)."""
     t0 = time.perf_counter()
     d = prepare_data(config)
-    net = MLP(config.model)
+    net = build_model(config.model)
     params = net.init_params(config.seed)
     optimizer = make_optimizer(config.optimizer, net.n_params, net.dtype, net.weight_mask())
     schedule = config.schedule.build()
     X = d.train.X.astype(net.dtype, copy=False)
     batches = data_mod.Minibatches(X, d.T_train, config.batch_size, config.seed,
-                                   d.train.image_shape if config.augment else None)
+                                   d.train.image_shape if config.augment else None,
+                                   config.distort, d.train.image_shape)
     rng = np.random.default_rng(config.seed + 1)
     grad = np.empty(net.n_params, net.dtype)
     recorder = RunRecorder(config, on_event)

@@ -112,4 +112,5 @@ def test_options_come_from_env_and_config_file(tmp_path, data_dir):
 
 def test_gradcheck_command_passes():
     result = CliRunner().invoke(cli, ["gradcheck"])
-    assert result.exit_code == 0 and "all 15 combinations pass" in result.output
+    assert result.exit_code == 0 and "all 25 combinations pass" in result.output  # 15 MLP, 10 conv
+    assert "conv3x3x3same" in result.output and "avgpool2" in result.output

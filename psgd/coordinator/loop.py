@@ -22,7 +22,7 @@ import numpy as np
 from ..config import TrainConfig
 from ..errors import PsgdError, TransportError
 from ..metrics import StalenessHistogram
-from ..model.network import MLP
+from ..model.interface import build_model
 from ..data.prepared import PreparedData
 from .rundir import RunRecorder
 from ..wire.client import SHUTDOWN_WAIT_S, ParameterClient
@@ -53,7 +53,7 @@ class Coordinator:
                  watch=None, append: bool = False, keys=None):
         self.config = config
         self.data = data
-        self.net = MLP(config.model)
+        self.net = build_model(config.model)
         self.recorder = RunRecorder(config, on_event, append=append)
         self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
         self.watch = watch or (lambda: [])

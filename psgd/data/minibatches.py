@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DataError
+from .augment import DistortionSpec, distort
 
 
 class Minibatches:
@@ -15,12 +16,19 @@ class Minibatches:
     """
 
     def __init__(self, X: np.ndarray, T: np.ndarray, batch_size: int, seed: int = 0,
-                 augment_shape: tuple[int, int] | None = None):
+                 augment_shape: tuple[int, int] | None = None, distortion: DistortionSpec | None = None,
+                 image_shape: tuple[int, int] | None = None):
+        """``augment_shape``: random 2-pixel shifts of images of that shape; ``distortion``:
+        random affine warps and noise (:mod:`psgd.data.augment`) of images of ``image_shape``."""
         if batch_size <= 0:
             raise DataError(f"batch size must be > 0, got {batch_size}")
         self.X, self.T, self.batch_size = X, T, min(batch_size, len(X))
         self.rng = np.random.default_rng(seed)
         self.augment_shape = augment_shape
+        if distortion is not None and distortion.active and image_shape is None:
+            raise DataError("distortions need image data (MNIST); this data set's rows are not images")
+        self.distortion = distortion if distortion is not None and distortion.active else None
+        self.image_shape = image_shape
         self.epoch = 0
         self._order = self.rng.permutation(len(X))
         self._pos = 0
@@ -42,6 +50,8 @@ class Minibatches:
         np.take(self.T, idx, axis=0, out=t)
         if self.augment_shape is not None:
             x[...] = random_shift(x, self.augment_shape, self.rng)
+        if self.distortion is not None:
+            distort(x, self.image_shape, self.distortion, self.rng)
         return x, t
 
     @property

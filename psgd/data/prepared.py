@@ -34,7 +34,7 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     train, test = load(config.data, config.data_dir, config.seed)
     sizes = config.model.sizes
     n_out = train.n_outputs_for(config.model.loss)
-    if sizes[0] != train.n_inputs or sizes[-1] != n_out:
+    if not config.model.factory and (sizes[0] != train.n_inputs or sizes[-1] != n_out):
         raise ConfigError(
             f"layers {','.join(map(str, sizes))} do not fit {train.name}: it has {train.n_inputs} inputs "
             f"and {n_out} outputs, so the list must start with {train.n_inputs} and end with {n_out}"

@@ -13,11 +13,12 @@ import numpy as np
 from ..errors import DataError
 from ..files import atomic_write
 from .layout import Layout
-from .network import MLP, ModelSpec
+from .interface import build_model
+from .network import ModelSpec
 
 
 def save_model(path: Path, spec: ModelSpec, params: np.ndarray, **extra) -> None:
-    layout = MLP(spec).layout
+    layout = build_model(spec).layout
     meta = {"model": spec.to_dict(), "layout": layout.to_wire(), **extra}
     atomic_write(path, lambda f: np.savez(f, params=params, meta=np.array(json.dumps(meta))))
 
@@ -34,6 +35,7 @@ def load_model(path: Path) -> tuple[ModelSpec, np.ndarray, dict]:
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(f"{path}: not a psgd model file ({exc})") from None
     spec = ModelSpec.from_dict(meta["model"])
-    if Layout.from_wire(meta["layout"]) != MLP(spec).layout or params.shape != (MLP(spec).n_params,):
+    net = build_model(spec)
+    if Layout.from_wire(meta["layout"]) != net.layout or params.shape != (net.n_params,):
         raise DataError(f"{path}: weights do not match the model they describe")
-    return spec, params.astype(spec.dtype, copy=False), meta
+    return spec, params.astype(net.dtype, copy=False), meta

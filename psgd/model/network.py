@@ -29,28 +29,63 @@ class ModelSpec:
     """What defines a network; travels in the server's welcome so workers build the same one.
 
     ``sizes`` are the layer widths from input to output, e.g. ``(784, 256, 256, 10)``.
+    ``arch`` (empty for an MLP) is a convolutional stack in the syntax of
+    :mod:`psgd.model.arch`; then ``sizes`` are the flat input width and the dense widths
+    (``(784, 120, 84, 10)`` for LeNet-5), what the data checks compare with.
+    ``factory`` (``package.module:callable``) names a user's model; it stays in this
+    process's config and never goes on the wire (see :meth:`wire_dict`).
     """
 
     sizes: tuple[int, ...] = (784, 256, 256, 10)
     hidden: str = "relu"
     loss: str = "softmax_ce"
     dtype: str = "float32"
+    arch: str = ""
+    factory: str = ""
 
     def __post_init__(self):
         if len(self.sizes) < 2 or any(int(n) <= 0 for n in self.sizes):
             raise ConfigError(f"layer sizes must be two or more positive integers, got {self.sizes}")
+        if self.arch and self.factory:
+            raise ConfigError("a model is built in (--arch) or the user's (--model module:factory), not both")
+        if self.arch:
+            from .arch import canonical, dense_sizes  # arch imports nothing from here
+
+            if self.arch != canonical(self.arch) or tuple(self.sizes) != dense_sizes(self.arch):
+                raise ConfigError(f"model description is inconsistent: arch {self.arch!r} with sizes {self.sizes}")
         functions.activation(self.hidden)
         functions.loss(self.loss)
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype must be float32 or float64, got {self.dtype!r}")
 
+    @classmethod
+    def from_arch(cls, arch: str, hidden: str = "relu", loss: str = "softmax_ce", dtype: str = "float32") -> "ModelSpec":
+        """A convolutional network's description from an architecture string."""
+        from .arch import canonical, dense_sizes
+
+        return cls(dense_sizes(arch), hidden, loss, dtype, arch=canonical(arch))
+
     def to_dict(self) -> dict:
-        return {"sizes": list(self.sizes), "hidden": self.hidden, "loss": self.loss, "dtype": self.dtype}
+        d = {"sizes": list(self.sizes), "hidden": self.hidden, "loss": self.loss, "dtype": self.dtype}
+        if self.arch:
+            d["arch"] = self.arch
+        if self.factory:
+            d["factory"] = self.factory
+        return d
+
+    def wire_dict(self) -> dict:
+        """What a server tells its workers: no module names (a worker loads a user's model
+        from its own --model option; the server never tells anyone what code to run)."""
+        d = self.to_dict()
+        if d.pop("factory", None):
+            d["user"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
         try:
-            return cls(tuple(int(n) for n in d["sizes"]), str(d["hidden"]), str(d["loss"]), str(d["dtype"]))
+            return cls(tuple(int(n) for n in d["sizes"]), str(d["hidden"]), str(d["loss"]), str(d["dtype"]),
+                       str(d.get("arch", "")), str(d.get("factory", "")))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed model description: {exc!r}") from None
 

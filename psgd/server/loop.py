@@ -23,7 +23,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError, ProtocolError, TransportError
 from ..files import atomic_write
 from ..model.layout import shard_range
-from ..model.network import MLP
+from ..model.interface import build_model
 from ..wire import doorbell, shm
 from ..wire.protocol import decode, encode
 from ..wire.transport import POLL_INTERVAL_MS, Poller, ServerKeys, ServerSocket, max_message_bytes
@@ -56,7 +56,7 @@ class Server:
         self.weights_seg = None
         writer = None
         params = None
-        net = MLP(config.model)
+        net = build_model(config.model)
         lo, hi = shard_range(net.n_params, options.shard, options.num_shards)
         if options.shared_memory and shm.available():
             shm.reap_stale()

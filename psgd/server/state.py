@@ -27,6 +27,7 @@ import numpy as np
 from ..config import TrainConfig
 from ..errors import ProtocolError
 from ..metrics import WorkerRecord
+from ..model.interface import fingerprint
 from ..wire.protocol import Message, error, page_records
 from .consistency import APPLY, APPLY_HOLD, make_gate
 from .membership import Membership
@@ -229,7 +230,9 @@ class ServerState:
             self.phase.coordinated = True
             return {"type": "ok"}, []
         if kind == "describe":
-            return {"type": "description", "config": self.config.to_dict()}, []
+            c = self.config  # a user's model is described by fingerprint, never by module name
+            model = {**c.model.wire_dict(), "fingerprint": fingerprint(self.store.net, c.model)}
+            return {"type": "description", "config": {**c.to_dict(), "model": model}}, []
         if kind == "bye":
             worker_id = msg.get("worker_id")
             if isinstance(worker_id, int):
@@ -266,13 +269,13 @@ class ServerState:
     def welcome(self, record: WorkerRecord) -> dict:
         c, s = self.config, self.store
         return {
-            "type": "welcome", "worker_id": record.worker_id, "model": c.model.to_dict(),
+            "type": "welcome", "worker_id": record.worker_id, "model": {**c.model.wire_dict(), "fingerprint": fingerprint(s.net, c.model)},
             "optimizer": c.optimizer.to_dict(), "version": s.version, "data_shards": list(record.data_shards),
             "num_data_shards": self.members.num_data_shards, "data_generation": record.data_generation,
             "range": [s.lo, s.hi], "server_shard": s.shard, "num_server_shards": s.num_server_shards,
             "layout": s.net.layout.to_wire(),
             "run": {"data": c.data, "seed": c.seed, "validation": c.validation, "batch_size": c.batch_size,
-                    "n_fetch": c.n_fetch, "n_push": c.n_push, "dropout": c.dropout, "augment": c.augment,
+                    "n_fetch": c.n_fetch, "n_push": c.n_push, "dropout": c.dropout, "augment": c.augment, "distort": c.distort.to_dict(),
                     "lease_s": c.lease_s},
             "update": self.update_rule(),
         }

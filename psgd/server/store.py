@@ -14,7 +14,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError, ProtocolError
 from ..metrics import StalenessHistogram
 from ..model.layout import shard_range
-from ..model.network import MLP
+from ..model.interface import build_model
 from ..model.optim import make_optimizer
 
 MAX_EXAMPLES_PER_PUSH = 1 << 20
@@ -42,7 +42,7 @@ class ParameterStore:
     def __init__(self, config: TrainConfig, params: np.ndarray | None = None, write_lock=None,
                  shard: int = 0, num_server_shards: int = 1, max_updates: int | None = None):
         self.config = config
-        self.net = MLP(config.model)
+        self.net = build_model(config.model)
         self.dtype = self.net.dtype
         self.shard, self.num_server_shards = shard, num_server_shards
         self.lo, self.hi = shard_range(self.net.n_params, shard, num_server_shards)

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import data as data_mod
-from ..errors import ConfigError, ProtocolError, ShutdownRequested, TransportError
-from ..model.layout import Layout
-from ..model.network import MLP, ModelSpec
+from ..errors import ConfigError, ShutdownRequested, TransportError
+from ..data.augment import DistortionSpec
+from ..model.interface import build_model, check_welcome
+from ..model.network import ModelSpec
 from ..wire.client import ParameterClient
 from ..wire.transport import SERVER_WAIT_S, ClientKeys
 from .core import StepSettings, WorkerCore, new_stats
@@ -41,6 +42,7 @@ class WorkerOptions:
     server_wait_s: float = SERVER_WAIT_S
     slowdown: float = 1.0  # > 1: sleep so that each step takes this many times its compute time
     keys: ClientKeys | None = None  # CURVE, for a server that demands it
+    model: str | None = None  # package.module:factory of a user's model (the server never names it)
 
 
 class Worker:
@@ -65,12 +67,14 @@ class Worker:
         said_hello = time.monotonic()
         welcomes = self._hello()
         first = welcomes[0]
-        spec = ModelSpec.from_dict(first["model"])
+        spec = ModelSpec.from_dict({k: v for k, v in first["model"].items() if k != "factory"})
+        if first["model"].get("user"):  # the server names no module: this worker brings its own
+            if not self.options.model:
+                raise ConfigError("the server trains a user's model: start this worker with --model package.module:factory")
+            spec = ModelSpec(spec.sizes, spec.hidden, spec.loss, spec.dtype, factory=self.options.model)
         run = first["run"]
-        if Layout.from_wire(first["layout"]) != MLP(spec).layout:
-            raise ProtocolError("bad_field", "the server's parameter layout is not that of its model")
         self._num_data_shards = first["num_data_shards"]
-        self._setup(spec, run)
+        self._setup(spec, run, first)
         if time.monotonic() - said_hello > float(run.get("lease_s", 10.0)) / 2:
             # Loading the data took most of the lease: the servers may drop us before the
             # first push. Say goodbye and hello again (the data is loaded now: this is quick).
@@ -84,24 +88,27 @@ class Worker:
         self.data_shards = list(welcomes[0]["data_shards"])  # the other shards take shard 0's word
         return welcomes
 
-    def _setup(self, spec, run) -> None:
+    def _setup(self, spec, run, welcome) -> None:
         """The model, the settings and the training set, once per run (a rejoin to the
         same run keeps them); then the minibatches of this worker's data shards."""
         o = self.options
         key = (spec, run["data"], run["seed"], run["validation"])
         if key != self._model_key:
-            net = MLP(spec)
+            net = build_model(spec)
+            check_welcome(net, spec, welcome["model"], welcome["layout"])  # before loading any data
             train, _ = data_mod.load(run["data"], o.data_dir, int(run["seed"]))
             if int(run["validation"]):
                 train, _ = data_mod.split(train, int(run["validation"]), int(run["seed"]))
-            if spec.sizes[0] != train.n_inputs:
+            if not spec.factory and spec.sizes[0] != train.n_inputs:
                 raise ConfigError(f"the server's model takes {spec.sizes[0]} inputs, the data has {train.n_inputs}")
-            self._train_set, self._run = train, run
+            self._train_set, self._run, self._spec = train, run, spec
             settings = StepSettings(n_fetch=o.n_fetch or int(run["n_fetch"]), n_push=o.n_push or int(run["n_push"]),
                                     dropout=float(run.get("dropout", 0.0)), slowdown=o.slowdown,
                                     max_steps=o.max_steps, heartbeat_every_s=float(run.get("lease_s", 10.0)) / 3)
             self.core = WorkerCore(net, None, settings, None, self.stats)
             self._model_key = key
+        else:
+            check_welcome(self.core.net, spec, welcome["model"], welcome["layout"])
         self._batches_for(self.data_shards)
 
     def _batches_for(self, data_shards: list[int]) -> None:
@@ -113,8 +120,9 @@ class Worker:
         part = self._train_set.subset(np.sort(rows))
         batch_seed = seed * 1000 + data_shards[0] + 1 + 7919 * self.stats["reassignments"]
         self.core.batches = data_mod.Minibatches(
-            part.X.astype(net.dtype, copy=False), part.targets_for(net.spec.loss), o.batch_size or int(run["batch_size"]),
-            batch_seed, part.image_shape if run.get("augment") else None)
+            part.X.astype(net.dtype, copy=False), part.targets_for(self._spec.loss), o.batch_size or int(run["batch_size"]),
+            batch_seed, part.image_shape if run.get("augment") else None,
+            DistortionSpec.from_dict(run.get("distort")), part.image_shape)
         self.core.rng = np.random.default_rng(batch_seed)
 
     def _on_assignment(self, reply) -> None:
