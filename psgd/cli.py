@@ -109,7 +109,7 @@ def training_options(f):
 def build_config(ctx: click.Context, **kw) -> TrainConfig:
     """A TrainConfig from a config file (if any) overridden by explicitly given options."""
     from_file = kw.get("config_file") is not None
-    base = TrainConfig.from_dict(read_json(Path(kw["config_file"]))) if from_file else _DEFAULT
+    base = TrainConfig.from_dict(read_json(Path(kw["config_file"])), kw["config_file"]) if from_file else _DEFAULT
 
     def given(name):
         return not from_file or ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT

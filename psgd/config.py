@@ -7,9 +7,10 @@ The CLI builds it from options (each also readable from a ``PSGD_*`` variable).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from .errors import ConfigError
 from .model.network import ModelSpec
@@ -96,15 +97,57 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict, source: str = "the configuration") -> "TrainConfig":
+        """The config a dict describes (the form :meth:`to_dict` writes); settings it leaves
+        out keep their defaults. An unknown setting is refused, naming it and ``source`` (the
+        file it came from) and suggesting the settings of similar name."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object of settings, got {type(d).__name__}")
+        check_settings(d, source)
         d = dict(d)
         try:
-            model = ModelSpec.from_dict(d.pop("model", ModelSpec().to_dict()))
+            model = ModelSpec.from_dict({**ModelSpec().to_dict(), **d.pop("model", {})})
             optimizer = OptimizerSpec(**d.pop("optimizer", {}))
             schedule = ScheduleSpec(**d.pop("schedule", {}))
             return cls(model=model, optimizer=optimizer, schedule=schedule, **d)
         except TypeError as exc:
-            raise ConfigError(f"bad configuration: {exc}") from None
+            raise ConfigError(f"{source}: bad configuration: {exc}") from None
 
     def with_(self, **changes) -> "TrainConfig":
         return replace(self, **changes)
+
+
+NESTED = {"model": ModelSpec, "optimizer": OptimizerSpec, "schedule": ScheduleSpec}
+
+
+def known_settings() -> list[str]:
+    """Every setting a configuration may hold: top-level names, and nested ones as
+    ``section.name`` (``schedule.lr``)."""
+    names = [f.name for f in fields(TrainConfig) if f.name not in NESTED]
+    for section, spec in NESTED.items():
+        names += [f"{section}.{f.name}" for f in fields(spec)]
+    return names
+
+
+def check_settings(d: dict, source: str) -> None:
+    """Raise ConfigError for the first setting of ``d`` psgd does not know, with the known
+    settings of similar name (``lr`` -> ``schedule.lr``; ``bach_size`` -> ``batch_size``)."""
+    known = known_settings()
+    given = []
+    for key, value in d.items():
+        if key in NESTED and isinstance(value, dict):
+            given += [f"{key}.{k}" for k in value]
+        elif key in NESTED:
+            raise ConfigError(f"{source}: setting {key!r} must be an object of settings, got {value!r}")
+        else:
+            given.append(key)
+    for name in given:
+        if name in known:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in known}
+        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.75)]
+        close = close or difflib.get_close_matches(name, known, n=3, cutoff=0.8)
+        hint = ("did you mean " + " or ".join(repr(c) for c in close[:3]) + "?") if close else \
+            "psgd train --help lists every option; a setting is the option's name with underscores"
+        raise ConfigError(f"{source}: unknown setting {name!r}; {hint}")
