@@ -30,6 +30,12 @@ class PsgdGroup(click.Group):
         except PsgdError as exc:
             click.echo(f"psgd: error: {exc}", err=True)
             ctx.exit(2)
+        except KeyboardInterrupt:  # a second Ctrl-C (the first stops a run warm)
+            click.echo("\npsgd: stopped at once; servers kept their newest checkpoint", err=True)
+            ctx.exit(INTERRUPTED_STATUS)
+
+
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def env_option(*decls, **kwargs):
@@ -236,6 +242,10 @@ def train(ctx, resume_dir, **kw):
     print_summary(summary)
     if config.out_dir:
         click.echo(f"run written to {config.out_dir}")
+    if summary.get("stop_reason") == "interrupted":
+        if config.workers and config.out_dir:
+            click.echo(f"resume with: psgd train --resume {config.out_dir}")
+        ctx.exit(INTERRUPTED_STATUS)
 
 
 @cli.command()
@@ -388,11 +398,17 @@ def coordinator(connect, curve_key, curve_server_key, **overrides):
         raise PsgdError(f"the server at {connect} did not describe its run: {reply.get('message', reply.type)}")
     config = TrainConfig.from_dict(reply["config"])
     config = config.with_(**{k: v for k, v in overrides.items() if v is not None})
-    coord = Coordinator(config, connect, prepare_data(config), Progress(), keys=keys)
+    from .launch import WarmThenCold
+    interrupt = WarmThenCold()
+    coord = Coordinator(config, connect, prepare_data(config), Progress(), keys=keys, stop_requested=interrupt.requested)
     try:
         summary = coord.finish(coord.run())
-    finally:
+    except KeyboardInterrupt:  # a second Ctrl-C: leave the servers be
+        raise
+    except BaseException:
         coord.end_run()
+        raise
+    coord.end_run()
     print_summary(summary)
     click.echo(f"run written to {config.out_dir}")
 

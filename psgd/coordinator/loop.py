@@ -50,8 +50,11 @@ class Coordinator:
     a failure of the server ends the run with an error."""
 
     def __init__(self, config: TrainConfig, endpoint: str, data: PreparedData, on_event=None, say=None,
-                 watch=None, append: bool = False, keys=None):
+                 watch=None, append: bool = False, keys=None, stop_requested=None):
+        """``stop_requested()``, if given, is asked every poll: once true (a first Ctrl-C) the
+        run stops warm, as on a budget: a final evaluation, then the summary."""
         self.config = config
+        self.stop_requested = stop_requested or (lambda: False)
         self.data = data
         self.net = MLP(config.model)
         self.recorder = RunRecorder(config, on_event, append=append)
@@ -91,8 +94,9 @@ class Coordinator:
                 self._set_lr(version)
                 elapsed = time.perf_counter() - t0
                 server_ended = stats.get("stopping", False)  # its own budget, or a signal
+                interrupted = self.stop_requested()
                 budget_hit = examples >= total or (c.max_updates is not None and version >= c.max_updates) \
-                    or (c.max_seconds is not None and elapsed >= c.max_seconds) or server_ended
+                    or (c.max_seconds is not None and elapsed >= c.max_seconds) or server_ended or interrupted
                 if examples >= next_eval or budget_hit:
                     while next_eval <= examples:
                         next_eval += eval_every
@@ -103,7 +107,7 @@ class Coordinator:
                         stop_reason = "target accuracy"
                         break
                     if budget_hit:
-                        stop_reason = "epochs" if examples >= total else (
+                        stop_reason = "interrupted" if interrupted else "epochs" if examples >= total else (
                             "updates" if c.max_updates is not None and version >= c.max_updates else
                             "server stop" if server_ended else "time limit")
                         break
