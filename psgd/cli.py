@@ -82,11 +82,13 @@ def training_options(f):
         env_option("--lr-every", type=int, default=_DEFAULT.schedule.every, help="step: updates between drops."),
         env_option("--lr-factor", type=float, default=_DEFAULT.schedule.factor, help="step/plateau: multiply by this."),
         env_option("--lr-patience", type=int, default=_DEFAULT.schedule.patience, help="plateau: evaluations without gain."),
-        env_option("--warmup", type=int, default=_DEFAULT.schedule.warmup, help="Updates of linear warm-up."),
+        env_option("--warmup", type=int, default=None, show_default=False,
+                   help="Updates of linear warm-up. [default: a tenth of the run, at most 500]"),
         env_option("--batch-size", type=int, default=_DEFAULT.batch_size),
         env_option("--epochs", type=float, default=_DEFAULT.epochs),
         env_option("--seed", type=int, default=_DEFAULT.seed),
-        env_option("--validation", type=int, default=_DEFAULT.validation, help="Examples held out for validation."),
+        env_option("--validation", type=int, default=None, show_default=False,
+                   help="Examples held out for validation. [default: a tenth of the training set, at most 5000]"),
         env_option("--dropout", type=float, default=_DEFAULT.dropout),
         env_option("--augment/--no-augment", default=_DEFAULT.augment, help="Random 2-pixel shifts of images."),
         env_option("--target-accuracy", type=float, default=None, help="Stop once validation accuracy reaches this."),
@@ -400,7 +402,8 @@ def coordinator(connect, curve_key, curve_server_key, **overrides):
     config = config.with_(**{k: v for k, v in overrides.items() if v is not None})
     from .launch import WarmThenCold
     interrupt = WarmThenCold()
-    coord = Coordinator(config, connect, prepare_data(config), Progress(), keys=keys, stop_requested=interrupt.requested)
+    data = prepare_data(config)
+    coord = Coordinator(data.config, connect, data, Progress(), keys=keys, stop_requested=interrupt.requested)
     try:
         summary = coord.finish(coord.run())
     except KeyboardInterrupt:  # a second Ctrl-C: leave the servers be

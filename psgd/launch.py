@@ -200,6 +200,7 @@ def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = F
 
 def _run_cluster(config: TrainConfig, on_event, say, resume: bool, interrupt: WarmThenCold) -> dict:
     data = prepare_data(config)  # first: a bad option fails here, before any process starts
+    config = data.config  # fitted to the data: every process gets the same concrete settings
     # Each process's output goes to RUN_DIR/logs (kept: it says why a process failed).
     keep_logs = config.out_dir is not None
     if keep_logs:

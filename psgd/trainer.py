@@ -29,6 +29,7 @@ def train_single(config: TrainConfig, on_event=None) -> dict:
     """Train in this process; returns the summary (test loss and accuracy, timings)."""
     t0 = time.perf_counter()
     d = prepare_data(config)
+    config = d.config
     net = MLP(config.model)
     params = net.init_params(config.seed)
     optimizer = make_optimizer(config.optimizer, net.n_params, net.dtype, net.weight_mask())

@@ -131,3 +131,59 @@ def test_a_config_file_with_an_unknown_key_names_it_the_file_and_close_settings(
     assert partial.epochs == 2 and partial.model.sizes == (4, 8, 3) and partial.model.hidden == "relu"
     assert partial.schedule.lr == 0.3 and partial.schedule.name == TrainConfig().schedule.name
     assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
+
+
+# --- small data sets --------------------------------------------------------------------
+
+def spirals(path, n_per_class=500, classes=3, seed=0):
+    """Interleaved spiral arms in 2-D: 1,500 examples, 1,350 of them for training."""
+    rng = np.random.default_rng(seed)
+    t = rng.uniform(0.1, 1.0, (classes, n_per_class))
+    angle = 4.0 * t + (2 * np.pi / classes) * np.arange(classes)[:, None]
+    X = np.stack([t * np.cos(angle), t * np.sin(angle)], -1).reshape(-1, 2) + 0.02 * rng.standard_normal((classes * n_per_class, 2))
+    np.savez(path, X=X, y=np.repeat(np.arange(classes), n_per_class))
+    return path
+
+
+def test_a_small_data_set_trains_with_the_defaults_fitted_to_its_size(tmp_path, data_dir):
+    """Before: 'cannot hold out 5000 of 1350 examples'; and the 500-update warm-up outlasted a
+    short run (a 5-epoch run on 5,600 examples ended at 49% of the rate set)."""
+    data = spirals(tmp_path / "spirals.npz")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--workers", "0", "--data", str(data), "--layers", "2,32,32,3",
+                                      "--activation", "tanh", "--schedule", "constant", "--lr", "0.05",
+                                      "--batch-size", "32", "--epochs", "5", "--out", str(out)], env={"PSGD_DATA_DIR": str(data_dir)})
+    assert result.exit_code == 0, (result.output, result.exception)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["validation"] == 135  # a tenth of the 1,350 training examples
+    updates = 5 * -(-1215 // 32)
+    assert saved["schedule"]["warmup"] == -(-updates // 10)  # a tenth of the run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["lr"] == pytest.approx(0.05)  # warmed up well before the end
+    # MNIST keeps what it had: 5,000 held out, 500 updates of warm-up
+    mnist_default = TrainConfig().fitted_to(60000)
+    assert (mnist_default.validation, mnist_default.schedule.warmup) == (5000, 500)
+    # settings given explicitly stay as given
+    explicit = TrainConfig(validation=7, schedule=TrainConfig().schedule.__class__(warmup=3)).fitted_to(1000)
+    assert (explicit.validation, explicit.schedule.warmup) == (7, 3)
+
+
+def test_a_validation_split_too_large_names_the_option(tmp_path, data_dir):
+    data = spirals(tmp_path / "spirals.npz")
+    out = one_line_error(["train", "--workers", "0", "--data", str(data), "--layers", "2,8,3", "--validation", "5000"],
+                         data_dir)
+    assert "--validation 5000" in out and "1350" in out
+
+
+@pytest.mark.slow
+def test_a_small_data_set_trains_on_a_cluster_with_the_defaults(procs, tmp_path):
+    """The workers hold out the same fitted validation split as the coordinator: every
+    training example is trained on, none of the validation set."""
+    data = spirals(tmp_path / "spirals.npz")
+    out = tmp_path / "run"
+    proc = procs.start("train", "--workers", "2", "--data", str(data), "--layers", "2,32,32,3", "--activation", "tanh",
+                       "--batch-size", "32", "--epochs", "3", "--out", str(out), log="train")
+    assert proc.wait(120) == 0, procs.log("train")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] >= 3 and summary["failures"] == []
+    assert json.loads((out / "config.json").read_text())["validation"] == 135

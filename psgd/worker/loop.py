@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import data as data_mod
 from ..wire import shm
+from ..config import validation_size
 from ..errors import ConfigError, ProtocolError, ShutdownRequested, TransportError
 from ..model.layout import Layout
 from ..model.network import MLP, ModelSpec
@@ -247,8 +248,9 @@ class Worker:
             self.dropout = float(run.get("dropout", 0.0))
             self.augment = bool(run.get("augment"))
             train, _ = data_mod.load(run["data"], o.data_dir, int(run["seed"]))
-            if int(run["validation"]):
-                train, _ = data_mod.split(train, int(run["validation"]), int(run["seed"]))
+            held_out = validation_size(run["validation"], len(train))  # as the coordinator does
+            if held_out:
+                train, _ = data_mod.split(train, held_out, int(run["seed"]))
             if spec.sizes[0] != train.n_inputs:
                 raise ConfigError(f"the server's model takes {spec.sizes[0]} inputs, the data has {train.n_inputs}")
             self._train_set = train
