@@ -30,6 +30,9 @@ class PsgdGroup(click.Group):
         except PsgdError as exc:
             click.echo(f"psgd: error: {exc}", err=True)
             ctx.exit(2)
+        except OSError as exc:  # the machine's, not psgd's: a full disk, a folder it may not write
+            click.echo(f"psgd: error: {exc}", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:  # a second Ctrl-C (the first stops a run warm)
             click.echo("\npsgd: stopped at once; servers kept their newest checkpoint", err=True)
             ctx.exit(INTERRUPTED_STATUS)
@@ -196,6 +199,20 @@ def print_summary(summary: dict) -> None:
         click.echo(line)
 
 
+def say_where_the_run_went(out_dir, summary: dict) -> None:
+    """``run written to DIR``; or, if files of it could not be written (a full disk), which,
+    and exit status 1: the run trained, but what it was for did not reach the disk."""
+    if not out_dir:
+        return
+    unwritten = summary.get("unwritten") or []
+    if not unwritten:
+        click.echo(f"run written to {out_dir}")
+        return
+    why = summary["write_failures"][-1].rsplit(": ", 1)[-1] if summary.get("write_failures") else "see above"
+    click.echo(f"psgd: error: could not write {', '.join(unwritten)} to {out_dir} ({why})", err=True)
+    sys.exit(1)
+
+
 def client_curve_options(f):
     f = env_option("--curve-server-key", type=click.Path(dir_okay=False, exists=True), default=None,
                    help="CURVE: the server's public key file (NAME.key from psgd keygen).")(f)
@@ -242,8 +259,7 @@ def train(ctx, resume_dir, **kw):
         from .launch import train_cluster
         summary = train_cluster(config, progress, resume=resume_dir is not None)
     print_summary(summary)
-    if config.out_dir:
-        click.echo(f"run written to {config.out_dir}")
+    say_where_the_run_went(config.out_dir, summary)
     if summary.get("stop_reason") == "interrupted":
         if config.workers and config.out_dir:
             click.echo(f"resume with: psgd train --resume {config.out_dir}")
@@ -413,7 +429,7 @@ def coordinator(connect, curve_key, curve_server_key, **overrides):
         raise
     coord.end_run()
     print_summary(summary)
-    click.echo(f"run written to {config.out_dir}")
+    say_where_the_run_went(config.out_dir, summary)
 
 
 @cli.command()

@@ -215,7 +215,10 @@ def _run_cluster(config: TrainConfig, on_event, say, resume: bool, interrupt: Wa
         cfg_file = workdir / "config.json"
         # The coordinator decides when the run ends; a server that stopped by itself first
         # would leave it talking to nobody.
-        cfg_file.write_text(config.with_(max_updates=None, max_seconds=None).to_json())
+        try:
+            cfg_file.write_text(config.with_(max_updates=None, max_seconds=None).to_json())
+        except OSError as exc:  # nothing has started yet: say so, rather than run with no record
+            raise PsgdError(f"cannot write {cfg_file}: {exc.strerror or exc}") from None
         servers = []
         for k in range(config.servers):  # one server, or K shards each with one range of the weights
             name = "server" if config.servers == 1 else f"server-{k}"

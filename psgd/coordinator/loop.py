@@ -57,8 +57,8 @@ class Coordinator:
         self.stop_requested = stop_requested or (lambda: False)
         self.data = data
         self.net = MLP(config.model)
-        self.recorder = RunRecorder(config, on_event, append=append)
         self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.recorder = RunRecorder(config, on_event, append=append, say=self.say)
         self.watch = watch or (lambda: [])
         self.servers = ServerGroup(endpoint, "coordinator", server_wait=10.0, keys=keys,  # one or all K shards
                                    max_message=max_reply_bytes(self.net.n_params, self.net.dtype.itemsize))
