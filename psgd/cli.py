@@ -348,7 +348,7 @@ def server(ctx, bind, server_shard, num_shards, data_shards, shared_memory, read
                                        config.max_seconds, checkpoint_dir, checkpoint_every, resume,
                                        server_shard, num_shards, server_keys(curve_secret_key, curve_allow),
                                        checkpoint_every_updates))
-    st = srv.state
+    st = srv.state.store
     click.echo(f"psgd server listening on {srv.endpoint} ({config.model.sizes}; shard {st.shard} of "
                f"{st.num_server_shards}: parameters [{st.lo}, {st.hi}))")
     if curve_allow:

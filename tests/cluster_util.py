@@ -85,26 +85,28 @@ class Processes:
         return left
 
 
+def _creator_dead(name: str) -> bool:
+    """Segments and doorbell folders carry their creator's pid (psgd-weights-PID-xxxx,
+    psgd-doorbell-PID-xxxx). Only a dead creator's can be a leak: a live one may belong to
+    another psgd run on this machine (another test session, a user's run)."""
+    pid = name.split("-")[2]
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
+
+
 def shm_segments() -> set[str]:
-    return {p.name for p in SHM.glob("psgd-*")} if SHM.is_dir() else set()
+    """psgd's shared-memory segments whose creator has exited."""
+    return {p.name for p in SHM.glob("psgd-*") if _creator_dead(p.name)} if SHM.is_dir() else set()
 
 
 def doorbell_dirs() -> set[str]:
+    """psgd's doorbell folders whose server has exited."""
     import tempfile
-    return {p.name for p in Path(tempfile.gettempdir()).glob("psgd-doorbell-*")}
-
-
-def orphaned(names: set[str]) -> set[str]:
-    """Those of ``names`` (psgd-KIND-PID-...) whose creator is dead: left behind. Others'
-    live servers (another test suite on the same machine) create segments too."""
-    def alive(name):
-        try:
-            os.kill(int(name.split("-")[2]), 0)
-            return True
-        except (ValueError, IndexError):
-            return False
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-    return {n for n in names if not alive(n)}
+    return {p.name for p in Path(tempfile.gettempdir()).glob("psgd-doorbell-*") if _creator_dead(p.name)}

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from state_util import apply
 from psgd.server import checkpoint
 
 from psgd.wire import shm
@@ -19,34 +20,34 @@ CONFIG = TrainConfig(model=ModelSpec((6, 5, 3)), optimizer=OptimizerSpec("moment
 
 def pushes(state, wid, grads):
     for g in grads:
-        state.apply(wid, state.version, 4, g)
+        apply(state, wid, state.store.version, 4, g)
 
 
 def test_restored_server_continues_exactly_as_the_original(tmp_path):
     rng = np.random.default_rng(0)
-    grads = [rng.standard_normal(ServerState(CONFIG).size).astype(np.float32) for _ in range(8)]
+    grads = [rng.standard_normal(ServerState(CONFIG).store.size).astype(np.float32) for _ in range(8)]
     a = ServerState(CONFIG)
-    wa = a.register("w", "zmq").worker_id
+    wa = a.members.register("w", "zmq").worker_id
     pushes(a, wa, grads[:5])
     arrays, meta = a.checkpoint()
-    checkpoint.write(tmp_path, a.version, arrays, meta)
+    checkpoint.write(tmp_path, a.store.version, arrays, meta)
     b = ServerState(CONFIG)
     loaded, loaded_meta, _ = checkpoint.newest_valid(tmp_path)
     b.restore(loaded, loaded_meta)
-    wb = b.register("w", "zmq").worker_id
-    assert b.version == 5 and b.examples == 20 and np.array_equal(a.params, b.params)
+    wb = b.members.register("w", "zmq").worker_id
+    assert b.store.version == 5 and b.store.examples == 20 and np.array_equal(a.store.params, b.store.params)
     pushes(a, wa, grads[5:])
     pushes(b, wb, grads[5:])
-    assert np.array_equal(a.params, b.params)  # velocity and schedule position came back too
+    assert np.array_equal(a.store.params, b.store.params)  # velocity and schedule position came back too
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_a_corrupt_newest_checkpoint_is_refused_and_the_older_one_used(tmp_path, damage):
     state = ServerState(CONFIG)
-    wid = state.register("w", "zmq").worker_id
+    wid = state.members.register("w", "zmq").worker_id
     for _ in range(2):
-        pushes(state, wid, [np.ones(state.size, np.float32)])
-        checkpoint.write(tmp_path, state.version, *state.checkpoint())
+        pushes(state, wid, [np.ones(state.store.size, np.float32)])
+        checkpoint.write(tmp_path, state.store.version, *state.checkpoint())
     newest = sorted(tmp_path.glob("checkpoint-*.npz"))[-1]
     raw = bytearray(newest.read_bytes())
     if damage == "truncate":
@@ -64,10 +65,10 @@ def test_a_corrupt_newest_checkpoint_is_refused_and_the_older_one_used(tmp_path,
 
 def test_only_the_newest_few_are_kept_and_other_models_are_refused(tmp_path):
     state = ServerState(CONFIG)
-    wid = state.register("w", "zmq").worker_id
+    wid = state.members.register("w", "zmq").worker_id
     for _ in range(5):
-        pushes(state, wid, [np.ones(state.size, np.float32)])
-        checkpoint.write(tmp_path, state.version, *state.checkpoint())
+        pushes(state, wid, [np.ones(state.store.size, np.float32)])
+        checkpoint.write(tmp_path, state.store.version, *state.checkpoint())
     assert len(list(tmp_path.glob("checkpoint-*.npz"))) == checkpoint.KEEP
     other = ServerState(CONFIG.with_(model=ModelSpec((6, 4, 3))))
     arrays, meta, _ = checkpoint.newest_valid(tmp_path)
@@ -102,13 +103,13 @@ def test_a_server_checkpoints_every_u_updates_as_well_as_every_t_seconds(tmp_pat
     server = Server(CONFIG, ServerOptions(bind="tcp://127.0.0.1:0", shared_memory=False, checkpoint_dir=str(tmp_path),
                                           checkpoint_every_s=1e9, checkpoint_every_updates=5))
     try:
-        wid = server.state.register("w", "zmq").worker_id
-        g = np.zeros(server.state.size, np.float32)
+        wid = server.state.members.register("w", "zmq").worker_id
+        g = np.zeros(server.state.store.size, np.float32)
         for _ in range(4):
-            server.state.apply(wid, server.state.version, 1, g)
+            apply(server.state, wid, server.state.store.version, 1, g)
             server._maybe_checkpoint()
         assert not list(tmp_path.glob("*.npz"))
-        server.state.apply(wid, server.state.version, 1, g)
+        apply(server.state, wid, server.state.store.version, 1, g)
         server._maybe_checkpoint()
         assert [p.name for p in tmp_path.glob("*.npz")] == ["checkpoint-000000000005.npz"]
     finally:

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from state_util import apply
 from psgd.config import TrainConfig
 from psgd.model.network import MLP, ModelSpec
 from psgd.model.optim import OptimizerSpec, make_optimizer
@@ -30,62 +31,63 @@ def test_sync_equals_one_process_taking_the_union_as_one_batch(n_workers):
     """Each round, every worker's mean gradient over its 8 examples is averaged; that is the
     mean gradient over all 8N examples, so the weights match a single process exactly."""
     state = ServerState(config(consistency="sync"))
-    ids = [state.register(f"w{i}", "zmq").worker_id for i in range(n_workers)]
+    ids = [state.members.register(f"w{i}", "zmq").worker_id for i in range(n_workers)]
     net = MLP(SPEC)
     rng = np.random.default_rng(0)
-    reference = state.params.copy()
+    reference = state.store.params.copy()
     ref_opt = make_optimizer(OptimizerSpec("momentum", 0.9), net.n_params, np.float64)
     for _ in range(5):
         batches = [(rng.standard_normal((8, 12)), rng.integers(0, 4, 8)) for _ in ids]
+        decisions = {}
         for wid, (X, T) in zip(ids, batches):
-            _, g = net.loss_and_grad(state.params, X, T)
-            state.submit(wid, state.version, 8, g.copy())
-        acks = [state.take_ack(w) for w in ids]
-        assert all(a is not None and a[2] == 0 for a in acks)  # everyone released, staleness 0
+            _, g = net.loss_and_grad(state.store.params, X, T)
+            decisions[wid] = state.push(wid, state.store.version, 8, g.copy())
+        # the last push completes the round and is answered at once; the others are released
+        released = {w: s for w, _, s in state.take_released()}
+        assert [d.outcome for d in decisions.values()] == ["held"] * (n_workers - 1) + ["applied"]
+        assert sorted(released) == sorted(ids[:-1]) and set(released.values()) == {0}  # staleness 0
         X_all = np.concatenate([b[0] for b in batches])
         T_all = np.concatenate([b[1] for b in batches])
         _, g_all = net.loss_and_grad(reference, X_all, T_all)
         ref_opt.step(reference, g_all, 0.1)
-    np.testing.assert_allclose(state.params, reference, rtol=1e-10, atol=1e-12)
-    assert state.version == 5 and state.staleness.total == 5 * n_workers
+    np.testing.assert_allclose(state.store.params, reference, rtol=1e-10, atol=1e-12)
+    assert state.store.version == 5 and state.store.staleness.total == 5 * n_workers
 
 
 def test_sync_round_waits_for_every_live_worker_and_drops_a_dead_one_after_its_lease():
     clock = FakeClock()
     state = ServerState(config(consistency="sync", lease_s=5.0), clock=clock)
-    a, b, c = (state.register(n, "zmq").worker_id for n in "abc")
-    g = np.full(state.size, 0.01)
-    state.submit(a, 0, 1, g)
-    state.submit(b, 0, 1, g)
-    assert state.outbox == [] and state.version == 0  # c has not pushed: the barrier holds
+    a, b, c = (state.members.register(n, "zmq").worker_id for n in "abc")
+    g = np.full(state.store.size, 0.01)
+    assert state.push(a, 0, 1, g).outcome == state.push(b, 0, 1, g).outcome == "held"
+    assert state.take_released() == [] and state.store.version == 0  # c has not pushed: the barrier holds
     clock.now = 4.0
     state.tick()
-    assert state.outbox == []  # c is within its lease
+    assert state.take_released() == []  # c is within its lease
     clock.now = 5.5
     state.tick()  # c's lease ran out: the round completes without it
-    assert sorted(w for w, _, _ in state.outbox) == [a, b] and state.version == 1
+    assert sorted(w for w, _, _ in state.take_released()) == [a, b] and state.store.version == 1
 
 
 def test_sync_disconnect_releases_the_barrier_at_once():
     state = ServerState(config(consistency="sync"))
-    a, b = (state.register(n, "zmq").worker_id for n in "ab")
-    state.submit(a, 0, 1, np.zeros(state.size))
+    a, b = (state.members.register(n, "zmq").worker_id for n in "ab")
+    assert state.push(a, 0, 1, np.zeros(state.store.size)).outcome == "held"
     state.disconnect(b)
-    assert [w for w, _, _ in state.outbox] == [a]
+    assert [w for w, _, _ in state.take_released()] == [a]
 
 
 def test_ssp_holds_a_worker_more_than_s_clocks_ahead_of_the_slowest():
     state = ServerState(config(consistency="ssp", ssp_bound=2))
-    fast, slow = (state.register(n, "zmq").worker_id for n in ("fast", "slow"))
-    g = np.full(state.size, 0.001)
+    fast, slow = (state.members.register(n, "zmq").worker_id for n in ("fast", "slow"))
+    g = np.full(state.store.size, 0.001)
     released = []
     for step in range(3):  # clocks 1, 2: within the bound; 3 is 3 ahead of slow's 0
-        state.submit(fast, state.version, 1, g)
-        released.append(state.take_ack(fast) is not None)
+        released.append(state.push(fast, state.store.version, 1, g).outcome == "applied")
     assert released == [True, True, False]
-    assert state.version == 3  # ssp applies at once; only the ack waits
-    state.submit(slow, state.version, 1, g)  # slow reaches clock 1: fast leads by 2 now
-    assert state.take_ack(fast) is not None and state.take_ack(slow) is not None
+    assert state.store.version == 3  # ssp applies at once; only the ack waits
+    decision = state.push(slow, state.store.version, 1, g)  # slow reaches clock 1: fast leads by 2 now
+    assert decision.outcome == "applied" and [w for w, _, _ in state.take_released()] == [fast]
     assert state.gate.max_lead <= 2
 
 
@@ -94,32 +96,31 @@ def test_ssp_bound_holds_over_a_random_schedule_of_pushes():
     From the clocks at every release, no worker ever ran more than s ahead."""
     s = 3
     state = ServerState(config(consistency="ssp", ssp_bound=s))
-    ids = [state.register(f"w{i}", "zmq").worker_id for i in range(4)]
-    g = np.full(state.size, 1e-4)
+    ids = [state.members.register(f"w{i}", "zmq").worker_id for i in range(4)]
+    g = np.full(state.store.size, 1e-4)
     rng = np.random.default_rng(1)
     free = set(ids)
     for _ in range(400):
         if not free:
             break
         wid = sorted(free)[rng.integers(len(free))] if rng.random() < 0.9 else sorted(free)[0]
-        state.submit(wid, state.version, 1, g)
+        answered = [wid] if state.push(wid, state.store.version, 1, g).outcome == "applied" else []
         free.discard(wid)
-        while state.outbox:
-            worker, _, _ = state.outbox.pop(0)
-            clocks = [state.workers[w].pushes for w in ids]
-            assert state.workers[worker].pushes - min(clocks) <= s
+        for worker in answered + [w for w, _, _ in state.take_released()]:
+            clocks = [state.members.workers[w].pushes for w in ids]
+            assert state.members.workers[worker].pushes - min(clocks) <= s
             free.add(worker)
-    assert state.gate.max_lead <= s and sum(state.workers[w].pushes for w in ids) > 100
+    assert state.gate.max_lead <= s and sum(state.members.workers[w].pushes for w in ids) > 100
 
 
 def test_ssp_resent_push_is_not_applied_twice():
     state = ServerState(config(consistency="ssp", ssp_bound=0))
-    a, b = (state.register(n, "zmq").worker_id for n in "ab")
-    g = np.full(state.size, 0.001)
-    state.submit(a, 0, 1, g)  # a leads by 1 > 0: held
-    before = state.params.copy()
-    state.submit(a, 0, 1, g)  # the client gave up waiting and sent it again
-    assert np.array_equal(before, state.params) and state.version == 1
+    a, b = (state.members.register(n, "zmq").worker_id for n in "ab")
+    g = np.full(state.store.size, 0.001)
+    assert state.push(a, 0, 1, g).outcome == "held"  # a leads by 1 > 0
+    before = state.store.params.copy()
+    assert state.push(a, 0, 1, g).outcome == "held"  # the client gave up waiting and sent it again
+    assert np.array_equal(before, state.store.params) and state.store.version == 1
 
 
 def test_dcasgd_compensates_stale_gradients_by_the_weight_change():
@@ -127,16 +128,16 @@ def test_dcasgd_compensates_stale_gradients_by_the_weight_change():
     cfg = TrainConfig(model=SPEC, optimizer=OptimizerSpec("sgd"), schedule=ScheduleSpec("constant", 0.1, warmup=0),
                       staleness_rule="dcasgd", dc_lambda=lam)
     state = ServerState(cfg)
-    a, b = (state.register(n, "zmq").worker_id for n in "ab")
+    a, b = (state.members.register(n, "zmq").worker_id for n in "ab")
     rng = np.random.default_rng(0)
-    w0 = state.params.copy()
-    g1, g2 = rng.standard_normal(state.size), rng.standard_normal(state.size)
-    state.apply(a, 0, 1, g1)  # fresh: plain SGD
-    np.testing.assert_allclose(state.params, w0 - 0.1 * g1)
-    w1 = state.params.copy()
-    state.apply(b, 0, 1, g2)  # computed from w0, applied at w1: compensated
+    w0 = state.store.params.copy()
+    g1, g2 = rng.standard_normal(state.store.size), rng.standard_normal(state.store.size)
+    apply(state, a, 0, 1, g1)  # fresh: plain SGD
+    np.testing.assert_allclose(state.store.params, w0 - 0.1 * g1)
+    w1 = state.store.params.copy()
+    apply(state, b, 0, 1, g2)  # computed from w0, applied at w1: compensated
     expected = w1 - 0.1 * (g2 + lam * g2 * g2 * (w1 - w0))
-    np.testing.assert_allclose(state.params, expected, rtol=1e-12)
+    np.testing.assert_allclose(state.store.params, expected, rtol=1e-12)
 
 
 def test_dcasgd_is_for_plain_sgd_only():

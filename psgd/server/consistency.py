@@ -1,9 +1,18 @@
 """Consistency models: when a push is applied and when its worker may go on.
 
-Each *gate* takes a validated push and decides. Acknowledgements that are ready go into
-``state.outbox`` as ``(worker_id, version, staleness)``; the server loop delivers them by
-whichever path each worker came (ZeroMQ or shared memory). A worker whose ack is held
-simply waits: that is how a barrier or a staleness bound reaches it.
+A *gate* decides; it never touches the weights or the workers' records. For each checked
+push the server asks :meth:`admit`, which answers one of
+
+- ``APPLY``: apply it now and answer now (async);
+- ``APPLY_HOLD``: apply it now, but hold its ack (ssp: the worker leads by too much);
+  the server then tells the gate :meth:`hold` with the ack;
+- ``COLLECT``: the gate keeps the gradient for a round (sync);
+- ``DUPLICATE``: the same worker's ack is already held: this is a resent push, counted
+  once already; the worker keeps waiting for the ack it is owed.
+
+After anything that may unblock a worker (a push, a departure, time) the server calls
+:meth:`release` with the facts the gate needs (each worker's clock, who is live) and gets
+back what to do: acks to send now, and for sync, a round to apply as one update.
 
 - async (Downpour): apply at once, answer at once.
 - ssp, bound s (stale synchronous parallel, Ho et al. 2013, as in Petuum): apply at once;
@@ -19,23 +28,50 @@ hangs the run.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
+
+APPLY, APPLY_HOLD, COLLECT, DUPLICATE = "apply", "apply_hold", "collect", "duplicate"
+
+
+@dataclass
+class Round:
+    """A completed synchronous round: the mean gradient and each worker's examples."""
+
+    mean_grad: np.ndarray
+    contributions: dict[int, int]
+
+
+@dataclass
+class Release:
+    """What the server does after :meth:`release`: send these acks ``(worker, version,
+    staleness)``, and (sync) first apply ``round``, whose workers are then answered."""
+
+    acks: list[tuple[int, int, int]] = field(default_factory=list)
+    round: Round | None = None
 
 
 class AsyncGate:
-    def submit(self, state, worker_id, base_version, examples, grad) -> None:
-        version, staleness = state.apply(worker_id, base_version, examples, grad)
-        state.outbox.append((worker_id, version, staleness))
+    def admit(self, worker_id: int, examples: int, grad: np.ndarray) -> str:
+        return APPLY
 
-    def tick(self, state) -> None:
-        """Called every loop turn and when workers leave; may release held acks."""
+    def hold(self, worker_id: int, version: int, staleness: int) -> None:
+        raise AssertionError("async never holds an ack")
+
+    def release(self, clocks: dict[int, int], live: set[int]) -> Release:
+        return Release()
 
     def holding(self) -> set[int]:
         """Workers whose ack is held: they wait on the server and cannot speak."""
         return set()
 
+    def drop_all(self) -> list[int]:
+        """The run ends: forget what is held; returns the workers that were waiting."""
+        return []
 
-class SSPGate:
+
+class SSPGate(AsyncGate):
     def __init__(self, bound: int):
         self.bound = bound
         self.held: dict[int, tuple[int, int]] = {}  # worker -> (version, staleness) of its held ack
@@ -44,62 +80,66 @@ class SSPGate:
     def holding(self) -> set[int]:
         return set(self.held)
 
-    def submit(self, state, worker_id, base_version, examples, grad) -> None:
-        if worker_id in self.held:
-            return  # a resent push whose ack is held: applied once already
-        version, staleness = state.apply(worker_id, base_version, examples, grad)
-        self.held[worker_id] = (version, staleness)
-        self.tick(state)
+    def admit(self, worker_id, examples, grad) -> str:
+        return DUPLICATE if worker_id in self.held else APPLY_HOLD
 
-    def tick(self, state) -> None:
+    def hold(self, worker_id, version, staleness) -> None:
+        self.held[worker_id] = (version, staleness)
+
+    def release(self, clocks, live) -> Release:
+        out = Release()
         if not self.held:
-            return
-        live = state.live_workers(also=self.held)
-        slowest = min((state.workers[w].pushes for w in live), default=0)
+            return out
+        live = live | set(self.held)
+        slowest = min((clocks.get(w, 0) for w in live), default=0)
         for worker_id in sorted(self.held):
-            clock = state.workers[worker_id].pushes
+            clock = clocks.get(worker_id, 0)
             if worker_id not in live or clock - slowest <= self.bound:
                 version, staleness = self.held.pop(worker_id)
                 if worker_id in live:
                     self.max_lead = max(self.max_lead, clock - slowest)
-                state.outbox.append((worker_id, version, staleness))
+                out.acks.append((worker_id, version, staleness))
+        return out
+
+    def drop_all(self) -> list[int]:
+        dropped, self.held = sorted(self.held), {}
+        return dropped
 
 
-class SyncGate:
-    def __init__(self):
+class SyncGate(AsyncGate):
+    def __init__(self, size: int, dtype):
         self.waiting: dict[int, int] = {}  # worker -> examples of its gradient in this round
-        self.sum: np.ndarray | None = None
+        self.sum = np.zeros(size, dtype)  # of this round's gradients (their mean, once released)
 
     def holding(self) -> set[int]:
         return set(self.waiting)
 
-    def submit(self, state, worker_id, base_version, examples, grad) -> None:
+    def admit(self, worker_id, examples, grad) -> str:
         if worker_id in self.waiting:
-            return  # a second gradient for one round (a resent push): already counted
-        state.check_push(worker_id, base_version, examples, grad)
-        if self.sum is None:
-            self.sum = np.zeros(state.size, state.dtype)
-        self.sum += grad
+            return DUPLICATE  # a second gradient for one round (a resent push): already counted
+        if self.waiting:
+            self.sum += grad
+        else:  # the first of a round: no pass to zero the sum
+            np.copyto(self.sum, grad)
         self.waiting[worker_id] = examples
-        self.tick(state)
+        return COLLECT
 
-    def tick(self, state) -> None:
-        if not self.waiting:
-            return
-        live = state.live_workers(also=self.waiting)
-        if not all(w in self.waiting for w in live):
-            return
+    def release(self, clocks, live) -> Release:
+        if not self.waiting or not all(w in self.waiting for w in live):
+            return Release()
         self.sum *= 1.0 / len(self.waiting)
-        state.apply_average(self.sum, self.waiting)
-        for worker_id in sorted(self.waiting):
-            state.outbox.append((worker_id, state.version, 0))
+        done = Round(self.sum, self.waiting)  # applied before the next round's first push
         self.waiting = {}
-        self.sum[...] = 0
+        return Release(round=done)
+
+    def drop_all(self) -> list[int]:
+        dropped, self.waiting = sorted(self.waiting), {}
+        return dropped
 
 
-def make_gate(config):
+def make_gate(config, size: int, dtype):
     if config.consistency == "ssp":
         return SSPGate(config.ssp_bound)
     if config.consistency == "sync":
-        return SyncGate()
+        return SyncGate(size, dtype)
     return AsyncGate()

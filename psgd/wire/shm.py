@@ -1,4 +1,5 @@
-"""The co-located fast path: weights and gradients in shared memory, a 16-byte doorbell.
+"""The co-located fast path: weights and gradients in shared memory (the doorbell that
+announces a gradient is psgd.wire.doorbell).
 
 Moving a megabyte through the kernel per step costs as much as the step's compute on a
 small machine, so a worker on the server's own machine does not send its gradient: it
@@ -18,7 +19,6 @@ import mmap
 import os
 import secrets
 import shutil
-import struct
 import tempfile
 import time
 
@@ -30,11 +30,6 @@ SHM_DIR = "/dev/shm"
 HEADER_BYTES = 64  # u64 words: [0] sequence counter, [1] version, [2] nonce
 SEQ, VERSION, NONCE = 0, 1, 2
 
-DOORBELL = struct.Struct("<QII")  # base_version, examples, flags
-ACK = struct.Struct("<QII")  # version, staleness, status | data_generation << 8
-ACK_OK, ACK_REFUSED, ACK_SHUTDOWN, ACK_REJOIN = 0, 1, 2, 3  # REJOIN: the server no longer knows you
-ACK_STATUS_MASK = 0xFF  # the rest of the status word is the worker's data-shard generation
-HANDSHAKE_MAX = 4096  # bytes of the msgpack handshake a worker sends first
 SEQLOCK_SPINS = 1000  # quick retries (a write takes ~0.2 ms) before the reader starts sleeping
 SEQLOCK_TIMEOUT_S = 60.0  # a write still unfinished after this: the server is stuck
 

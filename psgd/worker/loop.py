@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
+import platform
 import sys
 import time
 from dataclasses import dataclass
 
-import msgpack
 import numpy as np
 
 from .. import data as data_mod
 from ..wire import shm
 from ..config import validation_size
+from ..wire.channels import ShmChannel, ZmqChannel, check_reply
 from ..errors import ConfigError, ProtocolError, ShutdownRequested, TransportError
 from ..model.layout import Layout
 from ..model.network import MLP, ModelSpec
@@ -44,119 +44,6 @@ class WorkerOptions:
     keys: ClientKeys | None = None  # CURVE, for a server that demands it
 
 
-class ZmqChannel:
-    """Pushes and pulls as protocol messages over the worker's Client to one server shard."""
-
-    transport = "zmq"
-
-    def __init__(self, client: Client, worker_id: int, grad: np.ndarray, offset: int):
-        self.client, self.worker_id = client, worker_id
-        self.grad, self.offset = grad, offset  # grad may be a view into the worker's whole gradient
-        self._params = None
-
-    def pull(self, params: np.ndarray) -> int:
-        reply = check_reply(self.client.request({"type": "pull", "worker_id": self.worker_id}), "params")
-        params[...] = reply.arrays[0]
-        return reply["version"]
-
-    def push_begin(self, base_version: int, examples: int, params: np.ndarray | None) -> None:
-        """Send ``self.grad``; :meth:`push_end` waits for the ack (and refreshed ``params``)."""
-        header = {"type": "push", "worker_id": self.worker_id, "base_version": base_version,
-                  "examples": examples, "want_params": params is not None}
-        self._params = params
-        self.client.send(header, [self.grad], [self.offset])
-
-    def push_end(self) -> tuple[int, int, int | None, int]:
-        """(server version, staleness, version of refreshed params or None, data generation)."""
-        reply = check_reply(self.client.receive(), "ack")
-        params, self._params = self._params, None
-        if params is not None:
-            params[...] = reply.arrays[0]
-        return reply["version"], reply["staleness"], reply["version"] if params is not None else None, \
-            reply["data_generation"]
-
-    def close(self):
-        pass
-
-
-def check_reply(reply, expected: str):
-    """The reply if it is of the expected type; else the right exception for the worker loop."""
-    if reply.type == "shutdown":
-        raise ShutdownRequested("the server ended the run")
-    if reply.type == "error":
-        if reply["code"] == "unknown_worker":  # the server restarted, or our lease ran out: say hello again
-            raise TransportError(f"the server no longer knows this worker: {reply['message']}")
-        raise ProtocolError(reply["code"], reply["message"])
-    if reply.type != expected:
-        raise ProtocolError("bad_type", f"expected {expected}, got {reply.type}")
-    return reply
-
-
-class ShmChannel:
-    """Gradients and weights in shared memory; a Unix-socket doorbell to the server."""
-
-    transport = "shm"
-
-    def __init__(self, local: dict, worker_id: int, n_params: int, dtype, timeout: float):
-        self.weights = shm.Segment.attach(str(local["weights"]), n_params, dtype)
-        if int(self.weights.header[shm.NONCE]) != int(local["nonce"]):
-            self.weights.close()
-            raise TransportError("shared memory is not the server's (another machine?)")
-        self.grad_seg = shm.Segment.create("psgd-grad", n_params, dtype)
-        self.grad = self.grad_seg.array
-        self._params = None
-        self.timeout = timeout  # for an ack, and for a consistent read of the weights
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(str(local["doorbell"]))
-            self.sock.send(msgpack.packb({"worker_id": worker_id, "nonce": int(local["nonce"]), "grad": self.grad_seg.name}))
-            self._ack()
-        except OSError as exc:
-            self.close()
-            raise TransportError(f"shared-memory doorbell: {exc}") from None
-        finally:
-            self.grad_seg.unlink()  # the server has mapped it (or never will): drop the name
-
-    def _ack(self) -> tuple[int, int, int]:
-        try:
-            data = self.sock.recv(64)
-        except (OSError, socket.timeout) as exc:
-            raise TransportError(f"server doorbell: {exc}") from None
-        if len(data) != shm.ACK.size:
-            raise TransportError("the server closed the doorbell")
-        version, staleness, word = shm.ACK.unpack(data)
-        status, generation = word & shm.ACK_STATUS_MASK, word >> 8
-        if status == shm.ACK_SHUTDOWN:
-            raise ShutdownRequested("the server ended the run")
-        if status == shm.ACK_REJOIN:
-            raise TransportError("the server no longer knows this worker")
-        if status == shm.ACK_REFUSED:
-            raise ProtocolError("refused", "the server refused the gradient")
-        return version, staleness, generation
-
-    def pull(self, params: np.ndarray) -> int:
-        return shm.read_consistent(self.weights, params, self.timeout)
-
-    def push_begin(self, base_version: int, examples: int, params: np.ndarray | None) -> None:
-        self._params = params
-        try:
-            self.sock.send(shm.DOORBELL.pack(base_version, examples, 0))
-        except OSError as exc:
-            raise TransportError(f"server doorbell: {exc}") from None
-
-    def push_end(self):
-        version, staleness, generation = self._ack()
-        params, self._params = self._params, None
-        fetched = self.pull(params) if params is not None else None
-        return version, staleness, fetched, generation
-
-    def close(self):
-        self.sock.close()
-        self.weights.close()
-        self.grad_seg.close()
-
-
 @dataclass
 class ServerLink:
     """One server shard as a worker sees it: its client, range and channel, and the
@@ -175,7 +62,7 @@ class ServerLink:
 class Worker:
     def __init__(self, options: WorkerOptions):
         self.options = options
-        self.name = options.name or f"worker-{socket.gethostname()}-{os.getpid()}"
+        self.name = options.name or f"worker-{platform.node()}-{os.getpid()}"
         self.links = [ServerLink(client) for client in
                       connect_clients(options.connect, self.name, server_wait=options.server_wait_s, keys=options.keys)]
         self.stop_requested = False

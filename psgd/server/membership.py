@@ -1,0 +1,140 @@
+"""Membership: the workers a server knows, their leases, and which data shards each
+trains on. Pure bookkeeping, no sockets, no weights; time comes from a clock passed in.
+
+A worker joins with hello and gets an id and data shards; every message from it renews
+its lease; a worker silent past its lease (or gone: bye, hang-up) is dropped, and its data
+shards go to the live worker with the fewest, so no part of the data goes untrained. A
+worker that comes back asks for the shards it had and gets them back.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import Counter
+
+from ..errors import ProtocolError
+from ..metrics import WorkerRecord
+
+MAX_WORKERS = 4096  # connected at once; a hello beyond is refused (a flood of hellos is bounded)
+LEASE_CHECK_S = 0.05  # how often the loop looks for expired leases
+
+
+class Membership:
+    def __init__(self, lease_s: float, num_data_shards: int = 1, clock=time.monotonic):
+        self.lease_s = lease_s
+        self.num_data_shards = max(1, num_data_shards)
+        self.clock = clock
+        self.workers: dict[int, WorkerRecord] = {}
+        self.lost_shards: set[int] = set()  # data shards of departed workers, not yet adopted
+        self._leases_checked = float("-inf")
+        # Worker ids start at a random point, so that an id from before a restart is not taken
+        # for a new worker's: a worker of the old server must hear "unknown worker" and rejoin.
+        self._next_worker_id = secrets.randbelow(1 << 24) << 16
+
+    def register(self, name: str, transport: str, wanted: list[int] | None = None) -> WorkerRecord:
+        """A new worker, and the data shards it trains on: the ones it asks for (a worker
+        coming back asks for those it had), else a shard nobody trains on, else the least
+        used one. A shard it takes back from a worker that adopted it leaves that worker.
+        ``wanted`` must already be valid (distinct shard numbers in range)."""
+        live = [r for r in self.workers.values() if r.connected]
+        if len(live) >= MAX_WORKERS:
+            raise ProtocolError("too_many_workers", f"{MAX_WORKERS} workers are connected already")
+        worker_id = self._next_worker_id
+        self._next_worker_id += 1
+        if wanted:
+            shards = sorted(set(wanted))
+            for other in live:
+                kept = [s for s in other.data_shards if s not in shards]
+                if kept and kept != other.data_shards:
+                    other.data_shards = kept
+                    other.data_generation += 1
+        else:
+            used = Counter(s for r in live for s in r.data_shards)
+            shards = [min(range(self.num_data_shards), key=lambda s: (used[s], s))]
+        self.lost_shards.difference_update(shards)
+        now = self.clock()
+        record = WorkerRecord(worker_id, name, shards, transport, joined=now, last_seen=now)
+        self.workers[worker_id] = record
+        self._adopt_lost_shards()
+        return record
+
+    def touch(self, worker_id) -> WorkerRecord:
+        """A sign of life from a worker; raises for one the server does not (or no longer) know."""
+        record = self.workers.get(worker_id) if isinstance(worker_id, int) else None
+        if record is None:
+            raise ProtocolError("unknown_worker", f"worker {worker_id} has not said hello (server restarted?)")
+        if record.expired:
+            raise ProtocolError("unknown_worker", f"worker {worker_id} was silent past its lease; say hello again")
+        record.last_seen = self.clock()
+        return record
+
+    def count(self, worker_id: int, examples: int, staleness: int) -> None:
+        """One applied push of this worker's."""
+        record = self.workers[worker_id]
+        record.pushes += 1
+        record.examples += examples
+        record.last_seen = self.clock()
+        record.staleness.add(staleness)
+
+    def disconnect(self, worker_id: int) -> bool:
+        """The worker is gone (bye, hang-up, lease); True if it was connected."""
+        record = self.workers.get(worker_id)
+        if record is None or not record.connected:
+            return False
+        record.connected = False
+        if record.pushes == 0 and record.refused == 0:
+            del self.workers[worker_id]  # it did nothing: keeping it would let hellos grow the stats
+        self.lost_shards.update(record.data_shards)
+        self._adopt_lost_shards()
+        return True
+
+    def expire_leases(self, held: set[int] = frozenset()) -> list[int]:
+        """Drop connected workers silent past their lease (at most every LEASE_CHECK_S);
+        ``held`` are workers the server itself keeps waiting, whose silence is its doing.
+        Returns the dropped ids."""
+        now = self.clock()
+        if now - self._leases_checked < LEASE_CHECK_S:
+            return []
+        self._leases_checked = now
+        dropped = []
+        for record in list(self.workers.values()):
+            if record.connected and record.worker_id not in held and now - record.last_seen >= self.lease_s:
+                record.expired = True
+                self.disconnect(record.worker_id)
+                dropped.append(record.worker_id)
+        return dropped
+
+    def extend_leases(self, seconds: float) -> None:
+        """Stop every lease's clock for ``seconds``: the time of a pause in which the server
+        held the workers. (Restarting the leases instead would keep a dead worker alive
+        for good in a run whose coordinator pauses more often than a lease lasts.)"""
+        for record in self.workers.values():
+            record.last_seen += seconds
+
+    def live(self, also=()) -> set[int]:
+        """Workers that count for barriers: connected and heard from within the lease,
+        plus ``also`` (workers the gate is holding, which cannot speak)."""
+        now = self.clock()
+        return {w for w, r in self.workers.items()
+                if w in also or (r.connected and now - r.last_seen < self.lease_s)}
+
+    def any_connected(self) -> bool:
+        return any(r.connected for r in self.workers.values())
+
+    def clocks(self) -> dict[int, int]:
+        """Each worker's clock for SSP: the number of its applied pushes."""
+        return {w: r.pushes for w, r in self.workers.items()}
+
+    def _adopt_lost_shards(self) -> None:
+        """Hand each data shard that its worker took away to the live worker with the fewest,
+        so that no part of the data goes untrained while workers come and go."""
+        live = [r for r in self.workers.values() if r.connected]
+        for s in sorted(self.lost_shards):
+            if not live:
+                return  # the next worker to say hello adopts them
+            if not any(s in r.data_shards for r in live):
+                adopter = min(live, key=lambda r: (len(r.data_shards), r.worker_id))
+                adopter.data_shards = sorted(adopter.data_shards + [s])
+                adopter.data_generation += 1
+            self.lost_shards.discard(s)

@@ -1,0 +1,114 @@
+"""A worker's two ways to push and pull, behind one interface (a *channel*):
+
+- :class:`ZmqChannel`: protocol messages over a :class:`psgd.wire.transport.Client`, to
+  any host;
+- :class:`ShmChannel`: on the server's own machine, the gradient is computed straight
+  into a shared-memory segment and announced with a 16-byte doorbell; the weights are
+  read back from the server's segment under its sequence lock.
+
+Both have ``grad`` (the buffer the worker computes into), ``pull(params) -> version``,
+``push_begin(base_version, examples, params_or_None)`` and ``push_end() -> (version,
+staleness, version of refreshed params or None, data generation)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ProtocolError, ShutdownRequested, TransportError
+from . import shm
+from .doorbell import DoorbellClient
+from .transport import Client
+
+
+class ZmqChannel:
+    """Pushes and pulls as protocol messages over the worker's Client to one server shard."""
+
+    transport = "zmq"
+
+    def __init__(self, client: Client, worker_id: int, grad: np.ndarray, offset: int):
+        self.client, self.worker_id = client, worker_id
+        self.grad, self.offset = grad, offset  # grad may be a view into the worker's whole gradient
+        self._params = None
+
+    def pull(self, params: np.ndarray) -> int:
+        reply = check_reply(self.client.request({"type": "pull", "worker_id": self.worker_id}), "params")
+        params[...] = reply.arrays[0]
+        return reply["version"]
+
+    def push_begin(self, base_version: int, examples: int, params: np.ndarray | None) -> None:
+        """Send ``self.grad``; :meth:`push_end` waits for the ack (and refreshed ``params``)."""
+        header = {"type": "push", "worker_id": self.worker_id, "base_version": base_version,
+                  "examples": examples, "want_params": params is not None}
+        self._params = params
+        self.client.send(header, [self.grad], [self.offset])
+
+    def push_end(self) -> tuple[int, int, int | None, int]:
+        """(server version, staleness, version of refreshed params or None, data generation)."""
+        reply = check_reply(self.client.receive(), "ack")
+        params, self._params = self._params, None
+        if params is not None:
+            params[...] = reply.arrays[0]
+        return reply["version"], reply["staleness"], reply["version"] if params is not None else None, \
+            reply["data_generation"]
+
+    def close(self):
+        pass
+
+
+def check_reply(reply, expected: str):
+    """The reply if it is of the expected type; else the right exception for the worker loop."""
+    if reply.type == "shutdown":
+        raise ShutdownRequested("the server ended the run")
+    if reply.type == "error":
+        if reply["code"] == "unknown_worker":  # the server restarted, or our lease ran out: say hello again
+            raise TransportError(f"the server no longer knows this worker: {reply['message']}")
+        raise ProtocolError(reply["code"], reply["message"])
+    if reply.type != expected:
+        raise ProtocolError("bad_type", f"expected {expected}, got {reply.type}")
+    return reply
+
+
+class ShmChannel:
+    """Gradients and weights in shared memory; a doorbell (psgd.wire.doorbell) to the server."""
+
+    transport = "shm"
+
+    def __init__(self, local: dict, worker_id: int, n_params: int, dtype, timeout: float):
+        self.weights = shm.Segment.attach(str(local["weights"]), n_params, dtype)
+        if int(self.weights.header[shm.NONCE]) != int(local["nonce"]):
+            self.weights.close()
+            raise TransportError("shared memory is not the server's (another machine?)")
+        self.grad_seg = shm.Segment.create("psgd-grad", n_params, dtype)
+        self.grad = self.grad_seg.array
+        self._params = None
+        self.timeout = timeout  # for an ack, and for a consistent read of the weights
+        self.doorbell = None
+        try:
+            self.doorbell = DoorbellClient(str(local["doorbell"]), worker_id, int(local["nonce"]),
+                                           self.grad_seg.name, timeout)
+            self.doorbell.wait_ack()
+        except (TransportError, ProtocolError, ShutdownRequested):
+            self.close()
+            raise
+        finally:
+            self.grad_seg.unlink()  # the server has mapped it (or never will): drop the name
+
+    def pull(self, params: np.ndarray) -> int:
+        return shm.read_consistent(self.weights, params, self.timeout)
+
+    def push_begin(self, base_version: int, examples: int, params: np.ndarray | None) -> None:
+        self._params = params
+        self.doorbell.ring(base_version, examples)
+
+    def push_end(self):
+        version, staleness, generation = self.doorbell.wait_ack()
+        params, self._params = self._params, None
+        fetched = self.pull(params) if params is not None else None
+        return version, staleness, fetched, generation
+
+    def close(self):
+        if self.doorbell is not None:
+            self.doorbell.close()
+        self.weights.close()
+        self.grad_seg.close()

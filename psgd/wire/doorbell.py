@@ -1,0 +1,191 @@
+"""The doorbell: how a worker on the server's own machine hands over a gradient that lies
+in shared memory. Both ends and the byte formats live here (docs/protocol.md, "The
+shared-memory path", is the spec).
+
+A worker connects to the server's Unix SOCK_SEQPACKET socket (its path comes in the
+``welcome``) and sends one **handshake**: a msgpack map ``{"v": DOORBELL_VERSION,
+"worker_id", "nonce", "grad"}`` (the name of the gradient segment it created). The
+server answers with an ack. From then on each **ring** is 16 bytes, ``<QII``:
+``base_version, examples, flags`` (flags 0), meaning "my gradient segment holds a new
+gradient"; each **ack** is 16 bytes, ``<QII``: ``version, staleness, word``, where the
+low 8 bits of ``word`` are a status and the high 24 bits the worker's data-shard
+generation. Anything else closes the connection.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+import msgpack
+
+from ..errors import ProtocolError, ShutdownRequested, TransportError
+from . import shm
+
+DOORBELL_VERSION = 1
+RING = struct.Struct("<QII")  # base_version, examples, flags
+ACK = struct.Struct("<QII")  # version, staleness, status | data_generation << 8
+ACK_OK, ACK_REFUSED, ACK_SHUTDOWN, ACK_REJOIN = 0, 1, 2, 3  # REJOIN: the server no longer knows you
+ACK_STATUS_BITS = 8
+ACK_STATUS_MASK = (1 << ACK_STATUS_BITS) - 1  # the rest of the word is the data-shard generation
+HANDSHAKE_MAX = 4096  # bytes of the msgpack handshake a worker sends first
+LISTEN_BACKLOG = 64
+
+
+def ack_word(status: int, data_generation: int) -> int:
+    return status | (data_generation & 0xFFFFFF) << ACK_STATUS_BITS
+
+
+# --- the server's end -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Handshake:
+    worker_id: int
+    nonce: int
+    grad: str  # the name of the worker's gradient segment
+
+
+@dataclass(frozen=True)
+class Ring:
+    base_version: int
+    examples: int
+
+
+class Malformed(Exception):
+    """A doorbell message that fits no format: the server closes the connection."""
+
+
+class LocalPeer:
+    """One worker's doorbell connection, as the server holds it."""
+
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
+        self.worker_id: int | None = None  # known once the handshake is accepted
+        self.grad: shm.Segment | None = None
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def receive(self) -> Handshake | Ring | None:
+        """The next message: a Handshake first, Rings after; None when the worker hung up.
+        Raises Malformed for anything else."""
+        try:
+            data = self.conn.recv(HANDSHAKE_MAX)
+        except OSError:
+            return None
+        if not data:
+            return None
+        if self.worker_id is None:
+            return _parse_handshake(data)
+        if len(data) != RING.size:
+            raise Malformed(f"a ring is {RING.size} bytes, got {len(data)}")
+        base_version, examples, _flags = RING.unpack(data)
+        return Ring(base_version, examples)
+
+    def accept(self, worker_id: int, grad_name: str, size: int, dtype) -> None:
+        """Map the worker's gradient segment (and drop its name: it cannot leak now)."""
+        self.grad = shm.Segment.attach(grad_name, size, dtype)
+        self.grad.unlink()
+        self.worker_id = worker_id
+
+    def send_ack(self, version: int, staleness: int, status: int, data_generation: int = 0) -> None:
+        try:
+            self.conn.send(ACK.pack(version, staleness, ack_word(status, data_generation)))
+        except OSError:
+            pass  # it is gone; the next poll sees the hang-up
+
+    def close(self) -> None:
+        if self.grad is not None:
+            self.grad.close()
+        self.conn.close()
+
+
+def _parse_handshake(data: bytes) -> Handshake:
+    try:
+        hs = msgpack.unpackb(data, raw=False)
+        if hs.get("v") != DOORBELL_VERSION or isinstance(hs.get("v"), bool):
+            raise Malformed(f"doorbell version {hs.get('v')!r}, this end speaks {DOORBELL_VERSION}")
+        worker_id, nonce, grad = hs["worker_id"], hs["nonce"], hs["grad"]
+        if not (isinstance(worker_id, int) and isinstance(nonce, int) and isinstance(grad, str)):
+            raise Malformed("handshake fields of the wrong type")
+        return Handshake(worker_id, nonce, grad)
+    except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as exc:
+        raise Malformed(f"handshake is not a msgpack map of v, worker_id, nonce, grad ({type(exc).__name__})") from None
+
+
+class DoorbellListener:
+    """The server's listening socket, in a private folder named after its pid (so a
+    later server can reap what a SIGKILLed one left, see shm.reap_stale)."""
+
+    def __init__(self):
+        self.folder = shm.doorbell_dir()
+        self.path = os.path.join(self.folder, "doorbell")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.bind(self.path)
+        self.sock.listen(LISTEN_BACKLOG)
+        self.sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> LocalPeer | None:
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return None
+        return LocalPeer(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+            os.rmdir(self.folder)
+        except OSError:
+            pass
+
+
+# --- the worker's end -------------------------------------------------------------------
+
+class DoorbellClient:
+    """A worker's doorbell: handshake on connect, then ring and wait for the ack."""
+
+    def __init__(self, path: str, worker_id: int, nonce: int, grad_name: str, timeout: float):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+            self.sock.send(msgpack.packb({"v": DOORBELL_VERSION, "worker_id": worker_id, "nonce": nonce,
+                                          "grad": grad_name}))
+        except OSError as exc:
+            self.sock.close()
+            raise TransportError(f"shared-memory doorbell: {exc}") from None
+
+    def ring(self, base_version: int, examples: int) -> None:
+        try:
+            self.sock.send(RING.pack(base_version, examples, 0))
+        except OSError as exc:
+            raise TransportError(f"server doorbell: {exc}") from None
+
+    def wait_ack(self) -> tuple[int, int, int]:
+        """``(version, staleness, data_generation)`` of an OK ack; raises what the status means."""
+        try:
+            data = self.sock.recv(64)
+        except (OSError, socket.timeout) as exc:
+            raise TransportError(f"server doorbell: {exc}") from None
+        if len(data) != ACK.size:
+            raise TransportError("the server closed the doorbell")
+        version, staleness, word = ACK.unpack(data)
+        status, generation = word & ACK_STATUS_MASK, word >> ACK_STATUS_BITS
+        if status == ACK_SHUTDOWN:
+            raise ShutdownRequested("the server ended the run")
+        if status == ACK_REJOIN:
+            raise TransportError("the server no longer knows this worker")
+        if status == ACK_REFUSED:
+            raise ProtocolError("refused", "the server refused the gradient")
+        return version, staleness, generation
+
+    def close(self) -> None:
+        self.sock.close()
+
