@@ -509,9 +509,33 @@ def report(runs, plots, plots_dir):
     click.echo("plots: " + ", ".join(str(p) for p in written))
 
 
+class LossyStream:
+    """stdout or stderr whose writes may fail (a log file on a full disk) without ending the
+    process: a server must not die of a log line. What cannot be written is dropped."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError:
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main():
     import faulthandler
     import signal
+    sys.stdout, sys.stderr = LossyStream(sys.stdout), LossyStream(sys.stderr)
     if hasattr(signal, "SIGUSR1"):  # kill -USR1 PID prints every thread's stack: where is it stuck?
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     cli(prog_name="psgd")

@@ -4,8 +4,9 @@ without it."""
 
 import json
 import os
+import signal
 import subprocess
-import sys
+import time
 
 import numpy as np
 import pytest
@@ -19,10 +20,10 @@ from psgd.model.network import ModelSpec
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 1 MiB tmpfs; ``fill()`` takes every free byte, ``free()`` gives them back."""
+    """A 2 MiB tmpfs; ``fill()`` takes every free byte, ``free()`` gives them back."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
                                            capture_output=True).returncode != 0:
         pytest.skip("mounting a small tmpfs needs root")
 
@@ -74,3 +75,41 @@ def test_a_run_on_a_full_disk_trains_then_says_what_it_could_not_write(small_dis
     assert "test accuracy" in result.output  # it trained to the end
     assert "could not write config.json, metrics.jsonl, summary.json, weights.npz" in result.output
     assert "No space left on device" in result.output and "Traceback" not in result.output
+
+
+def wait_for(proc, log, text, timeout=60):
+    deadline = time.monotonic() + timeout
+    while text not in log():
+        assert proc.poll() is None and time.monotonic() < deadline, log()
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_server_whose_checkpoint_fails_says_so_keeps_the_last_good_one_and_trains_on(small_disk, procs):
+    """Before: the server died with three chained tracebacks ending in ENOSPC, and workers and
+    coordinator said only "lost the server". The run directory (logs, checkpoints) is on a
+    2 MiB disk that fills up after the first checkpoint and is freed again later."""
+    out = small_disk.path / "run"
+    proc = procs.start("train", "--workers", "2", "--layers", "784,64,10", "--epochs", "1000", "--out", str(out),
+                       log="train", own_group=True)
+    ckpt = out / "checkpoints"
+    deadline = time.monotonic() + 60
+    while not list(ckpt.glob("checkpoint-*.npz")):
+        assert proc.poll() is None and time.monotonic() < deadline, procs.log("train")
+        time.sleep(0.1)
+    small_disk.fill()
+    wait_for(proc, lambda: procs.log("train"), "cannot write its checkpoint")
+    kept = sorted(ckpt.glob("checkpoint-*.npz"))
+    assert kept and not list(ckpt.glob("*.tmp")), "the newest good checkpoint stays, no half file"
+    from psgd.server.checkpoint import read
+    read(kept[-1])  # whole
+    small_disk.free()
+    wait_for(proc, lambda: procs.log("train"), "writes checkpoints again")
+    os.killpg(proc.pid, signal.SIGINT)  # a warm stop: everything written
+    assert proc.wait(60) == 130, procs.log("train")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpoint_failures"] >= 1 and summary["failures"] == []
+    assert "checkpoint writes failed" in procs.log("train")
+    server_log = (out / "logs" / "server.log").read_text()
+    assert "No space left on device" in server_log and "Traceback" not in server_log, server_log
+    assert "lost the server" not in procs.log("train")

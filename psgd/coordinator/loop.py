@@ -65,6 +65,8 @@ class Coordinator:
         self.schedule = config.schedule.build()
         self.params = np.empty(self.net.n_params, self.net.dtype)
         self.failures: list[str] = []
+        self.checkpoint_failures: dict[int, int] = {}  # server shard -> failed checkpoint writes seen
+        self._checkpoint_streak: dict[int, int | None] = {}  # shard -> version of a failure not yet mended
         self.lr_sent: float | None = None
         self._rates_at: tuple[float, dict] | None = None
 
@@ -84,6 +86,7 @@ class Coordinator:
             while True:
                 self._check_processes()
                 stats = self._stats()
+                self._check_checkpoints(stats)
                 examples, version = stats["examples"], stats["version"]
                 if examples != last_examples:
                     last_examples, progress_at = examples, time.perf_counter()
@@ -152,6 +155,24 @@ class Coordinator:
             self.failures.append(failure)
             self.say(f"psgd: {failure}")
 
+    def _check_checkpoints(self, stats: dict) -> None:
+        """Say when a server shard fails to write a checkpoint (a full disk), and when it
+        writes again; the run goes on either way."""
+        for shard, status in enumerate(stats.get("checkpoints") or []):
+            if not status:
+                continue
+            seen = self.checkpoint_failures.get(shard, 0)
+            if status["failures"] > seen and status["error"] is not None:
+                if self._checkpoint_streak.get(shard) is None:
+                    kept = f"version {status['version']}" if status["version"] is not None else "none"
+                    self.say(f"psgd: server shard {shard} cannot write its checkpoint (version {status['failed_version']}): "
+                             f"{status['error']}; it keeps its newest good one ({kept}) and training goes on")
+                self._checkpoint_streak[shard] = status["failed_version"]
+            elif status["error"] is None and self._checkpoint_streak.get(shard) is not None:
+                self.say(f"psgd: server shard {shard} writes checkpoints again (version {status['version']})")
+                self._checkpoint_streak[shard] = None
+            self.checkpoint_failures[shard] = status["failures"]
+
     def _set_lr(self, version: int) -> None:
         lr = float(self.schedule(version))
         if self.lr_sent is None or abs(lr - self.lr_sent) > LR_CHANGE * max(abs(lr), 1e-30):
@@ -215,6 +236,7 @@ class Coordinator:
             "staleness": hist, "staleness_histogram": stats["staleness"],
             "bytes_in": stats["bytes_in"], "bytes_out": stats["bytes_out"], "errors": stats["errors"],
             "per_worker": workers, "failures": self.failures, "ssp_max_lead": stats.get("ssp_max_lead"),
+            "checkpoint_failures": sum(self.checkpoint_failures.values()),
             "stragglers": stragglers({n: w["examples_per_s"] for n, w in workers.items() if w["connected"]}),
             "worker_transports": sorted({w["transport"] for w in stats["workers"].values()}),
         }
@@ -226,6 +248,9 @@ class Coordinator:
             f"{stats['bytes_in'] / 1e6:.1f} MB in and {stats['bytes_out'] / 1e6:.1f} MB out over ZeroMQ; "
             f"workers pushed via {', '.join(summary['worker_transports'])}",
         ]
+        if summary["checkpoint_failures"]:
+            summary["report"].append(f"{summary['checkpoint_failures']} checkpoint writes failed on the servers "
+                                     "(see their logs); training went on")
         return summary
 
 

@@ -68,6 +68,8 @@ class ServerState:
         self.gate = make_gate(config, self.store.size, self.store.dtype)
         self.errors: Counter = Counter()
         self.bytes_in = self.bytes_out = 0
+        # kept by the loop: the newest checkpoint written, and writes that failed (a full disk)
+        self.checkpoint_status = {"version": None, "failures": 0, "error": None, "failed_version": None}
         self.started = clock()
         self._released: list[tuple[int, int, int]] = []  # (worker, version, staleness) of held pushes, now free
 
@@ -277,6 +279,6 @@ class ServerState:
             "phase": p.phase.value, "stop_reason": p.reason,
             "stopping": p.stopping, "paused": p.paused, "coordinated": p.coordinated,
             "consistency": self.config.consistency, "ssp_max_lead": getattr(self.gate, "max_lead", None),
-            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "checkpoint": dict(self.checkpoint_status),
             "workers": {str(w): r.to_dict(now) for w, r in self.members.workers.items()},
         }

@@ -41,6 +41,7 @@ class ServerGroup:
             if reply.type != "stats_reply":
                 raise PsgdError(f"{endpoint} answered stats with {reply.type}: {reply.get('message', '')}")
         merged = dict(replies[0]["stats"])
+        merged["checkpoints"] = [r["stats"].get("checkpoint") for r in replies]  # each shard writes its own
         if len(replies) > 1:
             shards = [r["stats"] for r in replies]
             merged["bytes_in"] = sum(s["bytes_in"] for s in shards)
