@@ -34,7 +34,8 @@ class PsgdGroup(click.Group):
             click.echo(f"psgd: error: {exc}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:  # a second Ctrl-C (the first stops a run warm)
-            click.echo("\npsgd: stopped at once; servers kept their newest checkpoint", err=True)
+            click.echo("\npsgd: stopped at once (a second Ctrl-C); a cluster's servers keep their newest checkpoint",
+                       err=True)
             ctx.exit(INTERRUPTED_STATUS)
 
 
@@ -253,8 +254,13 @@ def train(ctx, resume_dir, **kw):
         raise PsgdError("only cluster runs (--workers N) write checkpoints to resume from")
     progress = Progress()
     if config.workers == 0:
+        from .launch import WarmThenCold
         from .trainer import train_single
-        summary = train_single(config, progress)
+        interrupt = WarmThenCold()
+        try:
+            summary = train_single(config, progress, interrupt.requested)
+        finally:
+            interrupt.restore()
     else:
         from .launch import train_cluster
         summary = train_cluster(config, progress, resume=resume_dir is not None)

@@ -140,7 +140,7 @@ class WarmThenCold:
         self.count += 1
         if self.count > 1:
             raise KeyboardInterrupt
-        self.say("\npsgd: interrupted: stopping after a final evaluation and checkpoint (Ctrl-C again to stop at once)")
+        self.say("\npsgd: interrupted: stopping after a final evaluation (and checkpoint), Ctrl-C again to stop at once")
 
 
 def terminate_on_signals() -> None:

@@ -93,3 +93,19 @@ def test_resume_after_a_sigkilled_launcher(procs, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] >= 2.0 and summary["stop_reason"] == "epochs"
     assert "resumed from" in (out / "logs" / "server.log").read_text()
+
+
+def test_ctrl_c_stops_a_single_process_run_warm_too(procs, tmp_path):
+    """--workers 0: before, Ctrl-C was click's 'Aborted!': no summary, no weights."""
+    out = tmp_path / "run"
+    proc = procs.start("train", "--workers", "0", "--layers", "784,64,10", "--evals-per-epoch", "4", "--epochs", "50",
+                       "--out", str(out), log="train", own_group=True)
+    deadline = time.monotonic() + 90
+    while "epoch" not in procs.log("train"):
+        assert proc.poll() is None and time.monotonic() < deadline, procs.log("train")
+        time.sleep(0.05)
+    ctrl_c(proc)
+    assert proc.wait(30) == 130, procs.log("train")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "interrupted" and (out / "weights.npz").exists()
+    assert "test accuracy" in procs.log("train") and "resume with" not in procs.log("train")
