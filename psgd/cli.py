@@ -450,7 +450,7 @@ def status(connect, as_json, shutdown, curve_key, curve_server_key):
     from .wire.transport import client_keys
     group = ServerGroup(connect, "status", server_wait=10.0, keys=client_keys(curve_key, curve_server_key))
     try:
-        stats = group.stats()
+        stats = group.stats(workers=True)
         if shutdown:
             group.control({"type": "shutdown"})
     finally:

@@ -25,12 +25,15 @@ class ProtocolError(PsgdError):
     """A wire message that is malformed, of an unknown version, or does not fit the model.
 
     ``code`` is a short stable string that goes into the error reply (see docs/protocol.md).
+    ``seq`` is the request's sequence number when its header could be read (the error
+    reply echoes it, so that the client can match it), else None.
     """
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, seq: int | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.detail = message
+        self.seq = seq
 
 
 class TransportError(PsgdError):

@@ -78,11 +78,15 @@ class WorkerRecord:
     connected: bool = True  # False once it said bye, hung up, or its lease ran out
     expired: bool = False  # its lease ran out: a push from it is refused until it says hello again
     data_generation: int = 0  # goes up whenever data_shards changes, so the worker asks for them
+    # The seq of its last push over ZeroMQ that was taken, and that push's (version, staleness)
+    # once known: the same seq again is a retry after a lost ack, answered with it, applied once.
+    last_push: int | None = None
+    last_ack: tuple[int, int] | None = None
 
     def to_dict(self, now: float) -> dict:
         alive_for = max(now - self.joined, 1e-9)
         return {"worker_id": self.worker_id, "name": self.name, "data_shards": list(self.data_shards),
-                "transport": self.transport,
+                "data_generation": self.data_generation, "transport": self.transport,
                 "pushes": self.pushes, "examples": self.examples, "refused": self.refused,
                 "examples_per_s": self.examples / alive_for, "last_seen_s_ago": now - self.last_seen,
                 "connected": self.connected, "expired": self.expired, "staleness": self.staleness.to_dict()}

@@ -59,6 +59,17 @@ def hostile_messages(rng, worker_id):
         ("unknown worker", lambda: [push(worker_id=10**6), good.tobytes()]),
         ("bool as int", lambda: [push(examples=True), good.tobytes()]),
         ("huge header", lambda: [msgpack.packb({"v": 1, "pad": "x" * 70_000}), good.tobytes()]),
+        ("float version", lambda: [push(v=float(PROTOCOL_VERSION)), good.tobytes()]),
+        ("want_params not a bool", lambda: [push(want_params=["yes", 1, 0.5, None][int(rng.integers(4))]), good.tobytes()]),
+        ("split range", lambda: [push(arrays=[{"dtype": "<f4", "shape": [N_PARAMS // 2], "offset": 0},
+                                              {"dtype": "<f4", "shape": [N_PARAMS - N_PARAMS // 2],
+                                               "offset": N_PARAMS // 2}]),
+                                 good[:N_PARAMS // 2].tobytes(), good[N_PARAMS // 2:].tobytes()]),
+        ("pull with an array", lambda: [push(type="pull"), good.tobytes()]),
+        ("hello with bad data shards", lambda: [push(type="hello", worker="evil2", transport="zmq", arrays=[],
+                                                     data_shards=[[-1], [99], [0, 0], [1.5], [True], "x"][
+                                                         int(rng.integers(6))])]),
+        ("stats with bad paging", lambda: [push(type="stats", workers=True, after="next", arrays=[])]),
     ]
     while True:
         kind, make = kinds[int(rng.integers(len(kinds)))]
@@ -117,7 +128,9 @@ def test_server_survives_ten_thousand_hostile_messages_while_a_worker_trains(tmp
         assert sum(stats["errors"].values()) == N_HOSTILE, (stats["errors"], sent)
         # only the good worker's pushes moved the weights
         assert pushes == WORKER_STEPS and stats["version"] == pushes
-        evil_record = next(w for w in stats["workers"].values() if w["name"] == "evil")
+        records = {str(r["worker_id"]): r for r in monitor.request({"type": "stats", "workers": True})["workers"]}
+        assert stats["workers_known"] == len(records) == 2  # no refused hello registered anyone
+        evil_record = next(w for w in records.values() if w["name"] == "evil")
         assert evil_record["pushes"] == 0
         params = monitor.request({"type": "pull"}).arrays[0]
         assert np.isfinite(params).all()

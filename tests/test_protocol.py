@@ -91,7 +91,42 @@ HOSTILE = [
     ("negative offset", [header(arrays=[{"dtype": "<f4", "shape": [4], "offset": -1}]), GOOD_ARRAY], "bad_array"),
     ("array desc not a map", [header(arrays=[7]), GOOD_ARRAY], "bad_array"),
     ("too many arrays", [header(arrays=[{}] * 17)] + [GOOD_ARRAY] * 17, "bad_frames"),
+    ("push split over two arrays", [header(arrays=[{"dtype": "<f4", "shape": [2], "offset": 0}] * 2),
+                                    GOOD_ARRAY[:8], GOOD_ARRAY[8:]], "bad_frames"),
+    ("pull with an array", [msgpack.packb({"v": PROTOCOL_VERSION, "type": "pull", "sender": "", "seq": 1,
+                                           "arrays": [{"dtype": "<f4", "shape": [4], "offset": 0}]}), GOOD_ARRAY],
+     "bad_frames"),
+    ("float version", [header(v=float(PROTOCOL_VERSION)), GOOD_ARRAY], "bad_version"),
+    ("bool version", [header(v=True), GOOD_ARRAY], "bad_version"),
+    ("want_params a string", [header(want_params="yes"), GOOD_ARRAY], "bad_field"),
+    ("want_params nil", [header(want_params=None), GOOD_ARRAY], "bad_field"),
+    ("float examples", [header(examples=2.0), GOOD_ARRAY], "bad_field"),
 ]
+
+
+def _hello(**fields):
+    return [msgpack.packb({"v": PROTOCOL_VERSION, "type": "hello", "sender": "", "seq": 5, "worker": "w",
+                           "transport": "zmq", **fields})]
+
+
+@pytest.mark.parametrize("shards", ["x", [-1], [0, 0], [1.5], [True], 3, {"0": 1}])
+def test_malformed_data_shards_are_bad_field(shards):
+    with pytest.raises(ProtocolError) as err:
+        decode(_hello(data_shards=shards))
+    assert err.value.code == "bad_field" and err.value.seq == 5
+
+
+@pytest.mark.parametrize("shards", [None, [], [0], [3, 1]])
+def test_wellformed_data_shards_pass(shards):
+    assert decode(_hello(data_shards=shards))["data_shards"] == shards
+
+
+@pytest.mark.parametrize("name,frames,code", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_a_readable_header_gives_its_seq_to_the_error(name, frames, code):
+    with pytest.raises(ProtocolError) as err:
+        decode(frames)
+    readable = code != "bad_header" and name not in ("empty", "string seq")
+    assert err.value.seq == ((0 if name == "no version" else 1) if readable else None)
 
 
 @pytest.mark.parametrize("name,frames,code", HOSTILE, ids=[h[0] for h in HOSTILE])
@@ -117,3 +152,23 @@ def test_fuzzed_frames_only_ever_raise_protocol_errors():
             decode([bytes(f) for f in frames])
         except ProtocolError:
             pass
+
+
+def test_worker_records_come_in_pages_within_the_header_limit():
+    from psgd.wire.protocol import STATS_PAGE_RECORDS, page_records
+
+    def record(i):
+        return {"worker_id": i, "name": "x" * 64, "staleness": {"cap": 64, "counts": [2**31] * 65, "max": 10**6}}
+
+    records = [(i, lambda i=i: record(i)) for i in range(10, 4106)]
+    seen, after, pages = [], None, 0
+    while True:
+        page, after = page_records(records, after)
+        assert len(msgpack.packb({"stats": {}, "workers": page, "next": after})) < MAX_HEADER_BYTES
+        assert 0 < len(page) <= STATS_PAGE_RECORDS
+        seen += [r["worker_id"] for r in page]
+        pages += 1
+        if after is None:
+            break
+    assert seen == list(range(10, 4106)) and pages > 4096 // STATS_PAGE_RECORDS
+    assert page_records([], None) == ([], None)

@@ -165,3 +165,15 @@ def test_stats_name_the_phase_and_why_it_ended():
     state.push(w.worker_id, 0, 1, np.zeros(state.store.size, np.float32))
     stats = state.stats()
     assert (stats["phase"], stats["stop_reason"], stats["stopping"]) == ("draining", "budget", True)
+
+
+def test_data_shards_are_bounded_so_that_every_list_of_them_fits_a_header():
+    import msgpack
+    from psgd.errors import ConfigError
+    from psgd.server.membership import MAX_DATA_SHARDS, Membership
+    from psgd.wire.protocol import MAX_HEADER_BYTES
+    with pytest.raises(ConfigError):
+        Membership(10.0, MAX_DATA_SHARDS + 1)
+    members = Membership(10.0, MAX_DATA_SHARDS)
+    record = members.register("all", "zmq", list(range(MAX_DATA_SHARDS)))
+    assert len(msgpack.packb(record.to_dict(0.0))) < MAX_HEADER_BYTES // 4

@@ -194,7 +194,9 @@ def test_messages_hello_pull_push_stats_shutdown():
     reply, arrays = request(state, "push", [g], worker_id=wid, base_version=0, examples=5, want_params=True)
     assert reply == {"type": "ack", "version": 1, "staleness": 0, "data_generation": 0} and arrays[0] is state.store.params
     stats, _ = request(state, "stats")
-    assert stats["stats"]["version"] == 1 and stats["stats"]["workers"][str(wid)]["pushes"] == 1
+    assert stats["stats"]["version"] == 1 and stats["stats"]["workers_connected"] == 1 and "workers" not in stats
+    stats, _ = request(state, "stats", workers=True)
+    assert [r["pushes"] for r in stats["workers"]] == [1] and stats["next"] is None
     assert request(state, "shutdown")[0]["type"] == "ok"
     assert request(state, "push", [g], worker_id=wid, base_version=1, examples=5)[0]["type"] == "shutdown"
     assert request(state, "hello", worker="late", transport="zmq")[0]["type"] == "shutdown"
@@ -277,3 +279,41 @@ def test_a_flood_of_hellos_is_bounded_and_leaves_no_records(monkeypatch):
     state.tick()
     assert list(state.members.workers) == [real.worker_id]  # the real worker's record stays (it pushed)
     assert real.data_shards == [0, 1] and request(state, "hello", worker="late", transport="zmq")[0]["type"] == "welcome"
+
+
+@pytest.mark.parametrize("consistency", ["async", "ssp", "sync"])
+def test_a_push_sent_again_with_its_seq_is_answered_again_and_applied_once(consistency):
+    """A client that lost an ack resends the same frames with the same seq (psgd's transport
+    does): the server answers with the first ack and does not apply the gradient twice."""
+    import dataclasses
+    state = ServerState(dataclasses.replace(CONFIG, consistency=consistency, ssp_bound=0), 1)
+    wid = request(state, "hello", worker="a", transport="zmq")[0]["worker_id"]
+    g = np.full(state.store.size, 0.1, np.float32)
+    first = request(state, "push", [g], worker_id=wid, base_version=0, examples=5, seq=7)
+    assert first[0]["type"] == "ack" and first[0]["version"] == 1  # alone: nothing to wait for
+    after_one = state.store.params.copy()
+    again = request(state, "push", [g], worker_id=wid, base_version=0, examples=5, seq=7, want_params=True)
+    assert again[0] == first[0] and np.array_equal(again[1][0], after_one)
+    assert state.store.version == 1 and np.array_equal(state.store.params, after_one)
+    assert state.members.workers[wid].pushes == 1 and state.store.examples == 5
+    new = request(state, "push", [g], worker_id=wid, base_version=1, examples=5, seq=8)  # same frames, new seq
+    assert new[0]["version"] == 2
+    # seq 0 is no sequence: never taken for a retry
+    assert request(state, "push", [g], worker_id=wid, base_version=2, examples=5, seq=0)[0]["version"] == 3
+    assert request(state, "push", [g], worker_id=wid, base_version=3, examples=5, seq=0)[0]["version"] == 4
+
+
+def test_a_retry_of_a_held_push_waits_and_its_ack_is_the_first_ones():
+    import dataclasses
+    state = ServerState(dataclasses.replace(CONFIG, consistency="sync"), 2)
+    a = request(state, "hello", worker="a", transport="zmq")[0]["worker_id"]
+    b = request(state, "hello", worker="b", transport="zmq")[0]["worker_id"]
+    g = np.full(state.store.size, 0.1, np.float32)
+    assert request(state, "push", [g], worker_id=a, base_version=0, examples=5, seq=3) is None  # held for b
+    assert request(state, "push", [g * 5], worker_id=a, base_version=0, examples=5, seq=3) is None  # not added
+    ack_b = request(state, "push", [g], worker_id=b, base_version=0, examples=5, seq=3)
+    assert ack_b[0]["version"] == 1
+    assert [ack[0] for ack in state.take_released()] == [a]
+    assert np.allclose(state.store.params, MLP(CONFIG.model).init_params(CONFIG.seed) - 0.5 * g)  # the mean of g, g
+    assert request(state, "push", [g], worker_id=a, base_version=0, examples=5, seq=3)[0]["version"] == 1
+    assert state.store.version == 1

@@ -120,7 +120,7 @@ class Coordinator:
             # Every way out of the loop has just evaluated a snapshot: those weights, the ones
             # the validation set saw (and that met the target), are the run's result, not
             # the few unvalidated pushes the workers made since.
-            stats = self._stats()
+            stats = self.servers.stats(workers=True)
         except TransportError as exc:
             raise PsgdError(f"lost the server: {exc}") from None
         train_time = (time.perf_counter() - eval_time - t_first) if t_first else 0.0
@@ -148,6 +148,7 @@ class Coordinator:
     # --- steps of the loop ----------------------------------------------------------------
 
     def _stats(self) -> dict:
+        """The summary (polled every STATS_INTERVAL_S: its size does not grow with the workers)."""
         return self.servers.stats()
 
     def _check_processes(self):
@@ -184,7 +185,7 @@ class Coordinator:
         self.servers.control({"type": "pause"})
         try:
             snap_version = self.servers.pull(self.params)
-            stats = self._stats()
+            stats = self.servers.stats(workers=True)  # per-worker rates: paged, only at an evaluation
             val_loss, val_acc = self.net.evaluate(self.params, *self.data.eval_set)
         finally:
             self.servers.control({"type": "resume"})
@@ -280,7 +281,7 @@ def per_worker(records) -> dict[str, dict]:
 
 def _stall_message(stats: dict, seconds: float) -> str:
     errors = stats.get("errors") or {}
-    live = sum(1 for w in stats["workers"].values() if w["connected"])
+    live = stats["workers_connected"]
     why = ""
     if errors.get("not_finite"):
         why = (f"; the server refused {errors['not_finite']} gradients as NaN/Inf: training diverged "

@@ -181,7 +181,7 @@ class Server:
             msg = decode(frames)
         except ProtocolError as exc:
             header, arrays = self.state.refuse(exc)
-            self._send(identity, header, arrays, 0)
+            self._send(identity, header, arrays, exc.seq or 0)  # a readable header's seq: the client can match it
             return
         if self.state.phase.paused and _from_worker(msg):
             self._held.append((identity, msg))  # answered on resume

@@ -13,19 +13,23 @@ import secrets
 import time
 from collections import Counter
 
-from ..errors import ProtocolError
+from ..errors import ConfigError, ProtocolError
 from ..metrics import WorkerRecord
 
 MAX_WORKERS = 4096  # connected at once; a hello beyond is refused (a flood of hellos is bounded)
+MAX_DATA_SHARDS = 4096  # so that any worker's list of data shards fits a header (welcome, stats page)
 LEASE_CHECK_S = 0.05  # how often the loop looks for expired leases
 
 
 class Membership:
     def __init__(self, lease_s: float, num_data_shards: int = 1, clock=time.monotonic):
         self.lease_s = lease_s
+        if num_data_shards > MAX_DATA_SHARDS:
+            raise ConfigError(f"at most {MAX_DATA_SHARDS} data shards, not {num_data_shards}")
         self.num_data_shards = max(1, num_data_shards)
         self.clock = clock
-        self.workers: dict[int, WorkerRecord] = {}
+        self.workers: dict[int, WorkerRecord] = {}  # by ascending id (ids only grow): stats pages rely on it
+        self.connected = 0  # how many are connected: kept, not counted (stats are polled often)
         self.lost_shards: set[int] = set()  # data shards of departed workers, not yet adopted
         self._leases_checked = float("-inf")
         # Worker ids start at a random point, so that an id from before a restart is not taken
@@ -37,9 +41,9 @@ class Membership:
         coming back asks for those it had), else a shard nobody trains on, else the least
         used one. A shard it takes back from a worker that adopted it leaves that worker.
         ``wanted`` must already be valid (distinct shard numbers in range)."""
-        live = [r for r in self.workers.values() if r.connected]
-        if len(live) >= MAX_WORKERS:
+        if self.connected >= MAX_WORKERS:
             raise ProtocolError("too_many_workers", f"{MAX_WORKERS} workers are connected already")
+        live = [r for r in self.workers.values() if r.connected]
         worker_id = self._next_worker_id
         self._next_worker_id += 1
         if wanted:
@@ -56,6 +60,7 @@ class Membership:
         now = self.clock()
         record = WorkerRecord(worker_id, name, shards, transport, joined=now, last_seen=now)
         self.workers[worker_id] = record
+        self.connected += 1
         self._adopt_lost_shards()
         return record
 
@@ -83,6 +88,7 @@ class Membership:
         if record is None or not record.connected:
             return False
         record.connected = False
+        self.connected -= 1
         if record.pushes == 0 and record.refused == 0:
             del self.workers[worker_id]  # it did nothing: keeping it would let hellos grow the stats
         self.lost_shards.update(record.data_shards)
@@ -120,7 +126,7 @@ class Membership:
                 if w in also or (r.connected and now - r.last_seen < self.lease_s)}
 
     def any_connected(self) -> bool:
-        return any(r.connected for r in self.workers.values())
+        return self.connected > 0
 
     def clocks(self) -> dict[int, int]:
         """Each worker's clock for SSP: the number of its applied pushes."""

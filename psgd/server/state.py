@@ -27,7 +27,7 @@ import numpy as np
 from ..config import TrainConfig
 from ..errors import ProtocolError
 from ..metrics import WorkerRecord
-from ..wire.protocol import Message, error
+from ..wire.protocol import Message, error, page_records
 from .consistency import APPLY, APPLY_HOLD, make_gate
 from .membership import Membership
 from .phase import RunPhase
@@ -76,14 +76,18 @@ class ServerState:
     # --- the one door -------------------------------------------------------------------
 
     def push(self, worker_id, base_version: int, examples: int, grad: np.ndarray,
-             offset: int | None = None) -> Decision:
-        """One push, from any transport: checked once, then applied, held or refused."""
+             offset: int | None = None, seq: int | None = None) -> Decision:
+        """One push, from any transport: checked once, then applied, held or refused.
+        ``seq`` (ZeroMQ: the request's, 0 or None: none): the same seq as the worker's last
+        push taken is a retry after a lost ack: answered with that push's ack, not applied."""
         if self.phase.stopping:
             if isinstance(worker_id, int):
                 self._disconnect(worker_id)  # it will hear shutdown and go
             return Decision(SHUTDOWN)
         try:
             record = self.members.touch(worker_id)
+            if seq and record.last_push == seq and record.last_ack is not None:
+                return Decision(APPLIED, *record.last_ack)
             try:
                 self.store.check(base_version, examples, grad, offset)
             except ProtocolError:
@@ -93,6 +97,7 @@ class ServerState:
             self.errors[exc.code] += 1
             return Decision(REFUSED, self.store.version, code=exc.code, message=exc.detail)
         action = self.gate.admit(worker_id, examples, grad)
+        record.last_push, record.last_ack = seq, None
         decision = Decision(HELD)
         if action in (APPLY, APPLY_HOLD):
             version, staleness = self.store.apply(base_version, examples, grad)
@@ -106,6 +111,8 @@ class ServerState:
                 decision = Decision(APPLIED, ack[1], ack[2])
             else:
                 self._released.append(ack)
+        if decision.outcome == APPLIED:
+            record.last_ack = (decision.version, decision.staleness)
         if self.store.budget_spent:
             self._stop("budget")
         return decision
@@ -128,6 +135,10 @@ class ServerState:
             for worker_id, examples in contributions.items():
                 self.members.count(worker_id, examples, 0)
             acks = acks + [(w, version, 0) for w in sorted(contributions)]
+        for worker_id, version, staleness in acks:
+            record = self.members.workers.get(worker_id)
+            if record is not None:
+                record.last_ack = (version, staleness)  # what a retry of its held push hears
         return acks
 
     # --- time and departures ------------------------------------------------------------
@@ -182,7 +193,8 @@ class ServerState:
             if len(msg.arrays) != 1:
                 raise ProtocolError("bad_frames", f"push carries {len(msg.arrays)} arrays, expected 1")
             worker_id = msg["worker_id"]
-            decision = self.push(worker_id, msg["base_version"], msg["examples"], msg.arrays[0], msg.offset(0))
+            decision = self.push(worker_id, msg["base_version"], msg["examples"], msg.arrays[0], msg.offset(0),
+                                 msg["seq"])
             return self.push_reply(worker_id, decision, msg.get("want_params") is True)
         if kind in ("pull", "heartbeat", "hello") and self.phase.stopping:
             if kind != "pull" or msg.get("worker_id") is not None:  # a monitor may still pull
@@ -198,13 +210,19 @@ class ServerState:
         if kind == "hello":
             if msg["transport"] not in ("zmq", "shm", "auto"):
                 raise ProtocolError("bad_field", f"unknown transport {msg['transport']!r}")
-            wanted = msg.get("data_shards")
-            valid = isinstance(wanted, list) and all(
-                isinstance(s, int) and 0 <= s < self.members.num_data_shards for s in wanted)
-            record = self.members.register(msg["worker"][:64], "zmq", wanted if valid else None)
+            wanted = msg.get("data_shards")  # decode checked it: nil, or distinct ints >= 0
+            if wanted and max(wanted) >= self.members.num_data_shards:
+                raise ProtocolError("bad_field", f"data shards {wanted} are not all in "
+                                                 f"0..{self.members.num_data_shards - 1}")
+            record = self.members.register(msg["worker"][:64], "zmq", wanted)
             return self.welcome(record), []
         if kind == "stats":
-            return {"type": "stats_reply", "stats": self.stats()}, []
+            reply = {"type": "stats_reply", "stats": self.stats()}
+            if msg.get("workers") is True:  # per-worker records: one page, after the id asked for
+                now = self.clock()
+                reply["workers"], reply["next"] = page_records(
+                    ((w, lambda r=r: r.to_dict(now)) for w, r in self.members.workers.items()), msg.get("after"))
+            return reply, []
         if kind == "set_lr":
             lr = float(msg["lr"])
             if not (np.isfinite(lr) and lr >= 0):
@@ -258,7 +276,14 @@ class ServerState:
             "run": {"data": c.data, "seed": c.seed, "validation": c.validation, "batch_size": c.batch_size,
                     "n_fetch": c.n_fetch, "n_push": c.n_push, "dropout": c.dropout, "augment": c.augment,
                     "lease_s": c.lease_s},
+            "update": self.update_rule(),
         }
+
+    def update_rule(self) -> dict:
+        """What a push does besides the optimizer step (docs/protocol.md, "The update rule")."""
+        c = self.config
+        return {"lr": self.store.lr(), "staleness_rule": c.staleness_rule, "dc_lambda": c.dc_lambda,
+                "consistency": c.consistency, "ssp_bound": c.ssp_bound}
 
     # --- checkpoints and statistics -----------------------------------------------------
 
@@ -271,6 +296,8 @@ class ServerState:
             self._stop("budget")  # resumed at or past the budget: nothing more to do
 
     def stats(self) -> dict:
+        """The summary: nothing in it grows with the workers (per-worker records come in
+        pages, on request: see "stats" in _dispatch)."""
         now, s, p = self.clock(), self.store, self.phase
         return {
             "version": s.version, "examples": s.examples, "range": [s.lo, s.hi],
@@ -279,6 +306,7 @@ class ServerState:
             "phase": p.phase.value, "stop_reason": p.reason,
             "stopping": p.stopping, "paused": p.paused, "coordinated": p.coordinated,
             "consistency": self.config.consistency, "ssp_max_lead": getattr(self.gate, "max_lead", None),
-            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "checkpoint": dict(self.checkpoint_status),
-            "workers": {str(w): r.to_dict(now) for w, r in self.members.workers.items()},
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "staleness_rule": self.config.staleness_rule,
+            "workers_connected": self.members.connected, "workers_known": len(self.members.workers),
+            "checkpoint": dict(self.checkpoint_status),
         }

@@ -4,7 +4,7 @@ With K server shards each holds one contiguous range of the flat parameter vecto
 Control messages (pause, resume, set_lr, shutdown) go to every shard, all in flight at
 once; a pull is assembled from every shard's range; statistics are shard 0's (every
 push reaches every shard, so its counts stand for all) with the traffic and error
-counters summed over the shards.
+counters summed over the shards. Per-worker records come only on request, paged.
 """
 
 from __future__ import annotations
@@ -35,11 +35,14 @@ class ServerGroup:
             if reply.type != "ok":
                 raise PsgdError(f"{endpoint} answered {header['type']} with {reply.type}: {reply.get('message', '')}")
 
-    def stats(self) -> dict:
+    def stats(self, workers: bool = False) -> dict:
+        """The servers' statistics (a summary of constant size). With ``workers``, also
+        every per-worker record, as ``stats["workers"]`` (worker id as a string -> record,
+        in joining order), read from shard 0 page by page: each reply stays within the
+        header limit however many workers there are."""
         replies = self.request_all({"type": "stats"})
         for endpoint, reply in zip(self.endpoints, replies):
-            if reply.type != "stats_reply":
-                raise PsgdError(f"{endpoint} answered stats with {reply.type}: {reply.get('message', '')}")
+            _expect(endpoint, "stats", reply, "stats_reply")
         merged = dict(replies[0]["stats"])
         merged["checkpoints"] = [r["stats"].get("checkpoint") for r in replies]  # each shard writes its own
         if len(replies) > 1:
@@ -52,7 +55,21 @@ class ServerGroup:
                     errors[code] = errors.get(code, 0) + n
             merged["errors"] = errors
             merged["shard_versions"] = [s["version"] for s in shards]
+        if workers:
+            merged["workers"] = self.worker_records()
         return merged
+
+    def worker_records(self) -> dict[str, dict]:
+        """Every per-worker record of shard 0 (which hands out the data shards), paged."""
+        client, records, after = self.clients[0], {}, None
+        while True:
+            reply = client.request({"type": "stats", "workers": True, "after": after})
+            _expect(self.endpoints[0], "stats", reply, "stats_reply")
+            for record in reply.get("workers") or []:
+                records[str(record["worker_id"])] = record
+            after = reply.get("next")
+            if after is None:
+                return records
 
     def pull(self, out: np.ndarray) -> int:
         """Fill ``out`` with the whole parameter vector; return the oldest shard's version."""
@@ -73,3 +90,8 @@ class ServerGroup:
     def close(self) -> None:
         for client in self.clients:
             client.close()
+
+
+def _expect(endpoint: str, asked: str, reply: Message, kind: str) -> None:
+    if reply.type != kind:
+        raise PsgdError(f"{endpoint} answered {asked} with {reply.type}: {reply.get('message', '')}")

@@ -23,6 +23,7 @@ import msgpack
 
 from ..errors import ProtocolError, ShutdownRequested, TransportError
 from . import shm
+from .protocol import is_int
 
 DOORBELL_VERSION = 1
 RING = struct.Struct("<QII")  # base_version, examples, flags
@@ -105,10 +106,10 @@ class LocalPeer:
 def _parse_handshake(data: bytes) -> Handshake:
     try:
         hs = msgpack.unpackb(data, raw=False)
-        if hs.get("v") != DOORBELL_VERSION or isinstance(hs.get("v"), bool):
+        if not is_int(hs.get("v")) or hs["v"] != DOORBELL_VERSION:  # the integer 1: not 1.0, not true
             raise Malformed(f"doorbell version {hs.get('v')!r}, this end speaks {DOORBELL_VERSION}")
         worker_id, nonce, grad = hs["worker_id"], hs["nonce"], hs["grad"]
-        if not (isinstance(worker_id, int) and isinstance(nonce, int) and isinstance(grad, str)):
+        if not (is_int(worker_id) and is_int(nonce) and isinstance(grad, str)):
             raise Malformed("handshake fields of the wrong type")
         return Handshake(worker_id, nonce, grad)
     except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as exc:

@@ -17,13 +17,12 @@ import numpy as np
 from ..errors import ProtocolError
 
 PROTOCOL_VERSION = 2  # 2: server shards (range), elastic data shards, heartbeats
-MAX_HEADER_BYTES = 64 * 1024  # what a server reads from anyone
-MAX_REPLY_HEADER_BYTES = 4 * 1024 * 1024  # what a client reads from its server (stats of many workers)
-MAX_ARRAYS = 16
+MAX_HEADER_BYTES = 64 * 1024  # every header, either way (a server's replies stay within it too)
+MAX_REPLY_HEADER_BYTES = MAX_HEADER_BYTES  # what a client reads from its server
 DTYPES = {"<f4": np.dtype("<f4"), "<f8": np.dtype("<f8")}
 
-# Fields every message of a type must carry, with their types. Optional fields are
-# checked where they are used. ``arrays`` is implied by the frames.
+# Fields every message of a type must carry, with their types. ``arrays`` is implied by
+# the frames.
 _INT = (int,)
 _NUM = (int, float)
 _STR = (str,)
@@ -52,9 +51,43 @@ SCHEMAS: dict[str, dict[str, tuple]] = {
 }
 MESSAGE_TYPES = frozenset(SCHEMAS)
 
+# Optional fields a server takes, checked here as strictly as the required ones: absent
+# (or nil where the spec allows nil) means the default; anything else of the wrong type
+# is ``bad_field``. "int?" is an int or nil, "shards?" nil or a list of distinct ints >= 0.
+OPTIONAL: dict[str, dict[str, str]] = {
+    "hello": {"data_shards": "shards?"},
+    "push": {"want_params": "bool"},
+    "pull": {"worker_id": "int?"},
+    "bye": {"worker_id": "int?"},
+    "stats": {"workers": "bool", "after": "int?"},
+}
+
+# How many array frames each type carries: (least, most). Every other type carries none.
+ARRAY_COUNTS = {"push": (1, 1), "params": (1, 1), "ack": (0, 1)}
+
 # Error codes carried by ``error`` replies (docs/protocol.md lists their meaning).
 ERROR_CODES = ("bad_frames", "bad_header", "bad_version", "bad_type", "bad_field", "bad_array",
-               "bad_range", "not_finite", "future_version", "unknown_worker", "not_ready", "too_many_workers")
+               "bad_range", "not_finite", "future_version", "unknown_worker", "too_many_workers")
+
+
+def is_int(value) -> bool:
+    """An integer on the wire: msgpack's int, never a bool (True == 1 in Python) or a float."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_RULES = {"bool": "a bool", "int?": "an int or nil", "shards?": "nil or a list of distinct ints >= 0"}
+
+
+def _optional_ok(kind: str, value) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if value is None:
+        return True
+    if kind == "int?":
+        return is_int(value)
+    # "shards?": a list of distinct non-negative ints (their range is the server's to check)
+    return (isinstance(value, list) and all(is_int(s) and s >= 0 for s in value)
+            and len(set(value)) == len(value))
 
 
 @dataclass
@@ -98,8 +131,9 @@ def encode(header: dict, arrays: tuple | list = (), offsets: tuple | list | None
 def decode(frames: list, max_header: int = MAX_HEADER_BYTES) -> Message:
     """The message in ``frames`` (bytes, memoryviews or zmq Frames), fully checked.
 
-    Checks: header size and msgpack form, protocol version, message type and its required
-    fields, array count, each array's dtype, shape and byte length against its frame.
+    Checks: header size and msgpack form, protocol version, message type, its required
+    and optional fields, its array count, each array's dtype, shape and byte length
+    against its frame. A refusal after the header was read carries the header's seq.
     Range and value checks against the model are the receiver's (they need the layout).
     """
     if not frames:
@@ -113,21 +147,38 @@ def decode(frames: list, max_header: int = MAX_HEADER_BYTES) -> Message:
         raise ProtocolError("bad_header", f"header is not msgpack: {type(exc).__name__}") from None
     if not isinstance(header, dict):
         raise ProtocolError("bad_header", "header is not a map")
+    # From here on the header is readable: every refusal carries its seq (when it has a
+    # valid one), so that the client can match the error to its request.
+    seq = header.get("seq")
+    seq = seq if is_int(seq) else None
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError("bad_version", f"protocol version {version!r}, this end speaks {PROTOCOL_VERSION}")
+    if not is_int(version) or version != PROTOCOL_VERSION:
+        raise ProtocolError("bad_version", f"protocol version {version!r}, this end speaks the integer "
+                                           f"{PROTOCOL_VERSION}", seq)
     kind = header.get("type")
     if kind not in MESSAGE_TYPES:
-        raise ProtocolError("bad_type", f"unknown message type {kind!r}")
+        raise ProtocolError("bad_type", f"unknown message type {kind!r}", seq)
     for name, types in [("sender", _STR), ("seq", _INT), *SCHEMAS[kind].items()]:
         value = header.get(name)
         if not isinstance(value, types) or isinstance(value, bool):
-            raise ProtocolError("bad_field", f"{kind}: field {name!r} missing or of the wrong type")
+            raise ProtocolError("bad_field", f"{kind}: field {name!r} missing or of the wrong type", seq)
+    for name, rule in OPTIONAL.get(kind, {}).items():
+        if name in header and not _optional_ok(rule, header[name]):
+            raise ProtocolError("bad_field", f"{kind}: optional field {name!r} is {header[name]!r}, "
+                                             f"not {_RULES[rule]}", seq)
     meta = header.get("arrays", [])
-    if not isinstance(meta, list) or len(meta) > MAX_ARRAYS or len(meta) != len(frames) - 1:
+    least, most = ARRAY_COUNTS.get(kind, (0, 0))
+    if not isinstance(meta, list) or len(meta) != len(frames) - 1:
         raise ProtocolError("bad_frames", f"header lists {len(meta) if isinstance(meta, list) else '?'} arrays, "
-                                          f"message has {len(frames) - 1} array frames")
-    arrays = [_array(m, frames[i + 1]) for i, m in enumerate(meta)]
+                                          f"message has {len(frames) - 1} array frames", seq)
+    if not least <= len(meta) <= most:
+        raise ProtocolError("bad_frames", f"a {kind} carries {least if least == most else f'{least} to {most}'} "
+                                          f"array frames, not {len(meta)}", seq)
+    try:
+        arrays = [_array(m, frames[i + 1]) for i, m in enumerate(meta)]
+    except ProtocolError as exc:
+        exc.seq = seq
+        raise
     return Message(header, arrays)
 
 
@@ -154,6 +205,32 @@ def _buffer(frame) -> memoryview:
     if hasattr(frame, "buffer"):  # a zmq.Frame received with copy=False
         frame = frame.buffer
     return memoryview(frame).cast("B")
+
+
+# Per-worker statistics travel in pages, so that a stats reply stays within the header
+# limit however many workers there are: at most this many records, and this many bytes
+# of them (the rest of the header is the summary, whose size does not grow with workers).
+STATS_PAGE_RECORDS = 128
+STATS_PAGE_BYTES = MAX_HEADER_BYTES - 16 * 1024
+
+
+def page_records(records, after: int | None) -> tuple[list[dict], int | None]:
+    """One page of per-worker records: ``records`` yields ``(worker_id, make_record)`` by
+    ascending id; the page holds those with an id above ``after`` (None: from the first),
+    as many as fit. Returns the page and the ``after`` of the next one (None: no more).
+    Only the records on the page (and one more, to know there is a next) are made."""
+    page: list[dict] = []
+    used = 0
+    for worker_id, make in records:
+        if after is not None and worker_id <= after:
+            continue
+        record = make()
+        size = len(msgpack.packb(record, use_bin_type=True))
+        if page and (len(page) >= STATS_PAGE_RECORDS or used + size > STATS_PAGE_BYTES):
+            return page, page[-1]["worker_id"]
+        page.append(record)
+        used += size
+    return page, None
 
 
 def error(code: str, message: str) -> dict:

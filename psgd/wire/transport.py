@@ -95,9 +95,14 @@ def max_message_bytes(n_params: int, itemsize: int) -> int:
     return n_params * itemsize + MAX_HEADER_BYTES + 4096
 
 
-def max_reply_bytes(n_params: int = 0, itemsize: int = 4) -> int:
-    """The largest reply a client takes: a parameter range plus a (stats) header."""
-    return n_params * itemsize + MAX_REPLY_HEADER_BYTES + 4096
+UNSIZED_WEIGHTS_BYTES = 4 * 1024 * 1024  # the weights a client takes before it knows their size
+
+
+def max_reply_bytes(n_params: int | None = None, itemsize: int = 4) -> int:
+    """The largest reply a client takes: a parameter range (of ``n_params``; None: not
+    known yet, up to UNSIZED_WEIGHTS_BYTES) plus a header."""
+    weights = UNSIZED_WEIGHTS_BYTES if n_params is None else n_params * itemsize
+    return weights + MAX_REPLY_HEADER_BYTES + 4096
 
 
 def parse_endpoints(connect: str | list[str]) -> list[str]:
@@ -169,20 +174,25 @@ class Client:
             self.max_message = max_message
             self._connect()
 
-    def request(self, header: dict, arrays=(), offsets=None, copy: bool = False) -> Message:
+    def request(self, header: dict, arrays=(), offsets=None, copy: bool = False,
+                server_wait: float | None = None, request_timeout: float | None = None) -> Message:
         """Send one request and return the decoded reply (which may be an ``error``).
 
         With ``copy=False`` the arrays are sent without copying: leave them unchanged
-        until this returns."""
-        self.send(header, arrays, offsets, copy)
+        until this returns. ``server_wait`` and ``request_timeout`` override the client's
+        for this request alone (a goodbye need not wait a minute)."""
+        self.send(header, arrays, offsets, copy, server_wait, request_timeout)
         return self.receive()
 
-    def send(self, header: dict, arrays=(), offsets=None, copy: bool = False) -> None:
+    def send(self, header: dict, arrays=(), offsets=None, copy: bool = False,
+             server_wait: float | None = None, request_timeout: float | None = None) -> None:
         """The first half of :meth:`request`: send now, and let :meth:`receive` wait (and
         retry). Several clients can so have one request each in flight at once."""
         self.seq += 1
         self._frames = encode({**header, "sender": self.name, "seq": self.seq}, arrays, offsets)
-        self._deadline = time.monotonic() + self.server_wait
+        self._wait = self.server_wait if server_wait is None else server_wait
+        self._deadline = time.monotonic() + self._wait
+        self._timeout = self.request_timeout if request_timeout is None else request_timeout
         self._sent = self._try_send(copy)
 
     def receive(self) -> Message:
@@ -192,11 +202,11 @@ class Client:
         try:
             while True:
                 if self._sent:
-                    reply = self._await_reply(min(self.request_timeout, max(0.0, self._deadline - time.monotonic())))
+                    reply = self._await_reply(min(self._timeout, max(0.0, self._deadline - time.monotonic())))
                     if reply is not None:
                         return reply
                 if time.monotonic() + pause >= self._deadline:
-                    raise TransportError(f"no answer from {self.endpoint} for {self.server_wait:.0f} s; "
+                    raise TransportError(f"no answer from {self.endpoint} for {self._wait:.0f} s; "
                                          "is the server running?")
                 time.sleep(pause)
                 pause = min(pause * 2, RECONNECT_BACKOFF_S[1])

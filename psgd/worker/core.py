@@ -1,0 +1,105 @@
+"""The worker's compute loop, without sockets: Downpour's inner loop.
+
+Pull fresh weights every ``n_fetch`` steps, push the gradient summed over ``n_push``
+steps, never wait for another worker. Everything it needs is fixed at construction (the
+model, the minibatches, the settings); the channel it talks through is passed to
+:meth:`WorkerCore.run`, so a test can drive it against a server state in-process.
+
+A channel (psgd.wire.sharded.ShardedChannel, or any object with the same methods):
+``grad`` (the buffer gradients are computed into), ``pull(params)``, ``mark_window()``,
+``window_open``, ``push(examples, params_or_None) -> PushResult``, ``heartbeat(first_only)
+-> assignment reply`` and ``last_contact`` (time.monotonic of the last exchange).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    n_fetch: int = 1  # pull fresh weights every n_fetch steps
+    n_push: int = 1  # push the gradient summed over n_push steps
+    dropout: float = 0.0
+    slowdown: float = 1.0  # > 1: sleep so that each step takes this many times its compute time
+    max_steps: int | None = None
+    heartbeat_every_s: float = 10.0 / 3  # a third of the lease: no silence outlasts it
+
+
+def new_stats() -> dict:
+    return {"steps": 0, "pushes": 0, "examples": 0, "refused": 0, "reconnects": 0,
+            "staleness_sum": 0, "compute_s": 0.0, "comm_s": 0.0, "reassignments": 0}
+
+
+class WorkerCore:
+    """``net``: the model; ``batches``: an endless iterator of ``(X, T)`` minibatches;
+    ``rng``: for dropout. ``stats`` is shared with the caller (it outlives reconnects)."""
+
+    def __init__(self, net, batches, settings: StepSettings, rng: np.random.Generator, stats: dict | None = None):
+        self.net, self.batches, self.settings, self.rng = net, batches, settings, rng
+        self.params = np.empty(net.n_params, net.dtype)
+        self.local_grad = np.empty(net.n_params, net.dtype) if settings.n_push > 1 else None
+        self.stats = stats if stats is not None else new_stats()
+        self.data_generation = 0
+
+    def run(self, channel, should_stop=lambda: False, on_assignment=None) -> None:
+        """Train through ``channel`` until ``should_stop()``, ``max_steps``, or an exception
+        from the channel (ShutdownRequested, TransportError) ends it. ``on_assignment(reply)``
+        is called when the server moved this worker's data shards."""
+        s, st = self.settings, self.stats
+        channel.pull(self.params)
+        window_examples = 0
+        while not should_stop() and (s.max_steps is None or st["steps"] < s.max_steps):
+            t0 = time.perf_counter()
+            x, t = next(self.batches)
+            first = not channel.window_open
+            if self.local_grad is None:
+                self.net.loss_and_grad(self.params, x, t, channel.grad, s.dropout, self.rng)
+            else:
+                self.net.loss_and_grad(self.params, x, t, self.local_grad, s.dropout, self.rng)
+                if first:
+                    channel.grad[...] = self.local_grad
+                else:
+                    channel.grad += self.local_grad
+            if first:
+                channel.mark_window()
+            window_examples += x.shape[0]
+            st["steps"] += 1
+            t1 = time.perf_counter()
+            st["compute_s"] += t1 - t0
+            if s.slowdown > 1:  # a straggler on demand, to study one on a single machine
+                time.sleep((s.slowdown - 1) * (t1 - t0))
+                t1 = time.perf_counter()
+            fetch = st["steps"] % s.n_fetch == 0
+            if st["steps"] % s.n_push == 0:
+                result = channel.push(window_examples, self.params if fetch else None)
+                self._count_push(result, window_examples)
+                window_examples = 0
+                if result.data_generation is not None and result.data_generation != self.data_generation:
+                    self._check_assignment(channel, on_assignment)
+            elif fetch:
+                channel.pull(self.params)
+            elif time.monotonic() - channel.last_contact > s.heartbeat_every_s:
+                self._check_assignment(channel, on_assignment, first_only=False)
+            st["comm_s"] += time.perf_counter() - t1
+
+    def _count_push(self, result, examples: int) -> None:
+        st = self.stats
+        if result.refused:
+            st["refused"] += 1
+        else:
+            st["pushes"] += 1
+            st["examples"] += examples
+            st["staleness_sum"] += result.staleness
+
+    def _check_assignment(self, channel, on_assignment, first_only: bool = True) -> None:
+        """A heartbeat (a long n_push window would outlast the lease); its answer says
+        which data shards to train on."""
+        reply = channel.heartbeat(first_only)
+        if reply["data_generation"] != self.data_generation:
+            self.data_generation = reply["data_generation"]
+            if on_assignment is not None:
+                on_assignment(reply)

@@ -1,0 +1,113 @@
+"""The worker's compute loop driven against a real ServerState, in-process: no sockets,
+no processes. The channel here is the smallest honest one: it hands each push to the
+state's one door and copies the weights back, as the shared-memory path does."""
+
+import numpy as np
+import pytest
+
+from psgd.config import TrainConfig
+from psgd.data import Minibatches
+from psgd.errors import ShutdownRequested
+from psgd.model.network import MLP, ModelSpec
+from psgd.model.optim import OptimizerSpec
+from psgd.model.schedules import ScheduleSpec
+from psgd.server.state import APPLIED, REFUSED, SHUTDOWN, ServerState
+from psgd.wire.sharded import PushResult
+from psgd.worker.core import StepSettings, WorkerCore
+
+SPEC = ModelSpec((8, 6, 3), "tanh", "softmax_ce", "float64")
+
+
+class StateChannel:
+    """One worker's channel straight into a ServerState."""
+
+    def __init__(self, state: ServerState, name: str = "w"):
+        self.state = state
+        self.record = state.members.register(name, "inprocess")
+        self.grad = np.empty(state.store.size, state.store.dtype)
+        self.version = 0
+        self.base = None
+        self.last_contact = 0.0
+        self.pushes = []  # the decisions, for the test to read
+
+    def pull(self, params):
+        params[...] = self.state.store.params
+        self.version = self.state.store.version
+
+    def mark_window(self):
+        self.base = self.version
+
+    @property
+    def window_open(self):
+        return self.base is not None
+
+    def push(self, examples, params):
+        decision = self.state.push(self.record.worker_id, self.base, examples, self.grad)
+        self.pushes.append(decision)
+        self.base = None
+        if decision.outcome == SHUTDOWN:
+            raise ShutdownRequested("the server ended the run")
+        if params is not None:
+            self.pull(params)
+        return PushResult(decision.staleness, decision.outcome == REFUSED, self.record.data_generation)
+
+    def heartbeat(self, first_only=True):
+        record = self.state.members.touch(self.record.worker_id)
+        return {"data_shards": record.data_shards, "data_generation": record.data_generation}
+
+
+def problem(n=256, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, 8))
+    y = (X[:, :3].argmax(axis=1)).astype(np.int64)
+    return X, y
+
+
+def config(**kw):
+    return TrainConfig(model=SPEC, optimizer=OptimizerSpec("sgd"), schedule=ScheduleSpec("constant", 0.2, warmup=0), **kw)
+
+
+def test_a_worker_core_trains_a_server_state_without_sockets():
+    X, y = problem()
+    state = ServerState(config())
+    net = MLP(SPEC)
+    channel = StateChannel(state)
+    core = WorkerCore(net, Minibatches(X, y, 32, seed=1), StepSettings(max_steps=200), np.random.default_rng(0))
+    before = net.evaluate(state.store.params, X, y)[0]
+    core.run(channel)
+    after = net.evaluate(state.store.params, X, y)[0]
+    assert state.store.version == 200 == core.stats["pushes"] and after < 0.6 * before
+    assert all(d.outcome == APPLIED and d.staleness == 0 for d in channel.pushes)
+
+
+def test_n_push_sums_steps_into_one_push_and_n_fetch_pulls_between():
+    X, y = problem()
+    state = ServerState(config())
+    channel = StateChannel(state)
+    core = WorkerCore(MLP(SPEC), Minibatches(X, y, 16, seed=1), StepSettings(n_push=4, n_fetch=2, max_steps=40),
+                      np.random.default_rng(0))
+    core.run(channel)
+    assert state.store.version == 10 and state.store.examples == 40 * 16
+    assert core.stats["steps"] == 40 and core.stats["pushes"] == 10
+
+
+def test_a_push_computed_from_weights_not_fetched_since_counts_as_stale():
+    """With n_fetch 3 the worker computes two steps from weights it has already pushed to:
+    the server sees those pushes as 1 and 2 versions stale."""
+    X, y = problem()
+    state = ServerState(config())
+    channel = StateChannel(state)
+    core = WorkerCore(MLP(SPEC), Minibatches(X, y, 16, seed=1), StepSettings(n_fetch=3, max_steps=9),
+                      np.random.default_rng(0))
+    core.run(channel)
+    assert [d.staleness for d in channel.pushes] == [0, 1, 2] * 3
+    assert core.stats["staleness_sum"] == 9
+
+
+def test_a_stopping_server_ends_the_core_with_shutdown():
+    X, y = problem()
+    state = ServerState(config(), max_updates=5)
+    core = WorkerCore(MLP(SPEC), Minibatches(X, y, 16, seed=1), StepSettings(), np.random.default_rng(0))
+    with pytest.raises(ShutdownRequested):
+        core.run(StateChannel(state))
+    assert state.store.version == 5 and core.stats["pushes"] == 5
