@@ -28,6 +28,7 @@ from .data.prepared import prepare_data
 READY_TIMEOUT_S = 30.0  # for the server to start listening
 TERMINATE_GRACE_S = 5.0  # after SIGTERM, before SIGKILL
 SERVER_EXIT_S = 10.0  # for server and workers to wind down after the run ends
+PARENT_DEATH_SIGNAL = signal.SIGHUP  # what a child gets when the launcher dies (see _child_setup)
 WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -106,14 +107,17 @@ def _child_setup() -> None:
     """In the child, before exec. Its own process group: a Ctrl-C at the terminal goes to the
     terminal's foreground group, and the launcher alone must get it, to stop the run in order
     (final evaluation, then shutdown, which checkpoints); a server that got it too would stop
-    at once and take the launcher's SIGTERM for a second signal. And SIGTERM when the
+    at once and take the launcher's SIGTERM for a second signal. And SIGHUP when the
     launcher dies, however it dies (even SIGKILL, which runs no cleanup), so that no server
-    or worker is orphaned."""
+    or worker is orphaned. SIGHUP, not SIGTERM: Linux sends the parent-death signal once for
+    every thread of the dying launcher the child is handed to (zmq's threads among them),
+    and servers and workers take repeated SIGHUPs as one warm stop, where a second SIGTERM
+    means stop cold (no final checkpoint)."""
     os.setpgid(0, 0)
     if sys.platform.startswith("linux"):
         import ctypes
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL, 0, 0, 0)
 
 
 class WarmThenCold:

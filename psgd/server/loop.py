@@ -302,6 +302,8 @@ class Server:
 
     def _install_signals(self):
         def handler(signum, frame):
+            if signum == signal.SIGHUP and self._signals:
+                return  # the launcher's parent-death signal comes once per thread of it: one stop
             self._signals += 1
             print(f"psgd server: {signal.Signals(signum).name}" + (", exiting now" if self._signals > 1 else
                   ", stopping after the current message"), file=sys.stderr, flush=True)
@@ -310,7 +312,7 @@ class Server:
                 os._exit(128 + signum)  # second signal: now
             self.state.stop("interrupt" if signum == signal.SIGINT else "signal")
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             try:
                 signal.signal(sig, handler)
             except ValueError:

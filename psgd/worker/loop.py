@@ -150,11 +150,11 @@ class Worker:
 
     def _install_signals(self):
         def handler(signum, frame):
-            if self.stop_requested:
+            if self.stop_requested and signum != signal.SIGHUP:  # SIGHUP: a dying launcher's, maybe repeated
                 os._exit(128 + signum)
             self.stop_requested = True
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             try:
                 signal.signal(sig, handler)
             except ValueError:
