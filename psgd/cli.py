@@ -31,6 +31,16 @@ class PsgdGroup(click.Group):
         except PsgdError as exc:
             click.echo(f"psgd: error: {exc}", err=True)
             ctx.exit(2)
+        except OSError as exc:  # the machine's, not psgd's: a full disk, a folder it may not write
+            click.echo(f"psgd: error: {exc}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:  # a second Ctrl-C (the first stops a run warm)
+            click.echo("\npsgd: stopped at once (a second Ctrl-C); a cluster's servers keep their newest checkpoint",
+                       err=True)
+            ctx.exit(INTERRUPTED_STATUS)
+
+
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def env_option(*decls, **kwargs):
@@ -81,11 +91,13 @@ def training_options(f):
         env_option("--lr-every", type=int, default=_DEFAULT.schedule.every, help="step: updates between drops."),
         env_option("--lr-factor", type=float, default=_DEFAULT.schedule.factor, help="step/plateau: multiply by this."),
         env_option("--lr-patience", type=int, default=_DEFAULT.schedule.patience, help="plateau: evaluations without gain."),
-        env_option("--warmup", type=int, default=_DEFAULT.schedule.warmup, help="Updates of linear warm-up."),
+        env_option("--warmup", type=int, default=None, show_default=False,
+                   help="Updates of linear warm-up. [default: a tenth of the run, at most 500]"),
         env_option("--batch-size", type=int, default=_DEFAULT.batch_size),
         env_option("--epochs", type=float, default=_DEFAULT.epochs),
         env_option("--seed", type=int, default=_DEFAULT.seed),
-        env_option("--validation", type=int, default=_DEFAULT.validation, help="Examples held out for validation."),
+        env_option("--validation", type=int, default=None, show_default=False,
+                   help="Examples held out for validation. [default: a tenth of the training set, at most 5000]"),
         env_option("--dropout", type=float, default=_DEFAULT.dropout),
         env_option("--augment/--no-augment", default=_DEFAULT.augment, help="Random 2-pixel shifts of images."),
         env_option("--distort-rotate", type=float, default=0.0, help="Random rotation of images, up to this many degrees."),
@@ -119,7 +131,7 @@ def training_options(f):
 def build_config(ctx: click.Context, **kw) -> TrainConfig:
     """A TrainConfig from a config file (if any) overridden by explicitly given options."""
     from_file = kw.get("config_file") is not None
-    base = TrainConfig.from_dict(read_json(Path(kw["config_file"]))) if from_file else _DEFAULT
+    base = TrainConfig.from_dict(read_json(Path(kw["config_file"])), kw["config_file"]) if from_file else _DEFAULT
 
     def given(name):
         return not from_file or ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
@@ -224,6 +236,20 @@ def print_summary(summary: dict) -> None:
         click.echo(line)
 
 
+def say_where_the_run_went(out_dir, summary: dict) -> None:
+    """``run written to DIR``; or, if files of it could not be written (a full disk), which,
+    and exit status 1: the run trained, but what it was for did not reach the disk."""
+    if not out_dir:
+        return
+    unwritten = summary.get("unwritten") or []
+    if not unwritten:
+        click.echo(f"run written to {out_dir}")
+        return
+    why = summary["write_failures"][-1].rsplit(": ", 1)[-1] if summary.get("write_failures") else "see above"
+    click.echo(f"psgd: error: could not write {', '.join(unwritten)} to {out_dir} ({why})", err=True)
+    sys.exit(1)
+
+
 def client_curve_options(f):
     f = env_option("--curve-server-key", type=click.Path(dir_okay=False, exists=True), default=None,
                    help="CURVE: the server's public key file (NAME.key from psgd keygen).")(f)
@@ -264,14 +290,22 @@ def train(ctx, resume_dir, **kw):
         raise PsgdError("only cluster runs (--workers N) write checkpoints to resume from")
     progress = Progress()
     if config.workers == 0:
+        from .launch import WarmThenCold
         from .trainer import train_single
-        summary = train_single(config, progress)
+        interrupt = WarmThenCold()
+        try:
+            summary = train_single(config, progress, interrupt.requested)
+        finally:
+            interrupt.restore()
     else:
         from .launch import train_cluster
         summary = train_cluster(config, progress, resume=resume_dir is not None)
     print_summary(summary)
-    if config.out_dir:
-        click.echo(f"run written to {config.out_dir}")
+    say_where_the_run_went(config.out_dir, summary)
+    if summary.get("stop_reason") == "interrupted":
+        if config.workers and config.out_dir:
+            click.echo(f"resume with: psgd train --resume {config.out_dir}")
+        ctx.exit(INTERRUPTED_STATUS)
 
 
 @cli.command()
@@ -440,13 +474,20 @@ def coordinator(connect, curve_key, curve_server_key, model, **overrides):
     from .model.interface import build_model, check_welcome
     net = build_model(config.model)
     check_welcome(net, config.model, described, net.layout.to_wire(), "coordinator")  # the fingerprint must match
-    coord = Coordinator(config, connect, prepare_data(config), Progress(), keys=keys)
+    from .launch import WarmThenCold
+    interrupt = WarmThenCold()
+    data = prepare_data(config)
+    coord = Coordinator(data.config, connect, data, Progress(), keys=keys, stop_requested=interrupt.requested)
     try:
         summary = coord.finish(coord.run())
-    finally:
+    except KeyboardInterrupt:  # a second Ctrl-C: leave the servers be
+        raise
+    except BaseException:
         coord.end_run()
+        raise
+    coord.end_run()
     print_summary(summary)
-    click.echo(f"run written to {config.out_dir}")
+    say_where_the_run_went(config.out_dir, summary)
 
 
 @cli.command()
@@ -526,9 +567,33 @@ def report(runs, plots, plots_dir):
     click.echo("plots: " + ", ".join(str(p) for p in written))
 
 
+class LossyStream:
+    """stdout or stderr whose writes may fail (a log file on a full disk) without ending the
+    process: a server must not die of a log line. What cannot be written is dropped."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError:
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main():
     import faulthandler
     import signal
+    sys.stdout, sys.stderr = LossyStream(sys.stdout), LossyStream(sys.stderr)
     if hasattr(signal, "SIGUSR1"):  # kill -USR1 PID prints every thread's stack: where is it stuck?
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     cli(prog_name="psgd")

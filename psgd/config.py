@@ -7,15 +7,17 @@ The CLI builds it from options (each also readable from a ``PSGD_*`` variable).
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from .data.augment import DistortionSpec
 from .errors import ConfigError
 from .model.network import ModelSpec
 from .model.optim import OptimizerSpec
-from .model.schedules import ScheduleSpec
+from .model.schedules import WARMUP_MAX, ScheduleSpec
 
 TRANSPORTS = ("auto", "zmq", "shm")
 # How the server scales the learning rate of a push by its staleness s:
@@ -25,6 +27,20 @@ STALENESS_RULES = ("none", "divide", "dynsgd", "dcasgd")
 # async: apply every push at once (Downpour); ssp: a worker more than ssp_bound clocks ahead
 # of the slowest live worker waits; sync: one gradient from every live worker, averaged.
 CONSISTENCY = ("async", "ssp", "sync")
+
+
+VALIDATION_FRACTION = 0.1  # of the training set held out for validation by default...
+VALIDATION_MAX = 5000  # ...but no more than this many examples (MNIST: 5,000 of 60,000)
+WARMUP_FRACTION = 0.1  # of a run's updates spent warming up by default, at most WARMUP_MAX
+
+
+def validation_size(validation: int | None, n_examples: int) -> int:
+    """Examples to hold out of ``n_examples`` for validation: ``validation`` if given, else
+    VALIDATION_FRACTION of them, at most VALIDATION_MAX. Every process of a run (coordinator,
+    workers) derives the same number, so they agree on the split."""
+    if validation is not None:
+        return validation
+    return min(VALIDATION_MAX, int(VALIDATION_FRACTION * n_examples))
 
 
 def default_workers() -> int:
@@ -42,7 +58,9 @@ class TrainConfig:
     batch_size: int = 128
     epochs: float = 14.0  # passes over the training set (all workers together)
     seed: int = 0
-    validation: int = 5000  # examples held out of the training set for validation
+    # examples held out of the training set for validation; None: fitted to the data set
+    # (VALIDATION_FRACTION of it, at most VALIDATION_MAX; see fitted_to)
+    validation: int | None = None
     dropout: float = 0.0
     augment: bool = False  # random shifts of up to 2 pixels, for image data
     distort: DistortionSpec = field(default_factory=DistortionSpec)  # random affine warps and noise, per minibatch
@@ -70,7 +88,8 @@ class TrainConfig:
         checks = [
             (self.batch_size > 0, "batch size must be > 0"),
             (self.epochs > 0, "epochs must be > 0"),
-            (self.validation >= 0, "validation size must be >= 0"),
+            (self.validation is None or self.validation >= 0, "validation size must be >= 0"),
+            (self.schedule.warmup is None or self.schedule.warmup >= 0, "warm-up must be >= 0 updates"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (self.workers >= 0, "workers must be >= 0"),
             (self.servers >= 1, "servers must be >= 1"),
@@ -98,16 +117,71 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict, source: str = "the configuration") -> "TrainConfig":
+        """The config a dict describes (the form :meth:`to_dict` writes); settings it leaves
+        out keep their defaults. An unknown setting is refused, naming it and ``source`` (the
+        file it came from) and suggesting the settings of similar name."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object of settings, got {type(d).__name__}")
+        check_settings(d, source)
         d = dict(d)
         try:
-            model = ModelSpec.from_dict(d.pop("model", ModelSpec().to_dict()))
+            model = ModelSpec.from_dict({**ModelSpec().to_dict(), **d.pop("model", {})})
             optimizer = OptimizerSpec(**d.pop("optimizer", {}))
             schedule = ScheduleSpec(**d.pop("schedule", {}))
             distort = DistortionSpec.from_dict(d.pop("distort", {}))
             return cls(model=model, optimizer=optimizer, schedule=schedule, distort=distort, **d)
         except TypeError as exc:
-            raise ConfigError(f"bad configuration: {exc}") from None
+            raise ConfigError(f"{source}: bad configuration: {exc}") from None
+
+    def fitted_to(self, n_examples: int) -> "TrainConfig":
+        """This config with the settings that depend on the data's size made concrete, for a
+        training set of ``n_examples`` (before the validation hold-out): the validation split
+        (see :func:`validation_size`) and the warm-up, a tenth of the run's updates, at most
+        WARMUP_MAX (a short run on a small data set would otherwise end still warming up).
+        Settings given explicitly stay as they are."""
+        validation = validation_size(self.validation, n_examples)
+        warmup = self.schedule.warmup
+        if warmup is None:
+            updates = self.epochs * max(0, n_examples - validation) / (self.batch_size * self.n_push)
+            warmup = min(WARMUP_MAX, int(math.ceil(WARMUP_FRACTION * updates)))
+        return replace(self, validation=validation, schedule=replace(self.schedule, warmup=warmup))
 
     def with_(self, **changes) -> "TrainConfig":
         return replace(self, **changes)
+
+
+NESTED = {"model": ModelSpec, "optimizer": OptimizerSpec, "schedule": ScheduleSpec}
+
+
+def known_settings() -> list[str]:
+    """Every setting a configuration may hold: top-level names, and nested ones as
+    ``section.name`` (``schedule.lr``)."""
+    names = [f.name for f in fields(TrainConfig) if f.name not in NESTED]
+    for section, spec in NESTED.items():
+        names += [f"{section}.{f.name}" for f in fields(spec)]
+    return names
+
+
+def check_settings(d: dict, source: str) -> None:
+    """Raise ConfigError for the first setting of ``d`` psgd does not know, with the known
+    settings of similar name (``lr`` -> ``schedule.lr``; ``bach_size`` -> ``batch_size``)."""
+    known = known_settings()
+    given = []
+    for key, value in d.items():
+        if key in NESTED and isinstance(value, dict):
+            given += [f"{key}.{k}" for k in value]
+        elif key in NESTED:
+            raise ConfigError(f"{source}: setting {key!r} must be an object of settings, got {value!r}")
+        else:
+            given.append(key)
+    for name in given:
+        if name in known:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in known}
+        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.75)]
+        close = close or difflib.get_close_matches(name, known, n=3, cutoff=0.8)
+        hint = ("did you mean " + " or ".join(repr(c) for c in close[:3]) + "?") if close else \
+            "psgd train --help lists every option; a setting is the option's name with underscores"
+        raise ConfigError(f"{source}: unknown setting {name!r}; {hint}")

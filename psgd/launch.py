@@ -28,6 +28,7 @@ from .data.prepared import prepare_data
 READY_TIMEOUT_S = 30.0  # for the server to start listening
 TERMINATE_GRACE_S = 5.0  # after SIGTERM, before SIGKILL
 SERVER_EXIT_S = 10.0  # for server and workers to wind down after the run ends
+PARENT_DEATH_SIGNAL = signal.SIGHUP  # what a child gets when the launcher dies (see _child_setup)
 WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -64,7 +65,7 @@ class Cluster:
         env = dict(os.environ, **(extra_env or {}))
         with open(log, "w") as out:
             proc = subprocess.Popen([sys.executable, "-m", "psgd", *args], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent)
+                                    stdin=subprocess.DEVNULL, env=env, preexec_fn=_child_setup)
         child = Child(name, role, proc, log)
         self.children.append(child)
         return child
@@ -102,13 +103,48 @@ class Cluster:
                     seg.unlink(missing_ok=True)
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux for SIGTERM when the launcher dies, however it
-    dies (even SIGKILL, which runs no cleanup), so that no server or worker is orphaned."""
+def _child_setup() -> None:
+    """In the child, before exec. Its own process group: a Ctrl-C at the terminal goes to the
+    terminal's foreground group, and the launcher alone must get it, to stop the run in order
+    (final evaluation, then shutdown, which checkpoints); a server that got it too would stop
+    at once and take the launcher's SIGTERM for a second signal. And SIGHUP when the
+    launcher dies, however it dies (even SIGKILL, which runs no cleanup), so that no server
+    or worker is orphaned. SIGHUP, not SIGTERM: Linux sends the parent-death signal once for
+    every thread of the dying launcher the child is handed to (zmq's threads among them),
+    and servers and workers take repeated SIGHUPs as one warm stop, where a second SIGTERM
+    means stop cold (no final checkpoint)."""
+    os.setpgid(0, 0)
     if sys.platform.startswith("linux"):
         import ctypes
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL, 0, 0, 0)
+
+
+class WarmThenCold:
+    """SIGINT (Ctrl-C) handling of a process that runs a coordinator: the first asks for a
+    warm stop (``requested`` turns true: final evaluation, checkpoint, summary and weights);
+    a second raises KeyboardInterrupt, a cold stop (the children get SIGTERM at once)."""
+
+    def __init__(self, say=None):
+        self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.count = 0
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread (a test): nothing to install
+            self.previous = None
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def requested(self) -> bool:
+        return self.count > 0
+
+    def _handler(self, signum, frame):
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt
+        self.say("\npsgd: interrupted: stopping after a final evaluation (and checkpoint), Ctrl-C again to stop at once")
 
 
 def terminate_on_signals() -> None:
@@ -122,10 +158,14 @@ def terminate_on_signals() -> None:
 
 
 def _wait_ready(server: Child, ready_file: Path) -> str:
+    """The endpoint ``server`` wrote to ``ready_file`` once listening. A ready file of another
+    process (a dead run's: a SIGKILLed launcher cleans nothing up) is not this server's."""
     end = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < end:
         if ready_file.exists():
-            return json.loads(ready_file.read_text())["endpoint"]
+            ready = json.loads(ready_file.read_text())
+            if ready.get("pid") == server.proc.pid:
+                return ready["endpoint"]
         if server.proc.poll() is not None:
             raise PsgdError(f"the server did not start: {server.describe_exit()}")
         time.sleep(0.01)
@@ -155,7 +195,16 @@ def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = F
     if resume and not config.out_dir:
         raise PsgdError("resuming needs the run directory")
     terminate_on_signals()
+    interrupt = WarmThenCold(say)
+    try:
+        return _run_cluster(config, on_event, say, resume, interrupt)
+    finally:
+        interrupt.restore()
+
+
+def _run_cluster(config: TrainConfig, on_event, say, resume: bool, interrupt: WarmThenCold) -> dict:
     data = prepare_data(config)  # first: a bad option fails here, before any process starts
+    config = data.config  # fitted to the data: every process gets the same concrete settings
     # Each process's output goes to RUN_DIR/logs (kept: it says why a process failed).
     keep_logs = config.out_dir is not None
     if keep_logs:
@@ -170,11 +219,15 @@ def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = F
         cfg_file = workdir / "config.json"
         # The coordinator decides when the run ends; a server that stopped by itself first
         # would leave it talking to nobody.
-        cfg_file.write_text(config.with_(max_updates=None, max_seconds=None).to_json())
+        try:
+            cfg_file.write_text(config.with_(max_updates=None, max_seconds=None).to_json())
+        except OSError as exc:  # nothing has started yet: say so, rather than run with no record
+            raise PsgdError(f"cannot write {cfg_file}: {exc.strerror or exc}") from None
         servers = []
         for k in range(config.servers):  # one server, or K shards each with one range of the weights
             name = "server" if config.servers == 1 else f"server-{k}"
             ready = workdir / f"{name}.ready.json"
+            ready.unlink(missing_ok=True)  # left by a run whose launcher was SIGKILLed
             server_args = ["server", "--config", str(cfg_file), "--bind", "tcp://127.0.0.1:0",
                            "--shard", str(k), "--num-shards", str(config.servers),
                            "--data-shards", str(config.workers), "--ready-file", str(ready)] + server_curve
@@ -205,11 +258,16 @@ def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = F
                 raise PsgdError("every worker has failed: " + "; ".join(failed))
             return failed
 
-        coordinator = Coordinator(config, endpoint, data, on_event, say, watch, append=resume, keys=client_keys)
+        coordinator = Coordinator(config, endpoint, data, on_event, say, watch, append=resume, keys=client_keys,
+                                  stop_requested=interrupt.requested)
         try:
             summary = coordinator.run()
-        finally:
+        except KeyboardInterrupt:  # a cold stop: no time for shutdown messages; SIGTERM below
+            raise
+        except BaseException:
             coordinator.end_run()
+            raise
+        coordinator.end_run()
         if not cluster.wait(SERVER_EXIT_S):
             (say or print)("psgd: some processes did not stop in time and were terminated")
         for child in cluster.newly_dead():

@@ -25,10 +25,14 @@ from .model.optim import make_optimizer
 PROGRESS_EVERY = 50  # steps between progress events
 
 
-def train_single(config: TrainConfig, on_event=None) -> dict:
-    """Train in this process; returns the summary (test loss and accuracy, timings)."""
+def train_single(config: TrainConfig, on_event=None, stop_requested=None) -> dict:
+    """Train in this process; returns the summary (test loss and accuracy, timings).
+    ``stop_requested()``, asked every step, ends the run early as a budget would (a first
+    Ctrl-C): a final evaluation, then the summary, with stop_reason "interrupted"."""
+    stop_requested = stop_requested or (lambda: False)
     t0 = time.perf_counter()
     d = prepare_data(config)
+    config = d.config
     net = build_model(config.model)
     params = net.init_params(config.seed)
     optimizer = make_optimizer(config.optimizer, net.n_params, net.dtype, net.weight_mask())
@@ -52,7 +56,12 @@ def train_single(config: TrainConfig, on_event=None) -> dict:
     train_time = eval_time = 0.0
     running = []
     t_train = time.perf_counter()
+    stop_reason = "epochs"
     while examples < total_examples:
+        interrupted = stop_requested()
+        if interrupted and not running:  # just evaluated: nothing new to evaluate
+            stop_reason = "interrupted"
+            break
         x, t = next(batches)
         loss, _ = net.loss_and_grad(params, x, t, grad, config.dropout, rng)
         optimizer.step(params, grad, schedule(updates))
@@ -61,7 +70,7 @@ def train_single(config: TrainConfig, on_event=None) -> dict:
         running.append(loss)
         if updates % PROGRESS_EVERY == 0:
             recorder.on_event("progress", {"examples": examples, "loss": float(np.mean(running[-PROGRESS_EVERY:]))})
-        if examples >= next_eval or examples >= total_examples:
+        if examples >= next_eval or examples >= total_examples or interrupted:
             next_eval += eval_every
             train_time += time.perf_counter() - t_train
             t_eval = time.perf_counter()
@@ -76,11 +85,15 @@ def train_single(config: TrainConfig, on_event=None) -> dict:
             running = []
             t_train = time.perf_counter()
             if config.target_accuracy and val_acc is not None and val_acc >= config.target_accuracy:
+                stop_reason = "target accuracy"
+                break
+            if interrupted:
+                stop_reason = "interrupted"
                 break
 
     test_loss, test_acc = net.evaluate(params, d.test.X, d.T_test)
     summary = {
-        "workers": 0, "updates": updates, "examples": examples, "epochs": examples / n_train,
+        "workers": 0, "stop_reason": stop_reason, "updates": updates, "examples": examples, "epochs": examples / n_train,
         "test_loss": test_loss, "test_accuracy": test_acc,
         "setup_time": setup_time, "train_time": train_time, "eval_time": eval_time,
         "wall_time": time.perf_counter() - t0, "examples_per_s": examples / train_time if train_time else 0.0,

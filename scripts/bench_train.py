@@ -23,6 +23,7 @@ from benchlib import blas_description, clean_blas_env, have_torch, run_psgd_trai
 clean_blas_env(sys.argv)
 
 from psgd.config import TrainConfig  # noqa: E402
+from psgd.model.schedules import WARMUP_MAX  # noqa: E402
 
 DEFAULT = TrainConfig()
 TARGETS = (0.97, 0.98)
@@ -94,7 +95,7 @@ def main():
     ap.add_argument("--lr", type=float, default=DEFAULT.schedule.lr)
     ap.add_argument("--momentum", type=float, default=DEFAULT.optimizer.momentum)
     ap.add_argument("--lr-every", type=int, default=DEFAULT.schedule.every, help="updates between 5x drops")
-    ap.add_argument("--warmup", type=int, default=DEFAULT.schedule.warmup, help="updates of linear warm-up")
+    ap.add_argument("--warmup", type=int, default=WARMUP_MAX, help="updates of linear warm-up")
     ap.add_argument("--only", nargs="+", default=None, help="contenders to run: workers2 workers0 pytorch")
     args = ap.parse_args()
     print(f"784-256-256-10 relu, batch 128, momentum {args.momentum}, lr {args.lr} (warm-up {args.warmup}) "

@@ -24,12 +24,15 @@ class Processes:
         self.env = dict(os.environ, PSGD_DATA_DIR=str(data_dir), PSGD_TEST_MARKER=self.marker)
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, *args, log: str, extra_env: dict | None = None, prefix: list[str] = ()) -> subprocess.Popen:
+    def start(self, *args, log: str, extra_env: dict | None = None, prefix: list[str] = (),
+              own_group: bool = False) -> subprocess.Popen:
         """``psgd ARGS`` with output to LOG.log; ``prefix`` runs it through e.g. ``ip netns exec NS``
-        (which execs it: the pid is psgd's own)."""
+        (which execs it: the pid is psgd's own). ``own_group``: in a process group of its own,
+        as a shell starts a foreground job, so that ``os.killpg(proc.pid, SIGINT)`` is a Ctrl-C."""
         out = open(self.tmp / f"{log}.log", "w")
         proc = subprocess.Popen([*prefix, sys.executable, "-m", "psgd", *args], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env={**self.env, **(extra_env or {})})
+                                stdin=subprocess.DEVNULL, env={**self.env, **(extra_env or {})},
+                                process_group=0 if own_group else None)
         out.close()
         self.procs.append(proc)
         return proc

@@ -50,18 +50,23 @@ class Coordinator:
     a failure of the server ends the run with an error."""
 
     def __init__(self, config: TrainConfig, endpoint: str, data: PreparedData, on_event=None, say=None,
-                 watch=None, append: bool = False, keys=None):
+                 watch=None, append: bool = False, keys=None, stop_requested=None):
+        """``stop_requested()``, if given, is asked every poll: once true (a first Ctrl-C) the
+        run stops warm, as on a budget: a final evaluation, then the summary."""
         self.config = config
+        self.stop_requested = stop_requested or (lambda: False)
         self.data = data
         self.net = build_model(config.model)
-        self.recorder = RunRecorder(config, on_event, append=append)
         self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.recorder = RunRecorder(config, on_event, append=append, say=self.say)
         self.watch = watch or (lambda: [])
         self.servers = ParameterClient(endpoint, "coordinator", keys,  # one or all K shards
                                        max_message=max_reply_bytes(self.net.n_params, self.net.dtype.itemsize))
         self.schedule = config.schedule.build()
         self.params = np.empty(self.net.n_params, self.net.dtype)
         self.failures: list[str] = []
+        self.checkpoint_failures: dict[int, int] = {}  # server shard -> failed checkpoint writes seen
+        self._checkpoint_streak: dict[int, int | None] = {}  # shard -> version of a failure not yet mended
         self.lr_sent: float | None = None
         self._rates_at: tuple[float, dict] | None = None
 
@@ -81,6 +86,7 @@ class Coordinator:
             while True:
                 self._check_processes()
                 stats = self._stats()
+                self._check_checkpoints(stats)
                 examples, version = stats["examples"], stats["version"]
                 if examples != last_examples:
                     last_examples, progress_at = examples, time.perf_counter()
@@ -91,8 +97,9 @@ class Coordinator:
                 self._set_lr(version)
                 elapsed = time.perf_counter() - t0
                 server_ended = stats.get("stopping", False)  # its own budget, or a signal
+                interrupted = self.stop_requested()
                 budget_hit = examples >= total or (c.max_updates is not None and version >= c.max_updates) \
-                    or (c.max_seconds is not None and elapsed >= c.max_seconds) or server_ended
+                    or (c.max_seconds is not None and elapsed >= c.max_seconds) or server_ended or interrupted
                 if examples >= next_eval or budget_hit:
                     while next_eval <= examples:
                         next_eval += eval_every
@@ -103,7 +110,7 @@ class Coordinator:
                         stop_reason = "target accuracy"
                         break
                     if budget_hit:
-                        stop_reason = "epochs" if examples >= total else (
+                        stop_reason = "interrupted" if interrupted else "epochs" if examples >= total else (
                             "updates" if c.max_updates is not None and version >= c.max_updates else
                             "server stop" if server_ended else "time limit")
                         break
@@ -149,6 +156,24 @@ class Coordinator:
         for failure in self.watch():
             self.failures.append(failure)
             self.say(f"psgd: {failure}")
+
+    def _check_checkpoints(self, stats: dict) -> None:
+        """Say when a server shard fails to write a checkpoint (a full disk), and when it
+        writes again; the run goes on either way."""
+        for shard, status in enumerate(stats.get("checkpoints") or []):
+            if not status:
+                continue
+            seen = self.checkpoint_failures.get(shard, 0)
+            if status["failures"] > seen and status["error"] is not None:
+                if self._checkpoint_streak.get(shard) is None:
+                    kept = f"version {status['version']}" if status["version"] is not None else "none"
+                    self.say(f"psgd: server shard {shard} cannot write its checkpoint (version {status['failed_version']}): "
+                             f"{status['error']}; it keeps its newest good one ({kept}) and training goes on")
+                self._checkpoint_streak[shard] = status["failed_version"]
+            elif status["error"] is None and self._checkpoint_streak.get(shard) is not None:
+                self.say(f"psgd: server shard {shard} writes checkpoints again (version {status['version']})")
+                self._checkpoint_streak[shard] = None
+            self.checkpoint_failures[shard] = status["failures"]
 
     def _set_lr(self, version: int) -> None:
         lr = float(self.schedule(version))
@@ -213,6 +238,7 @@ class Coordinator:
             "staleness": hist, "staleness_histogram": stats["staleness"],
             "bytes_in": stats["bytes_in"], "bytes_out": stats["bytes_out"], "errors": stats["errors"],
             "per_worker": workers, "failures": self.failures, "ssp_max_lead": stats.get("ssp_max_lead"),
+            "checkpoint_failures": sum(self.checkpoint_failures.values()),
             "stragglers": stragglers({n: w["examples_per_s"] for n, w in workers.items() if w["connected"]}),
             "worker_transports": sorted({w["transport"] for w in stats["workers"].values()}),
         }
@@ -224,6 +250,9 @@ class Coordinator:
             f"{stats['bytes_in'] / 1e6:.1f} MB in and {stats['bytes_out'] / 1e6:.1f} MB out over ZeroMQ; "
             f"workers pushed via {', '.join(summary['worker_transports'])}",
         ]
+        if summary["checkpoint_failures"]:
+            summary["report"].append(f"{summary['checkpoint_failures']} checkpoint writes failed on the servers "
+                                     "(see their logs); training went on")
         return summary
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import mnist
 from ..errors import DataError
+from ..files import read_npz
 
 NPZ_TEST_FRACTION = 0.1  # held out as the test set of an .npz that brings none
 
@@ -84,38 +85,54 @@ def load_npz(path: Path, seed: int = 0) -> tuple[Dataset, Dataset]:
     """An ``.npz`` with ``X`` (N, D) and ``y``: integer labels (N,) or real targets (N,) / (N, K).
 
     With ``X_test`` and ``y_test`` those are the test set; otherwise a seeded 10% is held out."""
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable .npz ({exc})") from None
+    arrays = read_npz(path, "data file")
     for key in ("X", "y"):
         if key not in arrays:
             raise DataError(f"{path}: needs arrays 'X' and 'y', has {sorted(arrays)}")
 
-    def make(X, y, part):
-        X = np.asarray(X)
+    def make(x_key, y_key):
+        X, y = np.asarray(arrays[x_key]), np.asarray(arrays[y_key])
         if X.ndim == 1:
             X = X.reshape(-1, 1)
         if X.ndim != 2 or len(X) != len(y) or not np.issubdtype(X.dtype, np.number):
-            raise DataError(f"{path}: {part} X must be numeric (N, D) with one y per row; got X {X.shape}, y {np.shape(y)}")
-        X = np.ascontiguousarray(X, dtype=np.float32)
+            raise DataError(f"{path}: {x_key} must be numeric (N, D) with one {y_key} per row; "
+                            f"got {x_key} {X.shape} {X.dtype}, {y_key} {y.shape}")
+        if not (np.issubdtype(y.dtype, np.number) or y.dtype == np.bool_):
+            raise DataError(f"{path}: {y_key} must be numeric (class labels or real targets), not {y.dtype}")
+        with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused just below
+            X = np.ascontiguousarray(X, dtype=np.float32)
+        refuse_non_finite(X, f"{path}: array {x_key}")
         if np.issubdtype(y.dtype, np.integer):
-            if y.ndim != 1 or y.min() < 0:
-                raise DataError(f"{path}: integer y must be class labels 0..K-1, shape (N,)")
-            return Dataset(X, y.astype(np.int64), int(y.max()) + 1, None, path.name)
-        return Dataset(X, np.asarray(y, np.float32), 0, None, path.name)
+            if y.ndim != 1 or (len(y) and y.min() < 0):
+                raise DataError(f"{path}: integer {y_key} must be class labels 0..K-1, shape (N,)")
+            return Dataset(X, y.astype(np.int64), int(y.max()) + 1 if len(y) else 0, None, path.name)
+        with np.errstate(over="ignore"):
+            y = np.asarray(y, np.float32)
+        refuse_non_finite(y, f"{path}: array {y_key}")
+        return Dataset(X, y, 0, None, path.name)
 
-    train = make(arrays["X"], arrays["y"], "training")
+    train = make("X", "y")
     if "X_test" in arrays and "y_test" in arrays:
-        test = make(arrays["X_test"], arrays["y_test"], "test")
+        test = make("X_test", "y_test")
         if train.n_classes:
             test = replace(test, n_classes=max(train.n_classes, test.n_classes))
             train = replace(train, n_classes=test.n_classes)
         return train, test
     return split(train, max(1, int(len(train) * NPZ_TEST_FRACTION)), seed)
+
+
+def refuse_non_finite(a: np.ndarray, what: str) -> None:
+    """Raise DataError naming ``what`` and its first row holding NaN or an infinity (checked
+    when the data is loaded: one such value turns every weight it reaches into NaN)."""
+    finite = np.isfinite(a)
+    if finite.all():
+        return
+    bad = ~finite.reshape(len(a), -1).all(axis=1) if a.ndim > 1 else ~finite
+    row = int(np.argmax(bad))
+    n_rows = int(bad.sum())
+    value = a[row] if a.ndim == 1 else a[row][~np.isfinite(a[row])][0]
+    raise DataError(f"{what} holds non-finite values ({value} in row {row}; {n_rows} row{'s' if n_rows != 1 else ''} "
+                    f"in all): remove or impute them before training")
 
 
 def split(data: Dataset, n_held_out: int, seed: int = 0) -> tuple[Dataset, Dataset]:

@@ -14,6 +14,7 @@ from .datasets import Dataset, load, split
 
 @dataclass
 class PreparedData:
+    config: TrainConfig  # the run's config fitted to this data (see TrainConfig.fitted_to)
     train: Dataset
     validation: Dataset | None
     test: Dataset
@@ -30,8 +31,13 @@ class PreparedData:
 
 
 def prepare_data(config: TrainConfig) -> PreparedData:
-    """Load the data set, hold out the validation split, check the model fits it."""
+    """Load the data set, fit the config's size-dependent settings to it (``.config``: run
+    with that one), hold out the validation split, check the model fits it."""
     train, test = load(config.data, config.data_dir, config.seed)
+    config = config.fitted_to(len(train))
+    if config.validation >= len(train):
+        raise ConfigError(f"--validation {config.validation} holds out all {len(train)} training examples of "
+                          f"{train.name}: give a smaller --validation (0 evaluates on the test set)")
     sizes = config.model.sizes
     n_out = train.n_outputs_for(config.model.loss)
     if not config.model.factory and (sizes[0] != train.n_inputs or sizes[-1] != n_out):
@@ -46,6 +52,6 @@ def prepare_data(config: TrainConfig) -> PreparedData:
         train, val = split(train, config.validation, config.seed)
     loss = config.model.loss
     return PreparedData(
-        train, val, test, train.targets_for(loss),
+        config, train, val, test, train.targets_for(loss),
         val.targets_for(loss) if val is not None else None, test.targets_for(loss),
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ..files import atomic_write
+from ..files import atomic_write, read_npz
 from .layout import Layout
 from .interface import build_model
 from .network import ModelSpec
@@ -25,15 +25,12 @@ def save_model(path: Path, spec: ModelSpec, params: np.ndarray, **extra) -> None
 
 def load_model(path: Path) -> tuple[ModelSpec, np.ndarray, dict]:
     """``(spec, params, meta)`` from a file written by :func:`save_model`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"model file {path} does not exist")
+    arrays = read_npz(Path(path), "model file")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            params = f["params"]
-            meta = json.loads(str(f["meta"]))
-    except (OSError, ValueError, KeyError) as exc:
-        raise DataError(f"{path}: not a psgd model file ({exc})") from None
+        params = arrays["params"]
+        meta = json.loads(str(arrays["meta"]))
+    except (ValueError, KeyError) as exc:
+        raise DataError(f"{path}: not a psgd model file ({exc!r})") from None
     spec = ModelSpec.from_dict(meta["model"])
     net = build_model(spec)
     if Layout.from_wire(meta["layout"]) != net.layout or params.shape != (net.n_params,):

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from ..errors import ConfigError
 
 SCHEDULES = ("constant", "diminishing", "step", "plateau")
+WARMUP_MAX = 500  # updates: the warm-up of a run long enough (MNIST's default run is 6,000 updates)
 
 
 class Schedule:
@@ -122,7 +123,9 @@ class ScheduleSpec:
     every: int = 2000  # step: updates between drops (about 4.7 epochs of MNIST at batch 128)
     factor: float = 0.2  # step and plateau
     patience: int = 2  # plateau
-    warmup: int = 500  # updates of linear warm-up, 0 for none: keeps asynchronous runs stable
+    # updates of linear warm-up, 0 for none: keeps asynchronous runs stable. None: fitted to
+    # the run (psgd.config.TrainConfig.fitted_to: a tenth of it, at most WARMUP_MAX)
+    warmup: int | None = None
 
     def __post_init__(self):
         if self.name not in SCHEDULES:
@@ -142,4 +145,5 @@ class ScheduleSpec:
             s = StepDecay(self.lr, self.every, self.factor)
         else:
             s = Plateau(self.lr, self.factor, self.patience)
-        return Warmup(s, self.warmup) if self.warmup else s
+        warmup = WARMUP_MAX if self.warmup is None else self.warmup  # not fitted to a run: the most
+        return Warmup(s, warmup) if warmup else s

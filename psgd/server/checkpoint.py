@@ -35,9 +35,15 @@ def write(folder: Path, version: int, arrays: dict[str, np.ndarray], meta: dict)
     full_meta = {**meta, "version": version, "digests": {k: _digest(v) for k, v in arrays.items()}}
     path = folder / f"checkpoint-{version:012d}.npz"
     atomic_write(path, lambda f: np.savez(f, meta=np.array(json.dumps(full_meta)), **arrays))
-    for old in sorted(folder.glob(PATTERN))[:-KEEP]:
-        old.unlink(missing_ok=True)
+    prune(folder, KEEP)
     return path
+
+
+def prune(folder: Path, keep: int) -> None:
+    """Remove all but the ``keep`` newest checkpoints (after a write that failed for want of
+    space: all but the newest, to make room for the next)."""
+    for old in sorted(Path(folder).glob(PATTERN))[:-keep]:
+        old.unlink(missing_ok=True)
 
 
 def read(path: Path) -> tuple[dict[str, np.ndarray], dict]:

@@ -94,6 +94,7 @@ class Server:
         arrays, meta, path = found
         self.state.restore(arrays, meta)
         self._last_checkpoint = (time.monotonic(), self.state.store.version)
+        self.state.checkpoint_status["version"] = self.state.store.version
         _say(f"psgd server: resumed from {path} at version {self.state.store.version}")
 
     def _maybe_checkpoint(self, force: bool = False):
@@ -106,8 +107,23 @@ class Server:
         if self.state.store.version == version or not due:
             return
         arrays, meta = self.state.checkpoint()
-        checkpoint.write(Path(self.options.checkpoint_dir), self.state.store.version, arrays, meta)
-        self._last_checkpoint = (time.monotonic(), self.state.store.version)
+        folder, now_version, status = Path(self.options.checkpoint_dir), self.state.store.version, self.state.checkpoint_status
+        try:
+            checkpoint.write(folder, now_version, arrays, meta)
+        except OSError as exc:  # a full disk: keep the last good one, train on, try again next interval
+            if status["error"] is None:  # said once per streak of failures
+                kept = f"version {status['version']}" if status["version"] is not None else "none yet"
+                _say(f"psgd server: cannot write the checkpoint at version {now_version} to {folder}: "
+                     f"{exc.strerror or exc}; the newest good checkpoint ({kept}) stays; training goes on, "
+                     f"trying again every {self.options.checkpoint_every_s:g} s")
+            status.update(failures=status["failures"] + 1, error=str(exc.strerror or exc), failed_version=now_version)
+            checkpoint.prune(folder, 1)  # older ones only take room the next try needs
+            self._last_checkpoint = (time.monotonic(), version)
+            return
+        if status["error"] is not None:
+            _say(f"psgd server: checkpoints are written again (version {now_version})")
+        status.update(version=now_version, error=None)
+        self._last_checkpoint = (time.monotonic(), now_version)
 
     @property
     def endpoint(self) -> str:
@@ -286,6 +302,8 @@ class Server:
 
     def _install_signals(self):
         def handler(signum, frame):
+            if signum == signal.SIGHUP and self._signals:
+                return  # the launcher's parent-death signal comes once per thread of it: one stop
             self._signals += 1
             print(f"psgd server: {signal.Signals(signum).name}" + (", exiting now" if self._signals > 1 else
                   ", stopping after the current message"), file=sys.stderr, flush=True)
@@ -294,7 +312,7 @@ class Server:
                 os._exit(128 + signum)  # second signal: now
             self.state.stop("interrupt" if signum == signal.SIGINT else "signal")
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             try:
                 signal.signal(sig, handler)
             except ValueError:
@@ -311,7 +329,10 @@ class Server:
 
 
 def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        pass  # a log on a full disk: the line is lost, the server must not be
 
 
 def _from_worker(msg) -> bool:

@@ -69,6 +69,8 @@ class ServerState:
         self.gate = make_gate(config, self.store.size, self.store.dtype)
         self.errors: Counter = Counter()
         self.bytes_in = self.bytes_out = 0
+        # kept by the loop: the newest checkpoint written, and writes that failed (a full disk)
+        self.checkpoint_status = {"version": None, "failures": 0, "error": None, "failed_version": None}
         self.started = clock()
         self._released: list[tuple[int, int, int]] = []  # (worker, version, staleness) of held pushes, now free
 
@@ -309,4 +311,5 @@ class ServerState:
             "consistency": self.config.consistency, "ssp_max_lead": getattr(self.gate, "max_lead", None),
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "staleness_rule": self.config.staleness_rule,
             "workers_connected": self.members.connected, "workers_known": len(self.members.workers),
+            "checkpoint": dict(self.checkpoint_status),
         }

@@ -110,6 +110,7 @@ class ParameterClient:
         for endpoint, reply in zip(self.endpoints, replies):
             _expect(endpoint, "stats", reply, "stats_reply")
         merged = dict(replies[0]["stats"])
+        merged["checkpoints"] = [r["stats"].get("checkpoint") for r in replies]  # each shard writes its own
         if len(replies) > 1:
             shards = [r["stats"] for r in replies]
             merged["bytes_in"] = sum(s["bytes_in"] for s in shards)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import data as data_mod
+from ..config import validation_size
 from ..errors import ConfigError, ShutdownRequested, TransportError
 from ..data.augment import DistortionSpec
 from ..model.interface import build_model, check_welcome
@@ -97,8 +98,9 @@ class Worker:
             net = build_model(spec)
             check_welcome(net, spec, welcome["model"], welcome["layout"])  # before loading any data
             train, _ = data_mod.load(run["data"], o.data_dir, int(run["seed"]))
-            if int(run["validation"]):
-                train, _ = data_mod.split(train, int(run["validation"]), int(run["seed"]))
+            held_out = validation_size(run["validation"], len(train))  # as the coordinator does
+            if held_out:
+                train, _ = data_mod.split(train, held_out, int(run["seed"]))
             if not spec.factory and spec.sizes[0] != train.n_inputs:
                 raise ConfigError(f"the server's model takes {spec.sizes[0]} inputs, the data has {train.n_inputs}")
             self._train_set, self._run, self._spec = train, run, spec
@@ -156,11 +158,11 @@ class Worker:
 
     def _install_signals(self):
         def handler(signum, frame):
-            if self.stop_requested:
+            if self.stop_requested and signum != signal.SIGHUP:  # SIGHUP: a dying launcher's, maybe repeated
                 os._exit(128 + signum)
             self.stop_requested = True
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             try:
                 signal.signal(sig, handler)
             except ValueError:
