@@ -463,9 +463,11 @@ def coordinator(connect, curve_key, curve_server_key, model, **overrides):
         description = client.describe()
     finally:
         client.close()
-    config = TrainConfig.from_dict(description)
-    config = config.with_(**{k: v for k, v in overrides.items() if v is not None})
     described = description.get("model") or {}
+    # the model's wire-only keys (docs/protocol.md, welcome): not settings
+    settings = {**description, "model": {k: v for k, v in described.items() if k not in ("fingerprint", "user")}}
+    config = TrainConfig.from_dict(settings, "the server's description")
+    config = config.with_(**{k: v for k, v in overrides.items() if v is not None})
     if described.get("user"):  # the server names no module: this process brings its own
         if not model:
             raise PsgdError("the run trains a user's model: start the coordinator with --model package.module:factory")
