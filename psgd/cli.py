@@ -114,6 +114,9 @@ def training_options(f):
         env_option("--consistency", type=click.Choice(CONSISTENCY), default=_DEFAULT.consistency,
                    help="async (Downpour), ssp (bounded staleness) or sync (averaged, with a barrier)."),
         env_option("--ssp-bound", type=int, default=_DEFAULT.ssp_bound, help="ssp: clocks a worker may lead by."),
+        env_option("--max-staleness", type=int, default=None,
+                   help="Refuse a push staler than this (its worker pulls fresh weights). "
+                        "Default: 4 x connected workers + 16; 0: no bound."),
         env_option("--lease", "lease_s", type=float, default=_DEFAULT.lease_s,
                    help="Seconds of silence after which a worker leaves barriers and statistics."),
         env_option("--slow-worker", type=float, default=_DEFAULT.slow_worker,
@@ -148,7 +151,8 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
                             pick("warmup", base.schedule.warmup))
     fields = ["data", "data_dir", "batch_size", "epochs", "seed", "validation", "dropout", "augment",
               "target_accuracy", "evals_per_epoch", "out_dir", "workers", "servers", "curve", "n_fetch", "n_push", "transport",
-              "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "slow_worker", "max_updates", "max_seconds"]
+              "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "max_staleness", "slow_worker", "max_updates",
+              "max_seconds"]
     changes = {name: pick(name, getattr(base, name)) for name in fields if name in kw}
     distort = DistortionSpec(**{k: pick(f"distort_{k}", getattr(base.distort, k))
                                 for k in ("rotate", "scale", "shear", "shift", "noise")})
@@ -463,7 +467,7 @@ def coordinator(connect, curve_key, curve_server_key, model, **overrides):
         description = client.describe()
     finally:
         client.close()
-    config = TrainConfig.from_dict(description)
+    config = TrainConfig.from_description(description)
     config = config.with_(**{k: v for k, v in overrides.items() if v is not None})
     described = description.get("model") or {}
     if described.get("user"):  # the server names no module: this process brings its own

@@ -48,6 +48,9 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+MODEL_WIRE_ONLY = ("fingerprint", "user")  # in a server's description of its model, not in a config
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -79,6 +82,10 @@ class TrainConfig:
     consistency: str = "async"  # see CONSISTENCY
     ssp_bound: int = 3  # ssp: how many clocks a worker may run ahead of the slowest
     lease_s: float = 10.0  # a worker silent this long is dropped from barriers and statistics
+    # A push staler than this is refused (too_stale) and its worker pulls fresh weights.
+    # None: 4 x the connected workers + 16 (async staleness runs about the worker count, so
+    # only a worker that was away, or stuck, meets it); 0: no bound.
+    max_staleness: int | None = None
     slow_worker: float = 1.0  # the last worker of a local cluster runs this many times slower
     # stop conditions besides epochs and target accuracy
     max_updates: int | None = None
@@ -102,6 +109,7 @@ class TrainConfig:
             (self.dc_lambda >= 0, "dc-lambda must be >= 0"),
             (self.ssp_bound >= 0, "the ssp bound must be >= 0"),
             (self.lease_s > 0, "the lease must be > 0 seconds"),
+            (self.max_staleness is None or self.max_staleness >= 0, "max staleness must be >= 0 (0: no bound)"),
             (self.slow_worker >= 1.0, "the slow worker factor must be >= 1"),
             (self.evals_per_epoch >= 1, "evals per epoch must be >= 1"),
             (self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target accuracy must be in (0, 1]"),
@@ -133,6 +141,16 @@ class TrainConfig:
             return cls(model=model, optimizer=optimizer, schedule=schedule, distort=distort, **d)
         except TypeError as exc:
             raise ConfigError(f"{source}: bad configuration: {exc}") from None
+
+    @classmethod
+    def from_description(cls, d: dict) -> "TrainConfig":
+        """The config of a server's ``description`` reply: its model carries what workers
+        are told (``fingerprint``, and ``user`` for a user's model, whose module the server
+        never names) in place of what a config file holds."""
+        if not isinstance(d, dict) or not isinstance(d.get("model", {}), dict):
+            raise ConfigError("the server's description is not a JSON object of settings")
+        model = {k: v for k, v in d.get("model", {}).items() if k not in MODEL_WIRE_ONLY}
+        return cls.from_dict({**d, "model": model}, "the server's description")
 
     def fitted_to(self, n_examples: int) -> "TrainConfig":
         """This config with the settings that depend on the data's size made concrete, for a

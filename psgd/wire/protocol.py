@@ -67,7 +67,7 @@ ARRAY_COUNTS = {"push": (1, 1), "params": (1, 1), "ack": (0, 1)}
 
 # Error codes carried by ``error`` replies (docs/protocol.md lists their meaning).
 ERROR_CODES = ("bad_frames", "bad_header", "bad_version", "bad_type", "bad_field", "bad_array",
-               "bad_range", "not_finite", "future_version", "unknown_worker", "too_many_workers")
+               "bad_range", "not_finite", "future_version", "too_stale", "unknown_worker", "too_many_workers")
 
 
 def is_int(value) -> bool:
