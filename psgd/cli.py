@@ -53,8 +53,17 @@ def env_option(*decls, **kwargs):
 
 @click.group(cls=PsgdGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="psgd")
-def cli():
+@click.option("-v", "--verbose", count=True, help="More log lines (repeatable); PSGD_LOG_LEVEL sets the level too.")
+@click.option("-q", "--quiet", count=True, help="Fewer log lines (repeatable).")
+@click.pass_context
+def cli(ctx, verbose, quiet):
     """psgd: asynchronous SGD on a parameter server (Downpour), for multi-layer perceptrons."""
+    from . import log
+    try:
+        level = log.level_from(verbose, quiet)
+    except ValueError as exc:
+        raise PsgdError(str(exc)) from None
+    log.setup(ctx.invoked_subcommand or "psgd", level)
 
 
 # --- shared option sets ----------------------------------------------------------------

@@ -9,10 +9,10 @@ server's weights; if the server moves its data shards it trains on the new ones.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import platform
-import sys
 import time
 from dataclasses import dataclass
 
@@ -27,6 +27,8 @@ from ..model.network import ModelSpec
 from ..wire.client import ParameterClient
 from ..wire.transport import SERVER_WAIT_S, ClientKeys
 from .core import StepSettings, WorkerCore, new_stats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class Worker:
         if shards and shards != self.data_shards:
             self.data_shards = shards
             self.stats["reassignments"] += 1
-            print(f"psgd worker {self.name}: now training on data shards {shards}", file=sys.stderr, flush=True)
+            log.info(f"{self.name}: now training on data shards {shards}")
             self._batches_for(shards)
 
     # --- the loop -----------------------------------------------------------------------
