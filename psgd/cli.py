@@ -126,6 +126,13 @@ def training_options(f):
         env_option("--max-staleness", type=int, default=None,
                    help="Refuse a push staler than this (its worker pulls fresh weights). "
                         "Default: 4 x connected workers + 16; 0: no bound."),
+        env_option("--on-divergence", type=click.Choice(["stop", "rollback"]), default=_DEFAULT.on_divergence,
+                   help="A diverged run stops with an error, or rolls every server back to the last validated "
+                        "weights and goes on at a lower rate."),
+        env_option("--rollback-factor", type=float, default=_DEFAULT.rollback_factor,
+                   help="rollback: multiply the learning rate by this at each rollback."),
+        env_option("--max-rollbacks", type=int, default=_DEFAULT.max_rollbacks,
+                   help="rollback: give up (as stop) after this many."),
         env_option("--lease", "lease_s", type=float, default=_DEFAULT.lease_s,
                    help="Seconds of silence after which a worker leaves barriers and statistics."),
         env_option("--slow-worker", type=float, default=_DEFAULT.slow_worker,
@@ -160,7 +167,8 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
                             pick("warmup", base.schedule.warmup))
     fields = ["data", "data_dir", "batch_size", "epochs", "seed", "validation", "dropout", "augment",
               "target_accuracy", "evals_per_epoch", "out_dir", "workers", "servers", "curve", "n_fetch", "n_push", "transport",
-              "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "max_staleness", "slow_worker", "max_updates",
+              "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "max_staleness", "on_divergence",
+              "rollback_factor", "max_rollbacks", "slow_worker", "max_updates",
               "max_seconds"]
     changes = {name: pick(name, getattr(base, name)) for name in fields if name in kw}
     distort = DistortionSpec(**{k: pick(f"distort_{k}", getattr(base.distort, k))

@@ -48,6 +48,7 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+ON_DIVERGENCE = ("stop", "rollback")
 MODEL_WIRE_ONLY = ("fingerprint", "user")  # in a server's description of its model, not in a config
 
 
@@ -86,6 +87,13 @@ class TrainConfig:
     # None: 4 x the connected workers + 16 (async staleness runs about the worker count, so
     # only a worker that was away, or stuck, meets it); 0: no bound.
     max_staleness: int | None = None
+    # A diverged run (non-finite validation loss, or gradients refused as NaN/Inf): "stop"
+    # with an error, or "rollback": every server takes back the last validated weights,
+    # the rate is multiplied by rollback_factor, and the run goes on, at most max_rollbacks
+    # times before it stops as "stop" would.
+    on_divergence: str = "stop"
+    rollback_factor: float = 0.3
+    max_rollbacks: int = 3
     slow_worker: float = 1.0  # the last worker of a local cluster runs this many times slower
     # stop conditions besides epochs and target accuracy
     max_updates: int | None = None
@@ -110,6 +118,9 @@ class TrainConfig:
             (self.ssp_bound >= 0, "the ssp bound must be >= 0"),
             (self.lease_s > 0, "the lease must be > 0 seconds"),
             (self.max_staleness is None or self.max_staleness >= 0, "max staleness must be >= 0 (0: no bound)"),
+            (self.on_divergence in ON_DIVERGENCE, f"on-divergence must be one of {', '.join(ON_DIVERGENCE)}"),
+            (0 < self.rollback_factor < 1, "the rollback factor must be in (0, 1)"),
+            (self.max_rollbacks >= 0, "max rollbacks must be >= 0"),
             (self.slow_worker >= 1.0, "the slow worker factor must be >= 1"),
             (self.evals_per_epoch >= 1, "evals per epoch must be >= 1"),
             (self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target accuracy must be in (0, 1]"),

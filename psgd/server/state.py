@@ -243,6 +243,10 @@ class ServerState:
             self.store.lr_override = lr
             self.phase.coordinated = True
             return {"type": "ok"}, []
+        if kind == "set_params":
+            self.store.replace(msg.arrays[0], msg.offset(0))
+            self.phase.coordinated = True
+            return {"type": "ok"}, []
         if kind == "describe":
             c = self.config  # a user's model is described by fingerprint, never by module name
             model = {**c.model.wire_dict(), "fingerprint": fingerprint(self.store.net, c.model)}
