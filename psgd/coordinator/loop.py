@@ -32,6 +32,7 @@ STATS_INTERVAL_S = 0.02  # between statistics polls
 STALL_S = 20.0  # no new examples for this long (not paused): the run is stuck
 STRAGGLER_FACTOR = 0.5  # a worker below this fraction of the median rate is a straggler
 LR_CHANGE = 1e-9  # relative change of the rate worth telling the server
+NAN_STALL_S = 2.0  # no new examples this long while the servers refuse NaN/Inf gradients: diverged
 DIVERGED_FACTOR = 10.0  # rollback: a validation loss this many times the best so far has diverged
 
 
@@ -87,23 +88,30 @@ class Coordinator:
         t0 = time.perf_counter()
         t_first, eval_time, stop_reason = None, 0.0, "epochs"
         last_examples, progress_at = -1, time.perf_counter()
+        nan_at = None  # when the servers last refused a gradient as NaN/Inf
         try:
             self._set_lr(0)
-            if c.on_divergence == "rollback":
-                self.servers.pull(self.params)
-                self._validated = (0, self.params.copy())  # before the first evaluation: the start
+            if c.on_divergence == "rollback":  # the start is the first healthy state, and its loss the baseline
+                version = self.servers.pull(self.params)
+                self._validated = (version, self.params.copy())
+                self._best_val_loss = self.net.evaluate(self.params, *d.eval_set)[0]
             while True:
                 self._check_processes()
                 stats = self._stats()
                 self._check_checkpoints(stats)
                 examples, version = stats["examples"], stats["version"]
                 refused_nan = (stats.get("errors") or {}).get("not_finite", 0)
+                if refused_nan > self._not_finite_seen:
+                    nan_at = time.perf_counter()
                 force_eval = refused_nan > self._not_finite_seen and c.on_divergence == "rollback"
                 self._not_finite_seen = refused_nan
+                now = time.perf_counter()
+                stalled_for = now - progress_at
+                refusing_now = nan_at is not None and now - nan_at < 0.5  # NaN/Inf pushes keep coming
                 if examples != last_examples:
-                    last_examples, progress_at = examples, time.perf_counter()
-                elif time.perf_counter() - progress_at > STALL_S:
-                    raise PsgdError(_stall_message(stats, STALL_S))
+                    last_examples, progress_at = examples, now
+                elif stalled_for > STALL_S or (refusing_now and stalled_for > NAN_STALL_S):
+                    raise PsgdError(_stall_message(stats, stalled_for))
                 if t_first is None and version > 0:
                     t_first = time.perf_counter()
                 self._set_lr(version)
@@ -340,7 +348,7 @@ def _stall_message(stats: dict, seconds: float) -> str:
     why = ""
     if errors.get("not_finite"):
         why = (f"; the server refused {errors['not_finite']} gradients as NaN/Inf: training diverged "
-               f"(lower --lr, add --warmup, or use --staleness-rule dynsgd)")
+               f"(lower --lr, add --warmup, use --staleness-rule dynsgd, or --on-divergence rollback)")
     elif errors:
         why = f"; the server refused pushes: {errors}"
     return f"no training progress for {seconds:.0f} s at {stats['examples']} examples with {live} workers connected{why}"
