@@ -180,7 +180,7 @@ class TrainConfig:
         return replace(self, **changes)
 
 
-NESTED = {"model": ModelSpec, "optimizer": OptimizerSpec, "schedule": ScheduleSpec}
+NESTED = {"model": ModelSpec, "optimizer": OptimizerSpec, "schedule": ScheduleSpec, "distort": DistortionSpec}
 
 
 def known_settings() -> list[str]:
