@@ -183,6 +183,14 @@ class TrainConfig:
 NESTED = {"model": ModelSpec, "optimizer": OptimizerSpec, "schedule": ScheduleSpec, "distort": DistortionSpec}
 
 
+# Options whose setting in a config file has another name or lives in a section.
+OPTION_SETTINGS = {"layers": "model.sizes", "activation": "model.hidden", "hidden": "model.hidden",
+                   "loss": "model.loss", "dtype": "model.dtype", "arch": "model.arch", "lr": "schedule.lr",
+                   "momentum": "optimizer.momentum", "optimizer": "optimizer.name", "schedule": "schedule.name",
+                   "weight_decay": "optimizer.weight_decay", "warmup": "schedule.warmup", "lease": "lease_s",
+                   "out": "out_dir"}
+
+
 def known_settings() -> list[str]:
     """Every setting a configuration may hold: top-level names, and nested ones as
     ``section.name`` (``schedule.lr``)."""
@@ -207,10 +215,13 @@ def check_settings(d: dict, source: str) -> None:
     for name in given:
         if name in known:
             continue
+        if name in OPTION_SETTINGS:  # an option's name where the config holds it elsewhere
+            raise ConfigError(f"{source}: unknown setting {name!r}; the option --{name.replace('_', '-')} is "
+                              f"the setting {OPTION_SETTINGS[name]!r} in a config file")
         leaf = name.rsplit(".", 1)[-1]
         by_leaf = {k.rsplit(".", 1)[-1]: k for k in known}
         close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.75)]
         close = close or difflib.get_close_matches(name, known, n=3, cutoff=0.8)
         hint = ("did you mean " + " or ".join(repr(c) for c in close[:3]) + "?") if close else \
-            "psgd train --help lists every option; a setting is the option's name with underscores"
+            "psgd train --help lists every option; config.json of a run directory shows every setting"
         raise ConfigError(f"{source}: unknown setting {name!r}; {hint}")

@@ -122,6 +122,7 @@ class Server:
             checkpoint.prune(folder, 1)  # older ones only take room the next try needs
             self._last_checkpoint = (time.monotonic(), version)
             return
+        log.debug(f"checkpoint at version {now_version} written to {folder}")
         if status["error"] is not None:
             log.info(f"checkpoints are written again (version {now_version})")
         status.update(version=now_version, error=None)
@@ -204,9 +205,15 @@ class Server:
             self.pending[msg["worker_id"]] = (identity, msg["seq"], msg.get("want_params") is True)
         else:
             header, arrays = result
-            if header["type"] == "welcome" and self.weights_seg is not None and msg["transport"] != "zmq":
-                header["local"] = {"weights": self.weights_seg.name, "doorbell": self.listener.path,
-                                   "nonce": int(self.weights_seg.header[shm.NONCE])}
+            if header["type"] == "welcome":
+                log.info(f"worker {header['worker_id']} ({msg['worker']}) joined, data shards {header['data_shards']}")
+                if self.weights_seg is not None and msg["transport"] != "zmq":
+                    header["local"] = {"weights": self.weights_seg.name, "doorbell": self.listener.path,
+                                       "nonce": int(self.weights_seg.header[shm.NONCE])}
+            elif header["type"] == "error":
+                log.debug(f"refused a {msg.type} from {msg.get('sender')!r}: {header['code']}: {header['message']}")
+            elif msg.type in ("pause", "resume", "set_lr", "set_params", "shutdown", "bye"):
+                log.debug(f"{msg.type} from {msg.get('sender')!r}" + (f": lr {msg['lr']:.4g}" if msg.type == "set_lr" else ""))
             self._send(identity, header, arrays, msg["seq"])
         self._deliver()  # this message may have released other workers
 
@@ -280,6 +287,7 @@ class Server:
             return
         self.local_by_worker[hs.worker_id] = lw
         state.members.workers[hs.worker_id].transport = "shm"
+        log.debug(f"worker {hs.worker_id} pushes through shared memory")
         self._ack_local(lw, state.store.version, 0, doorbell.ACK_OK)
 
     def _ack_local(self, lw, version, staleness, status):
@@ -295,6 +303,7 @@ class Server:
         else:
             self.poller.unregister(fd)
         if lw.worker_id is not None:
+            log.debug(f"worker {lw.worker_id} closed its doorbell")
             self.local_by_worker.pop(lw.worker_id, None)
             self.state.disconnect(lw.worker_id)
             self._deliver()

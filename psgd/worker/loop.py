@@ -85,6 +85,9 @@ class Worker:
             welcomes = self._hello()
         self.core.data_generation = welcomes[0]["data_generation"]
         self.channel.open(welcomes, self.core.net.n_params, self.core.net.dtype)
+        log.info(f"{self.name} joined {len(welcomes)} server shard(s) at version {welcomes[0]['version']}: "
+                 f"data shards {self.data_shards} of {self._num_data_shards}, pushing via "
+                 f"{', '.join(self.channel.transports)}")
 
     def _hello(self) -> list:
         welcomes = self.channel.hello(self.data_shards)
@@ -149,7 +152,8 @@ class Worker:
                 try:
                     self.core.run(self.channel, lambda: self.stop_requested, self._on_assignment)
                     break
-                except TransportError:
+                except TransportError as exc:
+                    log.warning(f"{self.name} lost the server ({exc}); saying hello again")
                     self.stats["reconnects"] += 1
                     self.join()  # Client.request retries with backoff, then gives up with a clear error
         except ShutdownRequested:
