@@ -299,6 +299,8 @@ ROWS = [
     ("data_shards [true]", lambda s, w: hello_frames(s, data_shards=[True]), "bad_field"),
     ("transport 'pigeon'", lambda s, w: message("hello", s, worker="intruder", transport="pigeon"), "bad_field"),
     ("hello without worker", lambda s, w: message("hello", s, transport="zmq"), "bad_field"),
+    ("a welcome sent to the server", lambda s, w: message("welcome", s), "bad_type"),
+    ("params sent to the server", lambda s, w: message("params", s, version=1), "bad_type"),
     ("pull worker_id 'me'", lambda s, w: message("pull", s, worker_id="me"), "bad_field"),
     ("bye worker_id 1.0", lambda s, w: message("bye", s, worker_id=1.0), "bad_field"),
     ("heartbeat without worker_id", lambda s, w: message("heartbeat", s), "bad_field"),

@@ -25,7 +25,7 @@ from ..files import atomic_write
 from ..model.layout import shard_range
 from ..model.interface import build_model
 from ..wire import doorbell, shm
-from ..wire.protocol import decode, encode
+from ..wire.protocol import SERVER_TAKES, decode, encode
 from ..wire.transport import POLL_INTERVAL_MS, Poller, ServerKeys, ServerSocket, max_message_bytes
 from .phase import Phase
 from .state import APPLIED, HELD, REFUSED, SHUTDOWN, ServerState
@@ -181,7 +181,7 @@ class Server:
         identity, frames = self.sock.recv()
         self.state.bytes_in += sum(len(f.buffer) for f in frames)
         try:
-            msg = decode(frames)
+            msg = decode(frames, accept=SERVER_TAKES)
         except ProtocolError as exc:
             header, arrays = self.state.refuse(exc)
             self._send(identity, header, arrays, exc.seq or 0)  # a readable header's seq: the client can match it

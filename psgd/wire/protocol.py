@@ -51,6 +51,9 @@ SCHEMAS: dict[str, dict[str, tuple]] = {
     "error": {"code": _STR, "message": _STR},
 }
 MESSAGE_TYPES = frozenset(SCHEMAS)
+# What a server takes; the rest are its replies.
+SERVER_TAKES = frozenset({"hello", "heartbeat", "pull", "push", "stats", "set_lr", "set_params", "describe",
+                          "pause", "resume", "bye", "shutdown"})
 
 # Optional fields a server takes, checked here as strictly as the required ones: absent
 # (or nil where the spec allows nil) means the default; anything else of the wrong type
@@ -129,13 +132,15 @@ def encode(header: dict, arrays: tuple | list = (), offsets: tuple | list | None
     return [msgpack.packb(full, use_bin_type=True)] + [memoryview(np.ascontiguousarray(a)).cast("B") for a in arrays]
 
 
-def decode(frames: list, max_header: int = MAX_HEADER_BYTES) -> Message:
+def decode(frames: list, max_header: int = MAX_HEADER_BYTES, accept: frozenset | None = None) -> Message:
     """The message in ``frames`` (bytes, memoryviews or zmq Frames), fully checked.
 
     Checks: header size and msgpack form, protocol version, message type, its required
     and optional fields, its array count, each array's dtype, shape and byte length
     against its frame. A refusal after the header was read carries the header's seq.
     Range and value checks against the model are the receiver's (they need the layout).
+    ``accept``: the types this end takes (a server: SERVER_TAKES); any other is
+    ``bad_type`` before its fields are looked at.
     """
     if not frames:
         raise ProtocolError("bad_frames", "empty message")
@@ -159,6 +164,8 @@ def decode(frames: list, max_header: int = MAX_HEADER_BYTES) -> Message:
     kind = header.get("type")
     if kind not in MESSAGE_TYPES:
         raise ProtocolError("bad_type", f"unknown message type {kind!r}", seq)
+    if accept is not None and kind not in accept:
+        raise ProtocolError("bad_type", f"this end does not take {kind!r} messages", seq)
     for name, types in [("sender", _STR), ("seq", _INT), *SCHEMAS[kind].items()]:
         value = header.get(name)
         if not isinstance(value, types) or isinstance(value, bool):
