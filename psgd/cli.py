@@ -463,7 +463,7 @@ def coordinator(connect, curve_key, curve_server_key, model, **overrides):
         description = client.describe()
     finally:
         client.close()
-    config = TrainConfig.from_dict(description)
+    config = TrainConfig.from_description(description)
     config = config.with_(**{k: v for k, v in overrides.items() if v is not None})
     described = description.get("model") or {}
     if described.get("user"):  # the server names no module: this process brings its own

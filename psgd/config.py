@@ -134,6 +134,13 @@ class TrainConfig:
         except TypeError as exc:
             raise ConfigError(f"{source}: bad configuration: {exc}") from None
 
+    @classmethod
+    def from_description(cls, d: dict) -> "TrainConfig":
+        """The config a server describes (``describe``): its model as the wire tells it, with
+        WIRE_MODEL_KEYS that are not settings (a fingerprint, a user-model flag) left out."""
+        model = {k: v for k, v in (d.get("model") or {}).items() if k not in WIRE_MODEL_KEYS}
+        return cls.from_dict({**d, "model": model}, "the server's description")
+
     def fitted_to(self, n_examples: int) -> "TrainConfig":
         """This config with the settings that depend on the data's size made concrete, for a
         training set of ``n_examples`` (before the validation hold-out): the validation split
@@ -152,6 +159,7 @@ class TrainConfig:
 
 
 NESTED = {"model": ModelSpec, "optimizer": OptimizerSpec, "schedule": ScheduleSpec}
+WIRE_MODEL_KEYS = ("fingerprint", "user")  # in a server's description of its model, not settings
 
 
 def known_settings() -> list[str]:
