@@ -123,6 +123,8 @@ class TrainConfig:
         file it came from) and suggesting the settings of similar name."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object of settings, got {type(d).__name__}")
+        if isinstance(d.get("model"), dict):  # a server's description (describe) adds wire-only keys
+            d = {**d, "model": {k: v for k, v in d["model"].items() if k not in WIRE_MODEL_KEYS}}
         check_settings(d, source)
         d = dict(d)
         try:
@@ -136,10 +138,9 @@ class TrainConfig:
 
     @classmethod
     def from_description(cls, d: dict) -> "TrainConfig":
-        """The config a server describes (``describe``): its model as the wire tells it, with
-        WIRE_MODEL_KEYS that are not settings (a fingerprint, a user-model flag) left out."""
-        model = {k: v for k, v in (d.get("model") or {}).items() if k not in WIRE_MODEL_KEYS}
-        return cls.from_dict({**d, "model": model}, "the server's description")
+        """The config a server describes (``describe``); its model's WIRE_MODEL_KEYS (a
+        fingerprint, a user-model flag) are not settings and are left out."""
+        return cls.from_dict(d, "the server's description")
 
     def fitted_to(self, n_examples: int) -> "TrainConfig":
         """This config with the settings that depend on the data's size made concrete, for a
