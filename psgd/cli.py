@@ -53,8 +53,17 @@ def env_option(*decls, **kwargs):
 
 @click.group(cls=PsgdGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="psgd")
-def cli():
+@click.option("-v", "--verbose", count=True, help="More log lines (repeatable); PSGD_LOG_LEVEL sets the level too.")
+@click.option("-q", "--quiet", count=True, help="Fewer log lines (repeatable).")
+@click.pass_context
+def cli(ctx, verbose, quiet):
     """psgd: asynchronous SGD on a parameter server (Downpour), for multi-layer perceptrons."""
+    from . import log
+    try:
+        level = log.level_from(verbose, quiet)
+    except ValueError as exc:
+        raise PsgdError(str(exc)) from None
+    log.setup(ctx.invoked_subcommand or "psgd", level)
 
 
 # --- shared option sets ----------------------------------------------------------------
@@ -114,6 +123,16 @@ def training_options(f):
         env_option("--consistency", type=click.Choice(CONSISTENCY), default=_DEFAULT.consistency,
                    help="async (Downpour), ssp (bounded staleness) or sync (averaged, with a barrier)."),
         env_option("--ssp-bound", type=int, default=_DEFAULT.ssp_bound, help="ssp: clocks a worker may lead by."),
+        env_option("--max-staleness", type=int, default=None,
+                   help="Refuse a push staler than this (its worker pulls fresh weights). "
+                        "Default: 4 x connected workers + 16; 0: no bound."),
+        env_option("--on-divergence", type=click.Choice(["stop", "rollback"]), default=_DEFAULT.on_divergence,
+                   help="A diverged run stops with an error, or rolls every server back to the last validated "
+                        "weights and goes on at a lower rate."),
+        env_option("--rollback-factor", type=float, default=_DEFAULT.rollback_factor,
+                   help="rollback: multiply the learning rate by this at each rollback."),
+        env_option("--max-rollbacks", type=int, default=_DEFAULT.max_rollbacks,
+                   help="rollback: give up (as stop) after this many."),
         env_option("--lease", "lease_s", type=float, default=_DEFAULT.lease_s,
                    help="Seconds of silence after which a worker leaves barriers and statistics."),
         env_option("--slow-worker", type=float, default=_DEFAULT.slow_worker,
@@ -148,7 +167,9 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
                             pick("warmup", base.schedule.warmup))
     fields = ["data", "data_dir", "batch_size", "epochs", "seed", "validation", "dropout", "augment",
               "target_accuracy", "evals_per_epoch", "out_dir", "workers", "servers", "curve", "n_fetch", "n_push", "transport",
-              "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "slow_worker", "max_updates", "max_seconds"]
+              "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "max_staleness", "on_divergence",
+              "rollback_factor", "max_rollbacks", "slow_worker", "max_updates",
+              "max_seconds"]
     changes = {name: pick(name, getattr(base, name)) for name in fields if name in kw}
     distort = DistortionSpec(**{k: pick(f"distort_{k}", getattr(base.distort, k))
                                 for k in ("rotate", "scale", "shear", "shift", "noise")})

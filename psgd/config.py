@@ -48,6 +48,10 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+ON_DIVERGENCE = ("stop", "rollback")
+MODEL_WIRE_ONLY = ("fingerprint", "user")  # in a server's description of its model, not in a config
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -79,6 +83,17 @@ class TrainConfig:
     consistency: str = "async"  # see CONSISTENCY
     ssp_bound: int = 3  # ssp: how many clocks a worker may run ahead of the slowest
     lease_s: float = 10.0  # a worker silent this long is dropped from barriers and statistics
+    # A push staler than this is refused (too_stale) and its worker pulls fresh weights.
+    # None: 4 x the connected workers + 16 (async staleness runs about the worker count, so
+    # only a worker that was away, or stuck, meets it); 0: no bound.
+    max_staleness: int | None = None
+    # A diverged run (non-finite validation loss, or gradients refused as NaN/Inf): "stop"
+    # with an error, or "rollback": every server takes back the last validated weights,
+    # the rate is multiplied by rollback_factor, and the run goes on, at most max_rollbacks
+    # times before it stops as "stop" would.
+    on_divergence: str = "stop"
+    rollback_factor: float = 0.3
+    max_rollbacks: int = 3
     slow_worker: float = 1.0  # the last worker of a local cluster runs this many times slower
     # stop conditions besides epochs and target accuracy
     max_updates: int | None = None
@@ -102,6 +117,10 @@ class TrainConfig:
             (self.dc_lambda >= 0, "dc-lambda must be >= 0"),
             (self.ssp_bound >= 0, "the ssp bound must be >= 0"),
             (self.lease_s > 0, "the lease must be > 0 seconds"),
+            (self.max_staleness is None or self.max_staleness >= 0, "max staleness must be >= 0 (0: no bound)"),
+            (self.on_divergence in ON_DIVERGENCE, f"on-divergence must be one of {', '.join(ON_DIVERGENCE)}"),
+            (0 < self.rollback_factor < 1, "the rollback factor must be in (0, 1)"),
+            (self.max_rollbacks >= 0, "max rollbacks must be >= 0"),
             (self.slow_worker >= 1.0, "the slow worker factor must be >= 1"),
             (self.evals_per_epoch >= 1, "evals per epoch must be >= 1"),
             (self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target accuracy must be in (0, 1]"),
@@ -123,8 +142,6 @@ class TrainConfig:
         file it came from) and suggesting the settings of similar name."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object of settings, got {type(d).__name__}")
-        if isinstance(d.get("model"), dict):  # a server's description (describe) adds wire-only keys
-            d = {**d, "model": {k: v for k, v in d["model"].items() if k not in WIRE_MODEL_KEYS}}
         check_settings(d, source)
         d = dict(d)
         try:
@@ -138,9 +155,13 @@ class TrainConfig:
 
     @classmethod
     def from_description(cls, d: dict) -> "TrainConfig":
-        """The config a server describes (``describe``); its model's WIRE_MODEL_KEYS (a
-        fingerprint, a user-model flag) are not settings and are left out."""
-        return cls.from_dict(d, "the server's description")
+        """The config of a server's ``description`` reply: its model carries what workers
+        are told (``fingerprint``, and ``user`` for a user's model, whose module the server
+        never names) in place of what a config file holds."""
+        if not isinstance(d, dict) or not isinstance(d.get("model", {}), dict):
+            raise ConfigError("the server's description is not a JSON object of settings")
+        model = {k: v for k, v in d.get("model", {}).items() if k not in MODEL_WIRE_ONLY}
+        return cls.from_dict({**d, "model": model}, "the server's description")
 
     def fitted_to(self, n_examples: int) -> "TrainConfig":
         """This config with the settings that depend on the data's size made concrete, for a
@@ -159,8 +180,15 @@ class TrainConfig:
         return replace(self, **changes)
 
 
-NESTED = {"model": ModelSpec, "optimizer": OptimizerSpec, "schedule": ScheduleSpec}
-WIRE_MODEL_KEYS = ("fingerprint", "user")  # in a server's description of its model, not settings
+NESTED = {"model": ModelSpec, "optimizer": OptimizerSpec, "schedule": ScheduleSpec, "distort": DistortionSpec}
+
+
+# Options whose setting in a config file has another name or lives in a section.
+OPTION_SETTINGS = {"layers": "model.sizes", "activation": "model.hidden", "hidden": "model.hidden",
+                   "loss": "model.loss", "dtype": "model.dtype", "arch": "model.arch", "lr": "schedule.lr",
+                   "momentum": "optimizer.momentum", "optimizer": "optimizer.name", "schedule": "schedule.name",
+                   "weight_decay": "optimizer.weight_decay", "warmup": "schedule.warmup", "lease": "lease_s",
+                   "out": "out_dir"}
 
 
 def known_settings() -> list[str]:
@@ -187,10 +215,13 @@ def check_settings(d: dict, source: str) -> None:
     for name in given:
         if name in known:
             continue
+        if name in OPTION_SETTINGS:  # an option's name where the config holds it elsewhere
+            raise ConfigError(f"{source}: unknown setting {name!r}; the option --{name.replace('_', '-')} is "
+                              f"the setting {OPTION_SETTINGS[name]!r} in a config file")
         leaf = name.rsplit(".", 1)[-1]
         by_leaf = {k.rsplit(".", 1)[-1]: k for k in known}
         close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.75)]
         close = close or difflib.get_close_matches(name, known, n=3, cutoff=0.8)
         hint = ("did you mean " + " or ".join(repr(c) for c in close[:3]) + "?") if close else \
-            "psgd train --help lists every option; a setting is the option's name with underscores"
+            "psgd train --help lists every option; config.json of a run directory shows every setting"
         raise ConfigError(f"{source}: unknown setting {name!r}; {hint}")

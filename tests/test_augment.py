@@ -58,3 +58,10 @@ def test_minibatches_distort_image_data_only():
 def test_bad_amounts_are_refused(bad):
     with pytest.raises(ConfigError):
         DistortionSpec(**bad)
+
+
+def test_a_misspelt_distortion_setting_is_named():
+    from psgd.config import TrainConfig
+    with pytest.raises(ConfigError, match="distort.rotate"):
+        TrainConfig.from_dict({"distort": {"rotat": 5}})
+    assert TrainConfig.from_dict({"distort": {"rotate": 5}}).distort == DistortionSpec(rotate=5)

@@ -117,7 +117,8 @@ def test_a_config_file_with_an_unknown_key_names_it_the_file_and_close_settings(
     """Before: TrainConfig.__init__() got an unexpected keyword argument 'bogus_key'."""
     cfg = TrainConfig().to_dict()
     for key, where, suggestion in [("bach_size", None, "'batch_size'"), ("lr", None, "'schedule.lr'"),
-                                   ("warmpu", "schedule", "'schedule.warmup'"), ("bogus_key", None, "--help")]:
+                                   ("warmpu", "schedule", "'schedule.warmup'"), ("bogus_key", None, "--help"),
+                                   ("layers", None, "'model.sizes'")]:
         bad = json.loads(json.dumps(cfg))
         (bad[where] if where else bad)[key] = 1
         path = tmp_path / f"{key}.json"

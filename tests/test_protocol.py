@@ -21,6 +21,7 @@ EXAMPLES = {
     "stats": {},
     "stats_reply": {"stats": {"version": 9}},
     "set_lr": {"lr": 0.02},
+    "set_params": {},
     "describe": {},
     "description": {"config": {"epochs": 3}},
     "ok": {},
@@ -30,7 +31,7 @@ EXAMPLES = {
     "resume": {},
     "error": {"code": "not_finite", "message": "NaN"},
 }
-WITH_ARRAY = {"params", "push"}
+WITH_ARRAY = {"params", "push", "set_params"}
 
 
 def test_every_message_type_has_an_example():

@@ -177,3 +177,53 @@ def test_data_shards_are_bounded_so_that_every_list_of_them_fits_a_header():
     members = Membership(10.0, MAX_DATA_SHARDS)
     record = members.register("all", "zmq", list(range(MAX_DATA_SHARDS)))
     assert len(msgpack.packb(record.to_dict(0.0))) < MAX_HEADER_BYTES // 4
+
+
+# --- the staleness bound -------------------------------------------------------------------
+
+def test_a_push_staler_than_the_bound_is_refused_and_counted():
+    """After a server restart one worker came back 5 s late and a push 444-526 versions
+    stale was applied; now the bound refuses it (the worker then pulls fresh weights)."""
+    state = ServerState(CONFIG.with_(max_staleness=3))
+    w = state.members.register("w", "zmq")
+    g = np.full(state.store.size, 0.01, np.float32)
+    for _ in range(5):
+        state.push(w.worker_id, state.store.version, 1, g)
+    before = state.store.params.copy()
+    assert state.push(w.worker_id, 1, 1, g).outcome == "refused"  # staleness 4 > 3
+    decision = state.push(w.worker_id, 1, 1, g)
+    assert (decision.outcome, decision.code) == ("refused", "too_stale")
+    assert np.array_equal(before, state.store.params) and state.errors["too_stale"] == 2 and w.refused == 2
+    assert state.push(w.worker_id, 2, 1, g).outcome == "applied"  # staleness 3: within the bound
+
+
+def test_the_default_bound_grows_with_the_workers_and_zero_means_none():
+    state = ServerState(CONFIG)
+    for i in range(10):
+        state.members.register(f"w{i}", "zmq")
+    assert state.staleness_bound() == 4 * 10 + 16 and state.update_rule()["max_staleness"] == 56
+    assert ServerState(CONFIG.with_(max_staleness=0)).staleness_bound() == 0
+
+
+# --- a rollback's set_params -------------------------------------------------------------
+
+def test_set_params_replaces_the_weights_resets_the_optimizer_and_refuses_what_does_not_fit():
+    from psgd.wire.protocol import decode, encode
+    state = ServerState(CONFIG.with_(optimizer=OptimizerSpec("momentum", 0.9)))
+    w = state.members.register("w", "zmq")
+    g = np.full(state.store.size, 0.1, np.float32)
+    state.push(w.worker_id, 0, 1, g)
+    target = np.linspace(-1, 1, state.store.size).astype(np.float32)
+
+    def send(arrays, offsets):
+        return state.handle(decode([bytes(f) for f in encode({"type": "set_params"}, arrays, offsets)]))[0]
+
+    before = state.store.params.copy()
+    for arrays, offsets, code in [([target.astype(np.float64)], [0], "bad_array"), ([target[1:]], [1], "bad_range"),
+                                  ([np.full_like(target, np.nan)], [0], "not_finite")]:
+        assert send(arrays, offsets)["code"] == code
+        assert np.array_equal(state.store.params, before) and state.store.version == 1
+    assert send([target], [0])["type"] == "ok"
+    assert np.array_equal(state.store.params, target) and state.store.version == 2
+    state.push(w.worker_id, 2, 1, g)  # momentum starts afresh: the step is lr * g, not lr * (g + 0.9 v)
+    np.testing.assert_allclose(state.store.params, target - 0.5 * g, rtol=1e-6)

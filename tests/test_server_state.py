@@ -228,7 +228,7 @@ def test_set_lr_overrides_the_servers_schedule_and_bad_rates_are_refused():
         assert request(state, "set_lr", lr=bad)[0]["code"] == "bad_field"
     assert state.store.lr() == 0.125
     described = request(state, "describe")[0]
-    assert TrainConfig.from_dict(described["config"]) == CONFIG
+    assert TrainConfig.from_description(described["config"]) == CONFIG
 
 
 def test_weights_start_from_the_seed_so_every_server_agrees():

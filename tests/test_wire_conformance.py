@@ -31,9 +31,10 @@ N = 784 * 8 + 8 + 8 * 10 + 10  # the flat vector: W1, b1, W2, b2
 LR = 0.5
 NUM_DATA_SHARDS = 4
 HEADER_LIMIT = 65_536
+MAX_STALENESS = 3
 SERVER_ARGS = ("--layers", ",".join(map(str, LAYERS)), "--optimizer", "sgd", "--schedule", "constant",
                "--warmup", "0", "--lr", str(LR), "--staleness-rule", "none", "--data-shards", str(NUM_DATA_SHARDS),
-               "--epochs", "1000", "--lease", "120")
+               "--epochs", "1000", "--lease", "120", "--max-staleness", str(MAX_STALENESS))
 _seqs = itertools.count(1000)
 
 
@@ -162,7 +163,8 @@ def test_hello_pull_push_ack_heartbeat_stats_bye(raw):
     assert welcome["range"] == [0, N] and welcome["server_shard"] == 0 and welcome["num_server_shards"] == 1
     assert welcome["model"]["sizes"] == list(LAYERS) and welcome["model"]["dtype"] == "float32"
     assert welcome["update"] == {"lr": LR, "staleness_rule": "none", "dc_lambda": welcome["update"]["dc_lambda"],
-                                 "consistency": "async", "ssp_bound": welcome["update"]["ssp_bound"]}
+                                 "consistency": "async", "ssp_bound": welcome["update"]["ssp_bound"],
+                                 "max_staleness": MAX_STALENESS}
     assert welcome["optimizer"]["name"] == "sgd" and welcome["num_data_shards"] == NUM_DATA_SHARDS
     assert len(welcome["data_shards"]) == 1 and 0 <= welcome["data_shards"][0] < NUM_DATA_SHARDS
     # the layout tiles the flat vector: W1 (784x8), b1, W2 (8x10), b2
@@ -332,7 +334,8 @@ ROWS = [
                                                              .tobytes()]), "not_finite"),
     ("overflowing norm", lambda s, w: push_frames(s, w, frames=[np.full(N, 3e38, "<f4").tobytes()]), "not_finite"),
 ]
-# too_many_workers has its own test below (it needs 4,096 workers).
+# too_many_workers has its own test below (it needs 4,096 workers); too_stale too (it needs
+# versions to go by).
 
 
 def fingerprint(raw: Raw) -> tuple:
@@ -361,6 +364,21 @@ UNREADABLE = [
     ("not a map", [pack([2, "stats", 77])]),
     ("header over 64 KiB", [pack({"v": 2, "type": "stats", "sender": "x" * HEADER_LIMIT, "seq": 77, "arrays": []})]),
 ]
+
+
+def test_a_push_staler_than_the_bound_is_too_stale_and_changes_nothing(raw):
+    wid = hello(raw, "laggard")["worker_id"]
+    base, _ = pull(raw)
+    g = np.full(N, 1e-4, "<f4")
+    for _ in range(MAX_STALENESS + 1):  # others' updates go by
+        version, _ = pull(raw)
+        assert raw.call("push", [(g, 0)], worker_id=wid, base_version=version, examples=1)[0]["type"] == "ack"
+    before = fingerprint(raw)
+    seq = next_seq()
+    reply, _ = raw.request(message("push", seq, [(g, 0)], worker_id=wid, base_version=base, examples=1))
+    assert (reply["type"], reply["code"], reply["seq"]) == ("error", "too_stale", seq), reply
+    assert fingerprint(raw) == before and summary(raw)["max_staleness"] == MAX_STALENESS
+    raw.call("bye", worker_id=wid)
 
 
 @pytest.mark.parametrize("name,frames", UNREADABLE, ids=[u[0] for u in UNREADABLE])

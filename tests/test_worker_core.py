@@ -111,3 +111,16 @@ def test_a_stopping_server_ends_the_core_with_shutdown():
     with pytest.raises(ShutdownRequested):
         core.run(StateChannel(state))
     assert state.store.version == 5 and core.stats["pushes"] == 5
+
+
+def test_a_worker_whose_push_was_too_stale_goes_on_from_fresh_weights():
+    X, y = problem()
+    state = ServerState(config(max_staleness=1))
+    channel = StateChannel(state)
+    core = WorkerCore(MLP(SPEC), Minibatches(X, y, 16, seed=1), StepSettings(n_fetch=4, max_steps=12),
+                      np.random.default_rng(0))
+    core.run(channel)
+    # staleness 0, 1, then 2 > 1: refused, and the worker pulls; then the pattern repeats
+    assert [(d.outcome, d.staleness) for d in channel.pushes[:4]] == [
+        ("applied", 0), ("applied", 1), ("refused", 0), ("applied", 0)]
+    assert core.stats["refused"] == sum(d.outcome == "refused" for d in channel.pushes) == 3

@@ -32,6 +32,8 @@ STATS_INTERVAL_S = 0.02  # between statistics polls
 STALL_S = 20.0  # no new examples for this long (not paused): the run is stuck
 STRAGGLER_FACTOR = 0.5  # a worker below this fraction of the median rate is a straggler
 LR_CHANGE = 1e-9  # relative change of the rate worth telling the server
+NAN_STALL_S = 2.0  # no new examples this long while the servers refuse NaN/Inf gradients: diverged
+DIVERGED_FACTOR = 10.0  # rollback: a validation loss this many times the best so far has diverged
 
 
 def stragglers(rates: dict[str, float], factor: float = STRAGGLER_FACTOR) -> list[str]:
@@ -68,6 +70,11 @@ class Coordinator:
         self.checkpoint_failures: dict[int, int] = {}  # server shard -> failed checkpoint writes seen
         self._checkpoint_streak: dict[int, int | None] = {}  # shard -> version of a failure not yet mended
         self.lr_sent: float | None = None
+        self.lr_scale = 1.0  # lowered by each rollback
+        self.rollbacks: list[dict] = []
+        self._validated: tuple[int, np.ndarray] | None = None  # (version, weights) of the last healthy evaluation
+        self._best_val_loss = float("inf")
+        self._not_finite_seen = 0  # gradients the servers refused as NaN/Inf, at the last poll
         self._rates_at: tuple[float, dict] | None = None
 
     def run(self) -> dict:
@@ -81,17 +88,30 @@ class Coordinator:
         t0 = time.perf_counter()
         t_first, eval_time, stop_reason = None, 0.0, "epochs"
         last_examples, progress_at = -1, time.perf_counter()
+        nan_at = None  # when the servers last refused a gradient as NaN/Inf
         try:
             self._set_lr(0)
+            if c.on_divergence == "rollback":  # the start is the first healthy state, and its loss the baseline
+                version = self.servers.pull(self.params)
+                self._validated = (version, self.params.copy())
+                self._best_val_loss = self.net.evaluate(self.params, *d.eval_set)[0]
             while True:
                 self._check_processes()
                 stats = self._stats()
                 self._check_checkpoints(stats)
                 examples, version = stats["examples"], stats["version"]
+                refused_nan = (stats.get("errors") or {}).get("not_finite", 0)
+                if refused_nan > self._not_finite_seen:
+                    nan_at = time.perf_counter()
+                force_eval = refused_nan > self._not_finite_seen and c.on_divergence == "rollback"
+                self._not_finite_seen = refused_nan
+                now = time.perf_counter()
+                stalled_for = now - progress_at
+                refusing_now = nan_at is not None and now - nan_at < 0.5  # NaN/Inf pushes keep coming
                 if examples != last_examples:
-                    last_examples, progress_at = examples, time.perf_counter()
-                elif time.perf_counter() - progress_at > STALL_S:
-                    raise PsgdError(_stall_message(stats, STALL_S))
+                    last_examples, progress_at = examples, now
+                elif stalled_for > STALL_S or (refusing_now and stalled_for > NAN_STALL_S):
+                    raise PsgdError(_stall_message(stats, stalled_for))
                 if t_first is None and version > 0:
                     t_first = time.perf_counter()
                 self._set_lr(version)
@@ -100,12 +120,18 @@ class Coordinator:
                 interrupted = self.stop_requested()
                 budget_hit = examples >= total or (c.max_updates is not None and version >= c.max_updates) \
                     or (c.max_seconds is not None and elapsed >= c.max_seconds) or server_ended or interrupted
-                if examples >= next_eval or budget_hit:
+                if examples >= next_eval or budget_hit or force_eval:
                     while next_eval <= examples:
                         next_eval += eval_every
                     t_eval = time.perf_counter()
-                    rec = self._evaluate(t_eval - t0, (t_eval - t_first - eval_time) if t_first else 0.0, n_train)
-                    eval_time += time.perf_counter() - t_eval
+                    try:
+                        rec = self._evaluate(t_eval - t0, (t_eval - t_first - eval_time) if t_first else 0.0, n_train)
+                    except _Diverged as diverged:
+                        self._roll_back(diverged)  # or raise, when rollbacks are off or used up
+                        progress_at = time.perf_counter()
+                        continue
+                    finally:
+                        eval_time += time.perf_counter() - t_eval
                     if c.target_accuracy and (rec["val_accuracy"] or 0) >= c.target_accuracy:
                         stop_reason = "target accuracy"
                         break
@@ -176,7 +202,7 @@ class Coordinator:
             self.checkpoint_failures[shard] = status["failures"]
 
     def _set_lr(self, version: int) -> None:
-        lr = float(self.schedule(version))
+        lr = float(self.schedule(version)) * self.lr_scale
         if self.lr_sent is None or abs(lr - self.lr_sent) > LR_CHANGE * max(abs(lr), 1e-30):
             self.servers.control({"type": "set_lr", "lr": lr})
             self.lr_sent = lr
@@ -190,9 +216,13 @@ class Coordinator:
             val_loss, val_acc = self.net.evaluate(self.params, *self.data.eval_set)
         finally:
             self.servers.control({"type": "resume"})
-        if not np.isfinite(val_loss):
-            raise PsgdError(f"training diverged: the validation loss is {val_loss} after {stats['version']} updates "
-                            f"(learning rate {self.lr_sent}); lower --lr, add --warmup, or use --staleness-rule dynsgd")
+        if not np.isfinite(val_loss) or (self.rollbacks and self._refusing_nan(stats)):
+            raise _Diverged(val_loss, stats["version"])
+        if self.config.on_divergence == "rollback":
+            if val_loss > DIVERGED_FACTOR * self._best_val_loss:  # finite, but blowing up
+                raise _Diverged(val_loss, stats["version"])
+            self._best_val_loss = min(self._best_val_loss, val_loss)
+            self._validated = (snap_version, self.params.copy())
         self.schedule.observe(val_loss if val_acc is None else 1.0 - val_acc)
         self._set_lr(stats["version"])
         hist = StalenessHistogram.from_dict(stats["staleness"]).summary()
@@ -207,6 +237,32 @@ class Coordinator:
         }
         self.recorder.record(rec)
         return rec
+
+    def _refusing_nan(self, stats: dict) -> bool:
+        """Since the last rollback, the servers still refuse gradients as NaN/Inf."""
+        return (stats.get("errors") or {}).get("not_finite", 0) > self.rollbacks[-1]["not_finite"]
+
+    def _roll_back(self, diverged: "_Diverged") -> None:
+        """Every server takes back the last validated weights; the rate goes down; on we go.
+        Without rollbacks (or with all of them used) the run stops with today's error."""
+        c = self.config
+        if c.on_divergence != "rollback" or len(self.rollbacks) >= c.max_rollbacks or self._validated is None:
+            tried = f" after {len(self.rollbacks)} rollbacks" if self.rollbacks else ""
+            raise PsgdError(f"training diverged{tried}: the validation loss is {diverged.val_loss} after "
+                            f"{diverged.version} updates (learning rate {self.lr_sent}); lower --lr, add --warmup, "
+                            f"use --staleness-rule dynsgd, or --on-divergence rollback")
+        version, weights = self._validated
+        self.servers.set_params(weights)
+        self.lr_scale *= c.rollback_factor
+        self.lr_sent = None  # send the lowered rate now
+        stats = self.servers.stats()
+        self._set_lr(stats["version"])
+        self.rollbacks.append({"at_update": diverged.version, "to_update": version, "lr": self.lr_sent,
+                               "not_finite": (stats.get("errors") or {}).get("not_finite", 0)})
+        self._not_finite_seen = self.rollbacks[-1]["not_finite"]
+        self.say(f"psgd: training diverged at update {diverged.version} (validation loss {diverged.val_loss}); "
+                 f"every server rolled back to the weights validated at update {version}, learning rate now "
+                 f"{self.lr_sent:.4g} (rollback {len(self.rollbacks)} of {c.max_rollbacks})")
 
     def _worker_rates(self, stats: dict) -> dict[str, float]:
         """Each connected worker's examples/s since the previous evaluation (at the first one,
@@ -237,7 +293,7 @@ class Coordinator:
             "pushes_per_s": updates / train_time if train_time else 0.0,
             "staleness": hist, "staleness_histogram": stats["staleness"],
             "bytes_in": stats["bytes_in"], "bytes_out": stats["bytes_out"], "errors": stats["errors"],
-            "per_worker": workers, "failures": self.failures, "ssp_max_lead": stats.get("ssp_max_lead"),
+            "per_worker": workers, "failures": self.failures, "rollbacks": self.rollbacks, "ssp_max_lead": stats.get("ssp_max_lead"),
             "checkpoint_failures": sum(self.checkpoint_failures.values()),
             "stragglers": stragglers({n: w["examples_per_s"] for n, w in workers.items() if w["connected"]}),
             "worker_transports": sorted({w["transport"] for w in stats["workers"].values()}),
@@ -280,13 +336,19 @@ def per_worker(records) -> dict[str, dict]:
     return out
 
 
+class _Diverged(Exception):
+    def __init__(self, val_loss: float, version: int):
+        super().__init__(f"diverged at update {version}")
+        self.val_loss, self.version = val_loss, version
+
+
 def _stall_message(stats: dict, seconds: float) -> str:
     errors = stats.get("errors") or {}
     live = stats["workers_connected"]
     why = ""
     if errors.get("not_finite"):
         why = (f"; the server refused {errors['not_finite']} gradients as NaN/Inf: training diverged "
-               f"(lower --lr, add --warmup, or use --staleness-rule dynsgd)")
+               f"(lower --lr, add --warmup, use --staleness-rule dynsgd, or --on-divergence rollback)")
     elif errors:
         why = f"; the server refused pushes: {errors}"
     return f"no training progress for {seconds:.0f} s at {stats['examples']} examples with {live} workers connected{why}"

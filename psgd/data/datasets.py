@@ -51,9 +51,10 @@ class Dataset:
             if not self.n_classes:
                 raise DataError(f"{self.name}: softmax_ce needs class labels, the data has real targets")
             return self.y
-        if loss == "bce" and self.n_classes:
-            if self.n_classes == 2:
+        if self.n_classes:
+            if loss == "bce" and self.n_classes == 2:
                 return self.y.astype(self.X.dtype).reshape(-1, 1)
+            # bce over K classes, or sse: one-hot targets (Bishop's sum-of-squares classifier)
             return np.eye(self.n_classes, dtype=self.X.dtype)[self.y]
         y = self.y.astype(self.X.dtype)
         return y.reshape(-1, 1) if y.ndim == 1 else y

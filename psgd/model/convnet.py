@@ -88,11 +88,7 @@ class ConvNet:
 
     def weight_mask(self) -> np.ndarray:
         """1 for weights, 0 for biases: where L2 weight decay applies."""
-        mask = np.zeros(self.n_params, dtype=self.dtype)
-        for slot in self.layout.slots:
-            if slot.name.endswith(".W"):
-                mask[slot.offset:slot.end] = 1
-        return mask
+        return self.layout.mask(lambda name: name.endswith(".W"), self.dtype)
 
     def _views(self, flat):
         views = self.layout.views(flat)

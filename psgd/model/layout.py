@@ -58,6 +58,15 @@ class Layout:
             raise ConfigError(f"flat vector has shape {flat.shape}, layout needs ({self.size},)")
         return {s.name: flat[s.offset:s.end].reshape(s.shape) for s in self.slots}
 
+    def mask(self, selected, dtype=np.float32) -> np.ndarray:
+        """A flat vector of 1 over the slots whose name ``selected(name)`` accepts, else 0
+        (e.g. where L2 weight decay applies: weights, not biases)."""
+        mask = np.zeros(self.size, dtype)
+        for slot in self.slots:
+            if selected(slot.name):
+                mask[slot.offset:slot.end] = 1
+        return mask
+
     def to_wire(self) -> list[list]:
         """A msgpack-friendly form: ``[[name, [dims...], offset], ...]``."""
         return [[s.name, list(s.shape), s.offset] for s in self.slots]

@@ -155,11 +155,7 @@ class MLP:
 
     def weight_mask(self) -> np.ndarray:
         """1 for weight-matrix entries, 0 for biases: where L2 weight decay applies."""
-        mask = np.zeros(self.n_params, dtype=self.dtype)
-        for slot in self.layout.slots:
-            if slot.name.startswith("W"):
-                mask[slot.offset:slot.end] = 1
-        return mask
+        return self.layout.mask(lambda name: name.startswith("W"), self.dtype)
 
     def _weights(self, params):
         views = self.layout.views(params)

@@ -11,9 +11,9 @@ workers to stop and exits; a second exits at once.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,8 @@ from ..wire.protocol import decode, encode
 from ..wire.transport import POLL_INTERVAL_MS, Poller, ServerKeys, ServerSocket, max_message_bytes
 from .phase import Phase
 from .state import APPLIED, HELD, REFUSED, SHUTDOWN, ServerState
+
+log = logging.getLogger(__name__)
 
 _DOORBELL_STATUS = {SHUTDOWN: doorbell.ACK_SHUTDOWN}
 
@@ -87,15 +89,15 @@ class Server:
     def _resume(self):
         if not self.options.checkpoint_dir:
             raise ConfigError("--resume needs --checkpoint-dir")
-        found = checkpoint.newest_valid(Path(self.options.checkpoint_dir), say=_say)
+        found = checkpoint.newest_valid(Path(self.options.checkpoint_dir), say=log.warning)
         if found is None:
-            _say(f"psgd server: no valid checkpoint in {self.options.checkpoint_dir}; starting afresh")
+            log.warning(f"no valid checkpoint in {self.options.checkpoint_dir}; starting afresh")
             return
         arrays, meta, path = found
         self.state.restore(arrays, meta)
         self._last_checkpoint = (time.monotonic(), self.state.store.version)
         self.state.checkpoint_status["version"] = self.state.store.version
-        _say(f"psgd server: resumed from {path} at version {self.state.store.version}")
+        log.info(f"resumed from {path} at version {self.state.store.version}")
 
     def _maybe_checkpoint(self, force: bool = False):
         if not self.options.checkpoint_dir:
@@ -113,15 +115,16 @@ class Server:
         except OSError as exc:  # a full disk: keep the last good one, train on, try again next interval
             if status["error"] is None:  # said once per streak of failures
                 kept = f"version {status['version']}" if status["version"] is not None else "none yet"
-                _say(f"psgd server: cannot write the checkpoint at version {now_version} to {folder}: "
-                     f"{exc.strerror or exc}; the newest good checkpoint ({kept}) stays; training goes on, "
-                     f"trying again every {self.options.checkpoint_every_s:g} s")
+                log.error(f"cannot write the checkpoint at version {now_version} to {folder}: "
+                          f"{exc.strerror or exc}; the newest good checkpoint ({kept}) stays; training goes on, "
+                          f"trying again every {self.options.checkpoint_every_s:g} s")
             status.update(failures=status["failures"] + 1, error=str(exc.strerror or exc), failed_version=now_version)
             checkpoint.prune(folder, 1)  # older ones only take room the next try needs
             self._last_checkpoint = (time.monotonic(), version)
             return
+        log.debug(f"checkpoint at version {now_version} written to {folder}")
         if status["error"] is not None:
-            _say(f"psgd server: checkpoints are written again (version {now_version})")
+            log.info(f"checkpoints are written again (version {now_version})")
         status.update(version=now_version, error=None)
         self._last_checkpoint = (time.monotonic(), now_version)
 
@@ -202,9 +205,15 @@ class Server:
             self.pending[msg["worker_id"]] = (identity, msg["seq"], msg.get("want_params") is True)
         else:
             header, arrays = result
-            if header["type"] == "welcome" and self.weights_seg is not None and msg["transport"] != "zmq":
-                header["local"] = {"weights": self.weights_seg.name, "doorbell": self.listener.path,
-                                   "nonce": int(self.weights_seg.header[shm.NONCE])}
+            if header["type"] == "welcome":
+                log.info(f"worker {header['worker_id']} ({msg['worker']}) joined, data shards {header['data_shards']}")
+                if self.weights_seg is not None and msg["transport"] != "zmq":
+                    header["local"] = {"weights": self.weights_seg.name, "doorbell": self.listener.path,
+                                       "nonce": int(self.weights_seg.header[shm.NONCE])}
+            elif header["type"] == "error":
+                log.debug(f"refused a {msg.type} from {msg.get('sender')!r}: {header['code']}: {header['message']}")
+            elif msg.type in ("pause", "resume", "set_lr", "set_params", "shutdown", "bye"):
+                log.debug(f"{msg.type} from {msg.get('sender')!r}" + (f": lr {msg['lr']:.4g}" if msg.type == "set_lr" else ""))
             self._send(identity, header, arrays, msg["seq"])
         self._deliver()  # this message may have released other workers
 
@@ -278,6 +287,7 @@ class Server:
             return
         self.local_by_worker[hs.worker_id] = lw
         state.members.workers[hs.worker_id].transport = "shm"
+        log.debug(f"worker {hs.worker_id} pushes through shared memory")
         self._ack_local(lw, state.store.version, 0, doorbell.ACK_OK)
 
     def _ack_local(self, lw, version, staleness, status):
@@ -293,6 +303,7 @@ class Server:
         else:
             self.poller.unregister(fd)
         if lw.worker_id is not None:
+            log.debug(f"worker {lw.worker_id} closed its doorbell")
             self.local_by_worker.pop(lw.worker_id, None)
             self.state.disconnect(lw.worker_id)
             self._deliver()
@@ -305,8 +316,8 @@ class Server:
             if signum == signal.SIGHUP and self._signals:
                 return  # the launcher's parent-death signal comes once per thread of it: one stop
             self._signals += 1
-            print(f"psgd server: {signal.Signals(signum).name}" + (", exiting now" if self._signals > 1 else
-                  ", stopping after the current message"), file=sys.stderr, flush=True)
+            log.warning(f"{signal.Signals(signum).name}" + (", exiting now" if self._signals > 1 else
+                        ", stopping after the current message"))
             if self._signals > 1:
                 self.close()  # still release the shared memory; a stuck peer cannot delay this
                 os._exit(128 + signum)  # second signal: now
@@ -326,13 +337,6 @@ class Server:
             self.listener.close()
         if self.weights_seg is not None:
             self.weights_seg.unlink()
-
-
-def _say(text: str) -> None:
-    try:
-        print(text, file=sys.stderr, flush=True)
-    except OSError:
-        pass  # a log on a full disk: the line is lost, the server must not be
 
 
 def _from_worker(msg) -> bool:

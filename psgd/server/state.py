@@ -91,6 +91,7 @@ class ServerState:
                 return Decision(APPLIED, *record.last_ack)
             try:
                 self.store.check(base_version, examples, grad, offset)
+                self._check_staleness(base_version)
             except ProtocolError:
                 record.refused += 1
                 raise
@@ -117,6 +118,17 @@ class ServerState:
         if self.store.budget_spent:
             self._stop("budget")
         return decision
+
+    def staleness_bound(self) -> int:
+        """The largest staleness a push may have (0: none); see TrainConfig.max_staleness."""
+        bound = self.config.max_staleness
+        return 4 * self.members.connected + 16 if bound is None else bound
+
+    def _check_staleness(self, base_version: int) -> None:
+        bound, staleness = self.staleness_bound(), self.store.version - base_version
+        if bound and staleness > bound:
+            raise ProtocolError("too_stale", f"the gradient is {staleness} versions old, the bound is {bound}: "
+                                             "pull fresh weights")
 
     def take_released(self) -> list[tuple[int, int, int]]:
         """Acks ``(worker, version, staleness)`` of held pushes that are now free to go."""
@@ -231,6 +243,10 @@ class ServerState:
             self.store.lr_override = lr
             self.phase.coordinated = True
             return {"type": "ok"}, []
+        if kind == "set_params":
+            self.store.replace(msg.arrays[0], msg.offset(0))
+            self.phase.coordinated = True
+            return {"type": "ok"}, []
         if kind == "describe":
             c = self.config  # a user's model is described by fingerprint, never by module name
             model = {**c.model.wire_dict(), "fingerprint": fingerprint(self.store.net, c.model)}
@@ -286,7 +302,7 @@ class ServerState:
         """What a push does besides the optimizer step (docs/protocol.md, "The update rule")."""
         c = self.config
         return {"lr": self.store.lr(), "staleness_rule": c.staleness_rule, "dc_lambda": c.dc_lambda,
-                "consistency": c.consistency, "ssp_bound": c.ssp_bound}
+                "consistency": c.consistency, "ssp_bound": c.ssp_bound, "max_staleness": self.staleness_bound()}
 
     # --- checkpoints and statistics -----------------------------------------------------
 
@@ -310,6 +326,6 @@ class ServerState:
             "stopping": p.stopping, "paused": p.paused, "coordinated": p.coordinated,
             "consistency": self.config.consistency, "ssp_max_lead": getattr(self.gate, "max_lead", None),
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "staleness_rule": self.config.staleness_rule,
-            "workers_connected": self.members.connected, "workers_known": len(self.members.workers),
+            "max_staleness": self.staleness_bound(), "workers_connected": self.members.connected, "workers_known": len(self.members.workers),
             "checkpoint": dict(self.checkpoint_status),
         }

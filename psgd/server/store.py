@@ -145,6 +145,26 @@ class ParameterStore:
         out += grad
         return out
 
+    def replace(self, params: np.ndarray, offset: int) -> int:
+        """A coordinator's rollback: these weights (this store's range, finite) replace the
+        current ones, the optimizer's state starts afresh (momentum would carry the
+        divergence on), and the version goes up by one, so that every push computed
+        before counts as stale. Returns the new version; raises ProtocolError, changing
+        nothing, for weights that do not fit."""
+        if params.dtype != self.dtype:
+            raise ProtocolError("bad_array", f"weights are {params.dtype}, the model is {self.dtype}")
+        if offset != self.lo or params.shape != (self.size,):
+            raise ProtocolError("bad_range", f"weights cover [{offset}, {offset + params.size}), "
+                                             f"this server holds [{self.lo}, {self.hi})")
+        if not np.isfinite(params).all():
+            raise ProtocolError("not_finite", "weights hold NaN or Inf")
+        fresh = make_optimizer(self.config.optimizer, self.size, self.dtype, self.net.weight_mask()[self.lo:self.hi])
+        with self.write_lock:
+            self.params[...] = params
+        self.optimizer = fresh
+        self._advance(0)
+        return self.version
+
     # --- checkpoints --------------------------------------------------------------------
 
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict]:

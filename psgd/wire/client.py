@@ -93,6 +93,17 @@ class ParameterClient:
             if reply.type != "ok":
                 raise PsgdError(f"{endpoint} answered {header['type']} with {reply.type}: {reply.get('message', '')}")
 
+    def set_params(self, params: np.ndarray) -> None:
+        """Every shard takes its range of ``params`` as its weights (a rollback)."""
+        ranges = []
+        for endpoint, reply in zip(self.endpoints, self.request_all({"type": "stats"})):
+            _expect(endpoint, "stats", reply, "stats_reply")
+            ranges.append(reply["stats"]["range"])
+        for client, (lo, hi) in zip(self.clients, ranges):
+            client.send({"type": "set_params"}, [params[lo:hi]], [lo])
+        for endpoint, client in zip(self.endpoints, self.clients):
+            _expect(endpoint, "set_params", client.receive(), "ok")
+
     def describe(self) -> dict:
         """The run's configuration, as the server (shard 0) holds it."""
         reply = self.clients[0].request({"type": "describe"}, server_wait=DESCRIBE_WAIT_S)

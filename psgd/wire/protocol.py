@@ -40,6 +40,7 @@ SCHEMAS: dict[str, dict[str, tuple]] = {
     "stats": {},
     "stats_reply": {"stats": (dict,)},
     "set_lr": {"lr": _NUM},
+    "set_params": {},
     "describe": {},
     "description": {"config": (dict,)},
     "ok": {},
@@ -63,11 +64,11 @@ OPTIONAL: dict[str, dict[str, str]] = {
 }
 
 # How many array frames each type carries: (least, most). Every other type carries none.
-ARRAY_COUNTS = {"push": (1, 1), "params": (1, 1), "ack": (0, 1)}
+ARRAY_COUNTS = {"push": (1, 1), "params": (1, 1), "ack": (0, 1), "set_params": (1, 1)}
 
 # Error codes carried by ``error`` replies (docs/protocol.md lists their meaning).
 ERROR_CODES = ("bad_frames", "bad_header", "bad_version", "bad_type", "bad_field", "bad_array",
-               "bad_range", "not_finite", "future_version", "unknown_worker", "too_many_workers")
+               "bad_range", "not_finite", "future_version", "too_stale", "unknown_worker", "too_many_workers")
 
 
 def is_int(value) -> bool:

@@ -77,6 +77,8 @@ class WorkerCore:
             if st["steps"] % s.n_push == 0:
                 result = channel.push(window_examples, self.params if fetch else None)
                 self._count_push(result, window_examples)
+                if result.refused and not fetch:  # too stale, say: go on from the server's weights
+                    channel.pull(self.params)
                 window_examples = 0
                 if result.data_generation is not None and result.data_generation != self.data_generation:
                     self._check_assignment(channel, on_assignment)

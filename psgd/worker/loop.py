@@ -9,10 +9,10 @@ server's weights; if the server moves its data shards it trains on the new ones.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import platform
-import sys
 import time
 from dataclasses import dataclass
 
@@ -27,6 +27,8 @@ from ..model.network import ModelSpec
 from ..wire.client import ParameterClient
 from ..wire.transport import SERVER_WAIT_S, ClientKeys
 from .core import StepSettings, WorkerCore, new_stats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,9 @@ class Worker:
             welcomes = self._hello()
         self.core.data_generation = welcomes[0]["data_generation"]
         self.channel.open(welcomes, self.core.net.n_params, self.core.net.dtype)
+        log.info(f"{self.name} joined {len(welcomes)} server shard(s) at version {welcomes[0]['version']}: "
+                 f"data shards {self.data_shards} of {self._num_data_shards}, pushing via "
+                 f"{', '.join(self.channel.transports)}")
 
     def _hello(self) -> list:
         welcomes = self.channel.hello(self.data_shards)
@@ -133,7 +138,7 @@ class Worker:
         if shards and shards != self.data_shards:
             self.data_shards = shards
             self.stats["reassignments"] += 1
-            print(f"psgd worker {self.name}: now training on data shards {shards}", file=sys.stderr, flush=True)
+            log.info(f"{self.name}: now training on data shards {shards}")
             self._batches_for(shards)
 
     # --- the loop -----------------------------------------------------------------------
@@ -147,7 +152,8 @@ class Worker:
                 try:
                     self.core.run(self.channel, lambda: self.stop_requested, self._on_assignment)
                     break
-                except TransportError:
+                except TransportError as exc:
+                    log.warning(f"{self.name} lost the server ({exc}); saying hello again")
                     self.stats["reconnects"] += 1
                     self.join()  # Client.request retries with backoff, then gives up with a clear error
         except ShutdownRequested:

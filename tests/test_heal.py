@@ -1,0 +1,36 @@
+"""Runs that heal: a diverging run rolls every server back to its last validated weights
+and goes on at a lower rate, instead of stopping (--on-divergence rollback)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from psgd.model.network import MLP, ModelSpec
+
+pytestmark = pytest.mark.slow
+
+# Sum-of-squares on one-hot MNIST targets at rate 2 with two workers: the weights blow up
+# within the first epoch (the servers then refuse the NaN/Inf gradients and the run stalls).
+DIVERGING = ("--workers", "2", "--layers", "784,64,10", "--loss", "sse", "--lr", "2", "--epochs", "2",
+             "--evals-per-epoch", "4", "--seed", "3")
+
+
+def test_a_diverging_run_stops_without_rollback_and_heals_with_it(procs, tmp_path, mnist):
+    plain = procs.start("train", *DIVERGING, "--out", str(tmp_path / "plain"), log="plain")
+    assert plain.wait(180) == 2, procs.log("plain")
+    assert "training diverged" in procs.log("plain") and "Traceback" not in procs.log("plain")
+
+    healed = procs.start("train", *DIVERGING, "--on-divergence", "rollback", "--out", str(tmp_path / "healed"),
+                         log="healed")
+    assert healed.wait(180) == 0, procs.log("healed")
+    summary = json.loads((tmp_path / "healed" / "summary.json").read_text())
+    rollbacks = summary["rollbacks"]
+    assert 1 <= len(rollbacks) <= 3 and "rolled back to the weights validated at update" in procs.log("healed")
+    assert all(r["to_update"] < r["at_update"] for r in rollbacks)
+    assert [r["lr"] for r in rollbacks] == pytest.approx([2 * 0.3 ** (k + 1) for k in range(len(rollbacks))])
+    # the healed run trained: its test loss is well below that of the weights it started from
+    _, test = mnist
+    net = MLP(ModelSpec((784, 64, 10), loss="sse"))
+    start_loss, _ = net.evaluate(net.init_params(3), test.X, test.targets_for("sse"))
+    assert np.isfinite(summary["test_loss"]) and summary["test_loss"] < 0.6 * start_loss, (summary, start_loss)
