@@ -13,6 +13,7 @@ from psgd.cli import cli
 from psgd.config import TrainConfig
 from psgd.data import load
 from psgd.errors import ConfigError, DataError
+from psgd.model.network import ModelSpec
 
 
 def one_line_error(args, data_dir=None) -> str:
@@ -188,3 +189,16 @@ def test_a_small_data_set_trains_on_a_cluster_with_the_defaults(procs, tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] >= 3 and summary["failures"] == []
     assert json.loads((out / "config.json").read_text())["validation"] == 135
+
+
+def test_a_servers_description_is_a_config_though_its_model_carries_a_fingerprint():
+    """The standalone coordinator builds its config from the server's describe reply, whose
+    model also carries wire-only keys; those are not unknown settings."""
+    from psgd.server.state import ServerState
+    from psgd.wire.protocol import decode, encode
+    config = TrainConfig(model=ModelSpec((6, 5, 3)), epochs=3)
+    header, _ = ServerState(config).handle(decode(encode({"type": "describe", "seq": 1, "sender": "t"}, [])))
+    assert "fingerprint" in header["config"]["model"]
+    assert TrainConfig.from_description(header["config"]) == config
+    with pytest.raises(ConfigError, match="unknown setting 'model.bogus'"):
+        TrainConfig.from_description({**header["config"], "model": {**header["config"]["model"], "bogus": 1}})
