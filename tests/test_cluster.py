@@ -80,7 +80,9 @@ def test_pause_holds_worker_pushes_over_real_sockets(procs):
                            extra_env={"OPENBLAS_NUM_THREADS": "1"}) for t in ("shm", "zmq")]
     client = Client(endpoint, "test", server_wait=10)
     deadline = time.monotonic() + 60
-    while client.request({"type": "stats"})["stats"]["version"] < 50:
+    # both workers pushing (on a loaded machine one may still be loading its data at 50 updates)
+    while sum(w["pushes"] > 0 for w in client.request({"type": "stats", "workers": True})["workers"]) < 2 \
+            or client.request({"type": "stats"})["stats"]["version"] < 50:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     client.request({"type": "pause"})
