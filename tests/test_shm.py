@@ -64,3 +64,27 @@ def test_a_writer_that_never_finishes_is_reported_after_the_timeout(segment):
     with pytest.raises(TransportError, match="stuck mid-write"):
         shm.read_consistent(segment, out, timeout_s=0.3)
     assert 0.3 <= time.monotonic() - t0 < 5
+
+
+def test_a_writer_killed_mid_write_is_noticed_through_its_doorbell_at_once(segment, tmp_path):
+    """A server SIGKILLed mid-update leaves the lock odd for good: a chaos run's workers
+    waited 60 s on it. Its doorbell closes with it, and the reader looks there."""
+    import socket
+
+    from psgd.wire.doorbell import DoorbellClient
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(tmp_path / "doorbell"))
+    listener.listen(1)
+    client = DoorbellClient(str(tmp_path / "doorbell"), 1, 2, "grad", timeout=5)
+    server_end, _ = listener.accept()
+    server_end.recv(4096)  # the handshake
+    assert client.alive()
+    segment.header[shm.SEQ] += np.uint64(1)  # the write the server never finished
+    server_end.close()  # ... because it died
+    listener.close()
+    out = np.empty(N, np.float32)
+    t0 = time.monotonic()
+    with pytest.raises(TransportError, match="died in the middle of a write"):
+        shm.read_consistent(segment, out, timeout_s=30, writer_alive=client.alive)
+    assert time.monotonic() - t0 < 5 and not client.alive()
+    client.close()

@@ -95,7 +95,7 @@ class ShmChannel:
             self.grad_seg.unlink()  # the server has mapped it (or never will): drop the name
 
     def pull(self, params: np.ndarray) -> int:
-        return shm.read_consistent(self.weights, params, self.timeout)
+        return shm.read_consistent(self.weights, params, self.timeout, self.doorbell.alive)
 
     def push_begin(self, base_version: int, examples: int, params: np.ndarray | None) -> None:
         self._params = params

@@ -15,6 +15,7 @@ generation. Anything else closes the connection.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 from dataclasses import dataclass
@@ -186,6 +187,16 @@ class DoorbellClient:
         if status == ACK_REFUSED:
             raise ProtocolError("refused", "the server refused the gradient")
         return version, staleness, generation
+
+    def alive(self) -> bool:
+        """False once the server's end is closed (it exited, or was killed)."""
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        if not readable:
+            return True  # nothing to read: the connection is open
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK) != b""  # b"": the end of the stream
+        except OSError:
+            return False
 
     def close(self) -> None:
         self.sock.close()

@@ -151,13 +151,16 @@ class SeqlockWriter:
         self.header[SEQ] += np.uint64(1)
 
 
-def read_consistent(segment: Segment, out: np.ndarray, timeout_s: float = SEQLOCK_TIMEOUT_S) -> int:
+def read_consistent(segment: Segment, out: np.ndarray, timeout_s: float = SEQLOCK_TIMEOUT_S,
+                    writer_alive=None) -> int:
     """Copy the segment's array into ``out`` as of one version; return that version.
 
     A write takes a fraction of a millisecond, but with more processes than cores the
     server can be descheduled in the middle of one for tens of milliseconds: after a burst
     of quick retries the reader sleeps between tries, and gives up only after ``timeout_s``
-    (a server that never finishes its write is stuck, or stopped)."""
+    (a server that never finishes its write is stuck, or stopped). ``writer_alive()``, if
+    given, is asked while the reader sleeps: a server killed mid-write leaves the lock odd
+    for good, and its readers should rejoin its successor now, not a minute later."""
     header = segment.header
     deadline = None
     spins = 0
@@ -173,6 +176,8 @@ def read_consistent(segment: Segment, out: np.ndarray, timeout_s: float = SEQLOC
             os.sched_yield()  # let the writer (maybe on this very core) finish
             continue
         now = time.monotonic()
+        if writer_alive is not None and not writer_alive():
+            raise TransportError("the server died in the middle of a write (its doorbell closed)")
         if deadline is None:
             deadline = now + timeout_s
         elif now >= deadline:
