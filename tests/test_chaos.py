@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 
 def test_a_short_chaos_run_reaches_its_target_survives_every_fault_and_leaks_nothing(data_dir, tmp_path):

@@ -8,12 +8,13 @@ import pytest
 
 from psgd.model.network import MLP, ModelSpec
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
-# Sum-of-squares on one-hot MNIST targets at rate 2 with two workers: the weights blow up
-# within the first epoch (the servers then refuse the NaN/Inf gradients and the run stalls).
-DIVERGING = ("--workers", "2", "--layers", "784,64,10", "--loss", "sse", "--lr", "2", "--epochs", "2",
-             "--evals-per-epoch", "4", "--seed", "3")
+# Sum-of-squares on one-hot MNIST targets at rate 1, momentum 0.9, no warm-up, two workers:
+# the weights blow up within the first epoch (3 runs of 3); with rollback the runs ended at
+# test loss 0.38-0.45, from 1.84 at the start.
+DIVERGING = ("--workers", "2", "--layers", "784,64,10", "--loss", "sse", "--lr", "1", "--epochs", "2",
+             "--evals-per-epoch", "4", "--seed", "3", "--warmup", "0")
 
 
 def test_a_diverging_run_stops_without_rollback_and_heals_with_it(procs, tmp_path, mnist):
@@ -28,7 +29,7 @@ def test_a_diverging_run_stops_without_rollback_and_heals_with_it(procs, tmp_pat
     rollbacks = summary["rollbacks"]
     assert 1 <= len(rollbacks) <= 3 and "rolled back to the weights validated at update" in procs.log("healed")
     assert all(r["to_update"] < r["at_update"] for r in rollbacks)
-    assert [r["lr"] for r in rollbacks] == pytest.approx([2 * 0.3 ** (k + 1) for k in range(len(rollbacks))])
+    assert [r["lr"] for r in rollbacks] == pytest.approx([0.3 ** (k + 1) for k in range(len(rollbacks))])
     # the healed run trained: its test loss is well below that of the weights it started from
     _, test = mnist
     net = MLP(ModelSpec((784, 64, 10), loss="sse"))

@@ -227,3 +227,18 @@ def test_set_params_replaces_the_weights_resets_the_optimizer_and_refuses_what_d
     assert np.array_equal(state.store.params, target) and state.store.version == 2
     state.push(w.worker_id, 2, 1, g)  # momentum starts afresh: the step is lr * g, not lr * (g + 0.9 v)
     np.testing.assert_allclose(state.store.params, target - 0.5 * g, rtol=1e-6)
+
+
+def test_after_a_rollback_a_gradient_of_the_replaced_weights_is_refused():
+    """In-flight gradients computed from the diverged weights blew the rolled-back weights
+    up again at once; they are now too_stale, and their workers pull the restored ones."""
+    from psgd.wire.protocol import decode, encode
+    state = ServerState(CONFIG)
+    w = state.members.register("w", "zmq")
+    g = np.full(state.store.size, 0.1, np.float32)
+    state.push(w.worker_id, 0, 1, g)
+    good = state.store.params.copy()
+    state.handle(decode([bytes(f) for f in encode({"type": "set_params"}, [good], [0])]))
+    decision = state.push(w.worker_id, 1, 1, g)  # computed from version 1, before the rollback
+    assert (decision.outcome, decision.code) == ("refused", "too_stale") and np.array_equal(state.store.params, good)
+    assert state.push(w.worker_id, state.store.version, 1, g).outcome == "applied"

@@ -62,6 +62,7 @@ class ParameterStore:
         self.examples = 0
         self.staleness = StalenessHistogram()
         self.lr_override: float | None = None  # set by a coordinator, which then owns the schedule
+        self.replaced_at = 0  # the version of the last rollback: a gradient from before it is refused
         self._history = None  # dcasgd: the last DC_HISTORY weight vectors, by version
         if config.staleness_rule == "dcasgd":
             self._history = np.empty((DC_HISTORY, self.size), self.dtype)
@@ -99,6 +100,9 @@ class ParameterStore:
                                              f"this server holds [{self.lo}, {self.hi})")
         if base_version > self.version or base_version < 0:
             raise ProtocolError("future_version", f"gradient claims version {base_version}, the server is at {self.version}")
+        if base_version < self.replaced_at:
+            raise ProtocolError("too_stale", f"the gradient was computed from weights that a rollback replaced "
+                                             f"at version {self.replaced_at}: pull fresh weights")
         if not 0 < examples <= MAX_EXAMPLES_PER_PUSH:
             raise ProtocolError("bad_field", f"examples {examples} not in 1..{MAX_EXAMPLES_PER_PUSH}")
         with np.errstate(over="ignore", invalid="ignore"):
@@ -163,6 +167,7 @@ class ParameterStore:
             self.params[...] = params
         self.optimizer = fresh
         self._advance(0)
+        self.replaced_at = self.version
         return self.version
 
     # --- checkpoints --------------------------------------------------------------------
