@@ -345,7 +345,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args(argv)
     if args.short:
-        args.faults, args.gap, args.first_fault_after, args.max_seconds = 5, (1.0, 2.5), 20, 150.0
+        args.faults, args.gap, args.first_fault_after, args.max_seconds = 5, (0.5, 1.5), 20, 150.0
         args.schedule, args.lr, args.target = "step", 0.1, 0.975  # psgd's defaults: 97.5% in ~1,500 updates
     args.gap = tuple(args.gap)
 
