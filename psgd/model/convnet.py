@@ -180,12 +180,7 @@ class ConvNet:
     def loss_and_grad(self, params, X, T, grad=None, dropout: float = 0.0, rng=None):
         """Mean error over the minibatch and its gradient (flat, into ``grad`` when given).
         ``dropout`` thins the hidden dense layers (inverted dropout; needs ``rng``)."""
-        if grad is None:
-            grad = np.empty(self.n_params, dtype=self.dtype)
-        if dropout and rng is None:
-            raise ConfigError("dropout needs a random generator")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+        grad = functions.gradient_buffer(grad, self.n_params, self.dtype, dropout, rng)
         ws = self._workspace(X.shape[0])
         inputs, a = self._forward(params, X, ws, dropout, rng)
         loss = self.loss_fn.value_and_delta(a, T)

@@ -223,3 +223,13 @@ def loss(name: str) -> Loss:
         return LOSSES[name]()
     except KeyError:
         raise ConfigError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}") from None
+
+
+def gradient_buffer(grad, n_params: int, dtype, dropout: float, rng):
+    """The flat gradient a step writes into (a new one when ``grad`` is None), after
+    checking the step's dropout: in [0, 1), and with a random generator when used."""
+    if dropout and rng is None:
+        raise ConfigError("dropout needs a random generator")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+    return np.empty(n_params, dtype=dtype) if grad is None else grad

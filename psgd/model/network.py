@@ -220,12 +220,7 @@ class MLP:
         """
         self._check_input(X)
         B = X.shape[0]
-        if grad is None:
-            grad = np.empty(self.n_params, dtype=self.dtype)
-        if dropout and rng is None:
-            raise ConfigError("dropout needs a random generator")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+        grad = functions.gradient_buffer(grad, self.n_params, self.dtype, dropout, rng)
         ws = self._workspace(B)
         layers = self._weights(params)
         gviews = self._weights(grad)
