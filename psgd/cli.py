@@ -125,6 +125,8 @@ def training_options(f):
         env_option("--consistency", type=click.Choice(CONSISTENCY), default=_DEFAULT.consistency,
                    help="async (Downpour), ssp (bounded staleness) or sync (averaged, with a barrier)."),
         env_option("--ssp-bound", type=int, default=_DEFAULT.ssp_bound, help="ssp: clocks a worker may lead by."),
+        env_option("--overlap/--no-overlap", default=_DEFAULT.overlap,
+                   help="Workers compute the next step while a push travels (gradients one step older)."),
         env_option("--max-staleness", type=int, default=None,
                    help="Refuse a push staler than this (its worker pulls fresh weights). "
                         "Default: 4 x connected workers + 16; 0: no bound."),
@@ -172,7 +174,7 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
                             pick("lr_factor", base.schedule.factor), pick("lr_patience", base.schedule.patience),
                             pick("warmup", base.schedule.warmup))
     fields = ["data", "data_dir", "batch_size", "epochs", "seed", "validation", "dropout", "augment",
-              "target_accuracy", "evals_per_epoch", "out_dir", "workers", "servers", "curve", "n_fetch", "n_push", "transport",
+              "target_accuracy", "evals_per_epoch", "out_dir", "workers", "servers", "curve", "n_fetch", "n_push", "overlap", "transport",
               "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "max_staleness", "on_divergence",
               "rollback_factor", "max_rollbacks", "slow_worker", "max_updates",
               "max_seconds"]
@@ -449,15 +451,16 @@ def server(ctx, bind, server_shard, num_shards, data_shards, shared_memory, read
 @env_option("--server-wait", type=float, default=None, help="Seconds to keep trying an absent server.")
 @env_option("--slowdown", type=float, default=1.0, help="Take this many times the compute time per step.")
 @env_option("--model", default=None, help="package.module:factory, when the run trains a user's model.")
+@env_option("--overlap/--no-overlap", default=None, help="Default: the run's, from the server.")
 @client_curve_options
 def worker(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps, server_wait, slowdown,
-           model, curve_key, curve_server_key):
+           model, overlap, curve_key, curve_server_key):
     """Run a worker: pull weights, compute gradients on a data shard, push them (Downpour)."""
     from .wire.transport import SERVER_WAIT_S, client_keys
     from .worker.loop import Worker, WorkerOptions
     options = WorkerOptions(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps,
                             server_wait if server_wait is not None else SERVER_WAIT_S, slowdown,
-                            client_keys(curve_key, curve_server_key), model)
+                            client_keys(curve_key, curve_server_key), model, overlap)
     stats = Worker(options).run()
     mean = stats["staleness_sum"] / stats["pushes"] if stats["pushes"] else 0.0
     click.echo(f"worker done: {stats['steps']} steps, {stats['pushes']} pushes, {stats['examples']} examples, "

@@ -77,6 +77,10 @@ class TrainConfig:
     curve: bool = False  # a local cluster encrypts and authenticates its traffic (fresh keys per run)
     n_fetch: int = 1  # pull fresh weights every n_fetch steps (Downpour)
     n_push: int = 1  # push the accumulated gradient every n_push steps (Downpour)
+    # Workers compute the next step while a push travels (see psgd.worker.core). Off by
+    # default: a gradient is then one step older, and N workers' staleness about doubles
+    # (README, "Overlap"); never under sync, whose rounds would average gradients a round old.
+    overlap: bool = False
     transport: str = "auto"  # auto: shared memory for workers on the server's machine
     staleness_rule: str = "divide"  # see STALENESS_RULES; changes nothing when pushes are fresh
     dc_lambda: float = 0.04  # dcasgd: the variance-control constant lambda
@@ -109,6 +113,8 @@ class TrainConfig:
             (self.workers >= 0, "workers must be >= 0"),
             (self.servers >= 1, "servers must be >= 1"),
             (self.n_fetch >= 1 and self.n_push >= 1, "n_fetch and n_push must be >= 1"),
+            (not (self.overlap and self.consistency == "sync"),
+             "sync consistency averages fresh gradients: it runs without --overlap"),
             (self.transport in TRANSPORTS, f"transport must be one of {', '.join(TRANSPORTS)}"),
             (self.staleness_rule in STALENESS_RULES, f"staleness rule must be one of {', '.join(STALENESS_RULES)}"),
             (self.consistency in CONSISTENCY, f"consistency must be one of {', '.join(CONSISTENCY)}"),

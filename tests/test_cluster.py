@@ -33,6 +33,26 @@ def test_server_and_three_workers_train_mnist(procs, tmp_path, transport):
     assert "test accuracy" in procs.log("train") and "staleness mean" in procs.log("train")
 
 
+@pytest.mark.parametrize("transport,servers", [("shm", 1), ("shm", 2), ("zmq", 2)])
+def test_an_overlapping_worker_pushes_each_gradient_one_update_old_and_trains(procs, tmp_path, transport, servers):
+    """--overlap, one worker: every push but the first was computed while the previous one
+    was applied, so its staleness is exactly 1 (none is 0, none 2: the two gradient buffers
+    alternate, and at most one push is in flight), over one server's shared memory (two
+    segments), two shards' (each range copied into that shard's segment of the slot) and
+    ZeroMQ (views of two whole-vector buffers). Momentum 0.5: 0.9 with a one-step delay is
+    on the edge of stable (README, "Overlap")."""
+    out = tmp_path / "run"
+    proc = procs.start("train", "--workers", "1", "--servers", str(servers), "--epochs", "0.5", "--overlap",
+                       "--layers", "784,64,10", "--momentum", "0.5", "--transport", transport,
+                       "--evals-per-epoch", "1", "--out", str(out), log="train")
+    assert proc.wait(180) == 0, procs.log("train")
+    summary = json.loads((out / "summary.json").read_text())
+    counts = summary["staleness_histogram"]["counts"]
+    assert summary["worker_transports"] == [transport] and summary["errors"] == {}
+    assert counts[0] == 1 and counts[1] == summary["updates"] - 1 and summary["staleness"]["max"] == 1, summary
+    assert summary["test_accuracy"] >= 0.85, summary
+
+
 def test_a_worker_killed_mid_run_does_not_stop_the_run(procs):
     server, endpoint = procs.start_server("--data-shards", "3", "--max-updates", "900", "--epochs", "100")
     workers = [procs.start("worker", "--connect", endpoint, "--name", f"w{i}", log=f"w{i}",

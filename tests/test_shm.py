@@ -75,7 +75,7 @@ def test_a_writer_killed_mid_write_is_noticed_through_its_doorbell_at_once(segme
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(str(tmp_path / "doorbell"))
     listener.listen(1)
-    client = DoorbellClient(str(tmp_path / "doorbell"), 1, 2, "grad", timeout=5)
+    client = DoorbellClient(str(tmp_path / "doorbell"), 1, 2, ["grad"], timeout=5)
     server_end, _ = listener.accept()
     server_end.recv(4096)  # the handshake
     assert client.alive()

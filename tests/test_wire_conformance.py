@@ -530,6 +530,75 @@ def test_shared_memory_handshake_doorbell_ack_and_a_malformed_doorbell_closes(ra
         weights.close()
 
 
+def _grad_segment(nbytes: int) -> tuple[str, int, mmap.mmap]:
+    name = f"psgd-grad-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(os.path.join("/dev/shm", name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(fd, nbytes)
+    return name, fd, mmap.mmap(fd, nbytes)
+
+
+@pytest.mark.skipif(not os.access("/dev/shm", os.W_OK), reason="no /dev/shm")
+def test_doorbell_version_2_takes_two_gradient_segments_named_by_the_ring_flags(raw):
+    """A worker that overlaps its steps with its pushes computes into one segment while
+    the server reads the other: each ring's flags bit 0 says which."""
+    welcome = hello(raw, "two-segments", transport="shm")
+    wid, local = welcome["worker_id"], welcome["local"]
+    nbytes = 64 + N * 4
+    with open(os.path.join("/dev/shm", local["weights"]), "r+b") as f:
+        weights = mmap.mmap(f.fileno(), nbytes)
+    segments = [_grad_segment(nbytes) for _ in range(2)]
+    bell = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    bell.settimeout(10)
+    try:
+        bell.connect(local["doorbell"])
+        bell.send(pack({"v": 2, "worker_id": wid, "nonce": local["nonce"], "grad": segments[0][0],
+                        "grad2": segments[1][0]}))
+        assert DOORBELL.unpack(bell.recv(64))[2] & 0xFF == 0
+        rng = np.random.default_rng(5)
+        for slot in (1, 0, 1):
+            v0, w0 = seqlock_read(weights, N)
+            g = (rng.standard_normal(N) * 0.01).astype("<f4")
+            np.frombuffer(segments[slot][2], "<f4", N, 64)[:] = g
+            np.frombuffer(segments[1 - slot][2], "<f4", N, 64)[:] = np.nan  # the other one: must not be read
+            bell.send(DOORBELL.pack(v0, 8, slot))
+            version, _, word = DOORBELL.unpack(bell.recv(64))
+            assert (version, word & 0xFF) == (v0 + 1, 0)
+            np.testing.assert_allclose(seqlock_read(weights, N)[1], w0 - np.float32(LR) * g, rtol=1e-6, atol=1e-7)
+        before = summary(raw)["errors"].get("bad_doorbell", 0)
+        bell.send(DOORBELL.pack(version, 8, 2))  # a flags bit with no meaning: malformed
+        assert bell.recv(64) == b""
+        assert summary(raw)["errors"].get("bad_doorbell", 0) == before + 1
+    finally:
+        bell.close()
+        for name, fd, segment in segments:
+            segment.close()
+            os.close(fd)
+            if os.path.exists(os.path.join("/dev/shm", name)):
+                os.unlink(os.path.join("/dev/shm", name))
+        weights.close()
+
+
+@pytest.mark.skipif(not os.access("/dev/shm", os.W_OK), reason="no /dev/shm")
+def test_a_ring_naming_a_second_segment_that_version_1_never_gave_closes_the_doorbell(raw):
+    welcome = hello(raw, "one-segment", transport="shm")
+    nbytes = 64 + N * 4
+    name, fd, segment = _grad_segment(nbytes)
+    bell = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    bell.settimeout(10)
+    try:
+        bell.connect(welcome["local"]["doorbell"])
+        bell.send(pack({"v": 1, "worker_id": welcome["worker_id"], "nonce": welcome["local"]["nonce"], "grad": name}))
+        version = DOORBELL.unpack(bell.recv(64))[0]
+        bell.send(DOORBELL.pack(version, 8, 1))
+        assert bell.recv(64) == b""
+    finally:
+        bell.close()
+        segment.close()
+        os.close(fd)
+        if os.path.exists(os.path.join("/dev/shm", name)):
+            os.unlink(os.path.join("/dev/shm", name))
+
+
 def test_a_malformed_handshake_closes_the_doorbell(raw):
     welcome = hello(raw, "bad-handshake", transport="shm")
     bell = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

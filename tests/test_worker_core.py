@@ -124,3 +124,80 @@ def test_a_worker_whose_push_was_too_stale_goes_on_from_fresh_weights():
     assert [(d.outcome, d.staleness) for d in channel.pushes[:4]] == [
         ("applied", 0), ("applied", 1), ("refused", 0), ("applied", 0)]
     assert core.stats["refused"] == sum(d.outcome == "refused" for d in channel.pushes) == 3
+
+
+class OverlapStateChannel(StateChannel):
+    """Two gradient buffers and a push in two halves, as ParameterClient has: the state
+    takes the push at push_begin (a server applies it while the worker computes on); the
+    ack, and the fresh weights, come at push_end. It checks that the buffer in flight is
+    not written before its ack."""
+
+    def __init__(self, state, name="w"):
+        super().__init__(state, name)
+        self.grads = [np.empty(state.store.size, state.store.dtype) for _ in range(2)]
+        self.slot = 0
+        self.flight = None
+
+    @property
+    def grad(self):
+        return self.grads[self.slot]
+
+    @grad.setter
+    def grad(self, value):  # the base class sets one buffer; this channel has two
+        pass
+
+    def push_begin(self, examples, params):
+        assert self.flight is None, "a second push before the first one's ack"
+        buffer = self.grads[self.slot]
+        decision = self.state.push(self.record.worker_id, self.base, examples, buffer)
+        self.pushes.append(decision)
+        self.base = None
+        self.flight = (buffer, buffer.copy(), decision, params)
+        self.slot = 1 - self.slot
+
+    def push_end(self):
+        buffer, sent, decision, params = self.flight
+        self.flight = None
+        assert np.array_equal(buffer, sent), "the worker wrote into the gradient in flight"
+        if decision.outcome == SHUTDOWN:
+            raise ShutdownRequested("the server ended the run")
+        if params is not None:
+            self.pull(params)
+        return PushResult(decision.staleness, decision.outcome == REFUSED, self.record.data_generation)
+
+
+def test_an_overlapping_worker_computes_while_its_push_travels_and_leaves_none_in_flight():
+    X, y = problem()
+    state = ServerState(config())
+    net = MLP(SPEC)
+    channel = OverlapStateChannel(state)
+    core = WorkerCore(net, Minibatches(X, y, 32, seed=1), StepSettings(max_steps=200, overlap=True),
+                      np.random.default_rng(0))
+    before = net.evaluate(state.store.params, X, y)[0]
+    core.run(channel)
+    after = net.evaluate(state.store.params, X, y)[0]
+    assert channel.flight is None  # the last push was acked before run() returned
+    assert state.store.version == 200 == core.stats["pushes"] and after < 0.6 * before
+    # each gradient but the first was computed while the previous push was applied: one update old
+    assert [d.staleness for d in channel.pushes] == [0] + [1] * 199
+
+
+def test_overlap_with_pushes_every_few_steps_still_sums_each_window_from_its_own_weights():
+    X, y = problem()
+    state = ServerState(config())
+    channel = OverlapStateChannel(state)
+    core = WorkerCore(MLP(SPEC), Minibatches(X, y, 32, seed=1),
+                      StepSettings(max_steps=60, n_push=3, n_fetch=3, overlap=True), np.random.default_rng(0))
+    core.run(channel)
+    assert state.store.version == 20 == core.stats["pushes"] and core.stats["examples"] == 60 * 32
+    assert all(d.outcome == APPLIED for d in channel.pushes)
+    # the ack of a window's push (and its fresh weights) comes one step into the next
+    # window, whose base stays the weights its first step was computed from: one update old
+    assert [d.staleness for d in channel.pushes] == [0] + [1] * 19
+
+
+def test_sync_consistency_refuses_overlap_which_would_average_gradients_a_round_old():
+    from psgd.errors import ConfigError
+    with pytest.raises(ConfigError, match="sync"):
+        config(consistency="sync", overlap=True)
+    assert config(consistency="ssp", overlap=True).overlap

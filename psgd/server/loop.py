@@ -262,7 +262,7 @@ class Server:
         elif isinstance(message, doorbell.Handshake):
             self._handshake(fd, lw, message)
         else:
-            decision = self.state.push(lw.worker_id, message.base_version, message.examples, lw.grad.array)
+            decision = self.state.push(lw.worker_id, message.base_version, message.examples, lw.grads[message.slot].array)
             if decision.outcome == APPLIED:
                 self._ack_local(lw, decision.version, decision.staleness, doorbell.ACK_OK)
             elif decision.outcome == REFUSED:
@@ -280,7 +280,7 @@ class Server:
             self._drop_local(fd)
             return
         try:
-            lw.accept(hs.worker_id, hs.grad, state.store.size, state.store.dtype)
+            lw.accept(hs.worker_id, hs.grads, state.store.size, state.store.dtype)
         except TransportError:
             state.errors["bad_handshake"] += 1
             self._drop_local(fd)

@@ -293,7 +293,7 @@ class ServerState:
             "range": [s.lo, s.hi], "server_shard": s.shard, "num_server_shards": s.num_server_shards,
             "layout": s.net.layout.to_wire(),
             "run": {"data": c.data, "seed": c.seed, "validation": c.validation, "batch_size": c.batch_size,
-                    "n_fetch": c.n_fetch, "n_push": c.n_push, "dropout": c.dropout, "augment": c.augment, "distort": c.distort.to_dict(),
+                    "n_fetch": c.n_fetch, "n_push": c.n_push, "overlap": c.overlap, "dropout": c.dropout, "augment": c.augment, "distort": c.distort.to_dict(),
                     "lease_s": c.lease_s},
             "update": self.update_rule(),
         }

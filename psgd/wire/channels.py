@@ -6,9 +6,11 @@
   into a shared-memory segment and announced with a 16-byte doorbell; the weights are
   read back from the server's segment under its sequence lock.
 
-Both have ``grad`` (the buffer the worker computes into), ``pull(params) -> version``,
-``push_begin(base_version, examples, params_or_None)`` and ``push_end() -> (version,
-staleness, version of refreshed params or None, data generation)``.
+Both have ``grads`` (one or two buffers the worker computes into: with two, it computes
+into one while the other's push is in flight), ``pull(params) -> version``,
+``push_begin(slot, base_version, examples, params_or_None)`` (send ``grads[slot]``) and
+``push_end() -> (version, staleness, version of refreshed params or None, data
+generation)``. A buffer must stay untouched from its push_begin to its push_end.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ class ZmqChannel:
 
     transport = "zmq"
 
-    def __init__(self, client: Client, worker_id: int, grad: np.ndarray, offset: int):
+    def __init__(self, client: Client, worker_id: int, grads: list[np.ndarray], offset: int):
         self.client, self.worker_id = client, worker_id
-        self.grad, self.offset = grad, offset  # grad may be a view into the worker's whole gradient
+        self.grads, self.offset = grads, offset  # views into the worker's whole gradients, maybe
         self._params = None
 
     def pull(self, params: np.ndarray) -> int:
@@ -36,12 +38,13 @@ class ZmqChannel:
         params[...] = reply.arrays[0]
         return reply["version"]
 
-    def push_begin(self, base_version: int, examples: int, params: np.ndarray | None) -> None:
-        """Send ``self.grad``; :meth:`push_end` waits for the ack (and refreshed ``params``)."""
+    def push_begin(self, slot: int, base_version: int, examples: int, params: np.ndarray | None) -> None:
+        """Send ``grads[slot]`` (without copying it); :meth:`push_end` waits for the ack
+        (and refreshed ``params``)."""
         header = {"type": "push", "worker_id": self.worker_id, "base_version": base_version,
                   "examples": examples, "want_params": params is not None}
         self._params = params
-        self.client.send(header, [self.grad], [self.offset])
+        self.client.send(header, [self.grads[slot]], [self.offset])
 
     def push_end(self) -> tuple[int, int, int | None, int]:
         """(server version, staleness, version of refreshed params or None, data generation)."""
@@ -74,32 +77,33 @@ class ShmChannel:
 
     transport = "shm"
 
-    def __init__(self, local: dict, worker_id: int, n_params: int, dtype, timeout: float):
+    def __init__(self, local: dict, worker_id: int, n_params: int, dtype, timeout: float, buffers: int = 1):
         self.weights = shm.Segment.attach(str(local["weights"]), n_params, dtype)
         if int(self.weights.header[shm.NONCE]) != int(local["nonce"]):
             self.weights.close()
             raise TransportError("shared memory is not the server's (another machine?)")
-        self.grad_seg = shm.Segment.create("psgd-grad", n_params, dtype)
-        self.grad = self.grad_seg.array
+        self.grad_segs = [shm.Segment.create("psgd-grad", n_params, dtype) for _ in range(buffers)]
+        self.grads = [seg.array for seg in self.grad_segs]
         self._params = None
         self.timeout = timeout  # for an ack, and for a consistent read of the weights
         self.doorbell = None
         try:
             self.doorbell = DoorbellClient(str(local["doorbell"]), worker_id, int(local["nonce"]),
-                                           self.grad_seg.name, timeout)
+                                           [seg.name for seg in self.grad_segs], timeout)
             self.doorbell.wait_ack()
         except (TransportError, ProtocolError, ShutdownRequested):
             self.close()
             raise
         finally:
-            self.grad_seg.unlink()  # the server has mapped it (or never will): drop the name
+            for seg in self.grad_segs:
+                seg.unlink()  # the server has mapped it (or never will): drop the name
 
     def pull(self, params: np.ndarray) -> int:
         return shm.read_consistent(self.weights, params, self.timeout, self.doorbell.alive)
 
-    def push_begin(self, base_version: int, examples: int, params: np.ndarray | None) -> None:
+    def push_begin(self, slot: int, base_version: int, examples: int, params: np.ndarray | None) -> None:
         self._params = params
-        self.doorbell.ring(base_version, examples)
+        self.doorbell.ring(base_version, examples, slot)
 
     def push_end(self):
         version, staleness, generation = self.doorbell.wait_ack()
@@ -111,4 +115,5 @@ class ShmChannel:
         if self.doorbell is not None:
             self.doorbell.close()
         self.weights.close()
-        self.grad_seg.close()
+        for seg in self.grad_segs:
+            seg.close()

@@ -73,7 +73,9 @@ class ParameterClient:
         self.endpoints = [client.endpoint for client in self.clients]
         self.links = [ShardLink(client) for client in self.clients]
         self.name, self.transport, self.server_wait = name, transport, server_wait
-        self.grad: np.ndarray | None = None
+        self.grads: list[np.ndarray] = []
+        self.slot = 0  # which of grads the next gradient goes into
+        self._in_flight: tuple | None = None  # (params or None,) of a push sent and not yet acked
         self.last_contact = time.monotonic()
 
     @property
@@ -126,6 +128,7 @@ class ParameterClient:
             shards = [r["stats"] for r in replies]
             merged["bytes_in"] = sum(s["bytes_in"] for s in shards)
             merged["bytes_out"] = sum(s["bytes_out"] for s in shards)
+            merged["cpu_s"] = sum(s.get("cpu_s", 0.0) for s in shards)
             errors: dict[str, int] = {}
             for s in shards:
                 for code, n in s["errors"].items():
@@ -195,11 +198,14 @@ class ParameterClient:
             welcomes.append(reply)
         return welcomes
 
-    def open(self, welcomes: list, n_params: int, dtype) -> None:
-        """One channel per shard, after :meth:`hello`; sets :attr:`grad`."""
+    def open(self, welcomes: list, n_params: int, dtype, buffers: int = 1) -> None:
+        """One channel per shard, after :meth:`hello`; sets :attr:`grad`. With two
+        ``buffers`` the worker computes into one while the other's push is in flight
+        (:meth:`push_begin`, :meth:`push_end`)."""
         self.close_channels()
         single = len(self.links) == 1
-        self.grad = None if single else np.empty(n_params, dtype)
+        self.grads = [] if single else [np.empty(n_params, dtype) for _ in range(buffers)]
+        self.slot, self._in_flight = 0, None
         for link, welcome in zip(self.links, welcomes):
             link.lo, link.hi = welcome["range"]
             link.worker_id = welcome["worker_id"]
@@ -207,20 +213,26 @@ class ParameterClient:
             local = welcome.get("local")
             if self.transport in ("auto", "shm") and isinstance(local, dict) and shm.available():
                 try:
-                    link.channel = ShmChannel(local, link.worker_id, link.hi - link.lo, dtype, self.server_wait)
+                    link.channel = ShmChannel(local, link.worker_id, link.hi - link.lo, dtype, self.server_wait, buffers)
                 except (TransportError, KeyError, ValueError, TypeError):
                     if self.transport == "shm":
                         raise
             elif self.transport == "shm":
                 raise TransportError("the shared-memory path was asked for, but the server does not offer it here")
             if link.channel is None:
-                view = np.empty(link.hi - link.lo, dtype) if single else self.grad[link.lo:link.hi]
-                link.channel = ZmqChannel(link.client, link.worker_id, view, link.lo)
+                views = [np.empty(link.hi - link.lo, dtype) for _ in range(buffers)] if single else \
+                    [grad[link.lo:link.hi] for grad in self.grads]
+                link.channel = ZmqChannel(link.client, link.worker_id, views, link.lo)
             link.copy_in = not single and link.channel.transport == "shm"
             link.window_base = None
         if single:
-            self.grad = self.links[0].channel.grad
+            self.grads = self.links[0].channel.grads
         self.last_contact = time.monotonic()
+
+    @property
+    def grad(self) -> np.ndarray:
+        """The buffer the next gradient is computed into (not the one in flight)."""
+        return self.grads[self.slot]
 
     @property
     def transports(self) -> list[str]:
@@ -240,10 +252,31 @@ class ParameterClient:
     def push(self, examples: int, params: np.ndarray | None) -> PushResult:
         """Every shard its range of :attr:`grad`, all in flight at once; then the acks.
         With ``params``, each shard's fresh weights are fetched into it as well."""
+        self.push_begin(examples, params)
+        return self.push_end()
+
+    @property
+    def in_flight(self) -> bool:
+        return self._in_flight is not None
+
+    def push_begin(self, examples: int, params: np.ndarray | None) -> None:
+        """Send :attr:`grad` to every shard and return at once; :attr:`grad` is then the
+        other buffer (with two), free to compute into while this one travels. Leave
+        ``params`` alone until :meth:`push_end`, which fetches the fresh weights into it."""
         for link in self.links:
             if link.copy_in:
-                link.channel.grad[...] = self.grad[link.lo:link.hi]
-            link.channel.push_begin(link.window_base, examples, params[link.lo:link.hi] if params is not None else None)
+                link.channel.grads[self.slot][...] = self.grad[link.lo:link.hi]
+            link.channel.push_begin(self.slot, link.window_base, examples,
+                                    params[link.lo:link.hi] if params is not None else None)
+            link.window_base = None  # the next gradient's window opens on the weights it is computed from
+        self._in_flight = (params,)
+        self.slot = (self.slot + 1) % len(self.grads)
+
+    def push_end(self) -> PushResult:
+        """Wait for the acks of the push in flight."""
+        if self._in_flight is None:
+            raise RuntimeError("push_end without a push in flight")
+        (params,), self._in_flight = self._in_flight, None
         refused, staleness, generation = False, 0, None
         for k, link in enumerate(self.links):
             try:
@@ -256,7 +289,6 @@ class ParameterClient:
                     staleness, generation = link_staleness, link_generation
             if fetched is not None:
                 link.version = fetched
-            link.window_base = None
         self.last_contact = time.monotonic()
         return PushResult(staleness, refused, generation)
 

@@ -3,13 +3,15 @@ in shared memory. Both ends and the byte formats live here (docs/protocol.md, "T
 shared-memory path", is the spec).
 
 A worker connects to the server's Unix SOCK_SEQPACKET socket (its path comes in the
-``welcome``) and sends one **handshake**: a msgpack map ``{"v": DOORBELL_VERSION,
-"worker_id", "nonce", "grad"}`` (the name of the gradient segment it created). The
-server answers with an ack. From then on each **ring** is 16 bytes, ``<QII``:
-``base_version, examples, flags`` (flags 0), meaning "my gradient segment holds a new
-gradient"; each **ack** is 16 bytes, ``<QII``: ``version, staleness, word``, where the
-low 8 bits of ``word`` are a status and the high 24 bits the worker's data-shard
-generation. Anything else closes the connection.
+``welcome``) and sends one **handshake**: a msgpack map ``{"v", "worker_id", "nonce",
+"grad"}`` and, in version 2, optionally ``"grad2"``: the names of the gradient segments it
+created. Two segments let a worker compute into one while the server reads the other
+(psgd.worker.core overlaps its steps with the pushes). The server answers with an ack.
+From then on each **ring** is 16 bytes, ``<QII``: ``base_version, examples, flags``, meaning
+"this gradient segment holds a new gradient": bit 0 of ``flags`` names the segment (0
+``grad``, 1 ``grad2``), the other bits are 0. Each **ack** is 16 bytes, ``<QII``:
+``version, staleness, word``, where the low 8 bits of ``word`` are a status and the high 24
+bits the worker's data-shard generation. Anything else closes the connection.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from ..errors import ProtocolError, ShutdownRequested, TransportError
 from . import shm
 from .protocol import is_int
 
-DOORBELL_VERSION = 1
+DOORBELL_VERSION = 2  # 2: an optional second gradient segment, named by bit 0 of a ring's flags
+DOORBELL_VERSIONS = (1, 2)  # a server takes either
 RING = struct.Struct("<QII")  # base_version, examples, flags
+RING_SLOT = 1  # the flags bit that names the gradient segment
 ACK = struct.Struct("<QII")  # version, staleness, status | data_generation << 8
 ACK_OK, ACK_REFUSED, ACK_SHUTDOWN, ACK_REJOIN = 0, 1, 2, 3  # REJOIN: the server no longer knows you
 ACK_STATUS_BITS = 8
@@ -46,13 +50,14 @@ def ack_word(status: int, data_generation: int) -> int:
 class Handshake:
     worker_id: int
     nonce: int
-    grad: str  # the name of the worker's gradient segment
+    grads: tuple[str, ...]  # the names of the worker's gradient segments (one or two)
 
 
 @dataclass(frozen=True)
 class Ring:
     base_version: int
     examples: int
+    slot: int = 0  # which of the worker's gradient segments holds the gradient
 
 
 class Malformed(Exception):
@@ -65,7 +70,7 @@ class LocalPeer:
     def __init__(self, conn: socket.socket):
         self.conn = conn
         self.worker_id: int | None = None  # known once the handshake is accepted
-        self.grad: shm.Segment | None = None
+        self.grads: list[shm.Segment] = []
 
     def fileno(self) -> int:
         return self.conn.fileno()
@@ -83,13 +88,18 @@ class LocalPeer:
             return _parse_handshake(data)
         if len(data) != RING.size:
             raise Malformed(f"a ring is {RING.size} bytes, got {len(data)}")
-        base_version, examples, _flags = RING.unpack(data)
-        return Ring(base_version, examples)
+        base_version, examples, flags = RING.unpack(data)
+        slot = flags & RING_SLOT
+        if flags & ~RING_SLOT or slot >= len(self.grads):
+            raise Malformed(f"ring flags {flags:#x} name no gradient segment of this worker's {len(self.grads)}")
+        return Ring(base_version, examples, slot)
 
-    def accept(self, worker_id: int, grad_name: str, size: int, dtype) -> None:
-        """Map the worker's gradient segment (and drop its name: it cannot leak now)."""
-        self.grad = shm.Segment.attach(grad_name, size, dtype)
-        self.grad.unlink()
+    def accept(self, worker_id: int, grad_names: tuple[str, ...], size: int, dtype) -> None:
+        """Map the worker's gradient segments (and drop their names: they cannot leak now)."""
+        for name in grad_names:
+            segment = shm.Segment.attach(name, size, dtype)
+            self.grads.append(segment)
+            segment.unlink()
         self.worker_id = worker_id
 
     def send_ack(self, version: int, staleness: int, status: int, data_generation: int = 0) -> None:
@@ -99,20 +109,25 @@ class LocalPeer:
             pass  # it is gone; the next poll sees the hang-up
 
     def close(self) -> None:
-        if self.grad is not None:
-            self.grad.close()
+        for segment in self.grads:
+            segment.close()
+        self.grads = []
         self.conn.close()
 
 
 def _parse_handshake(data: bytes) -> Handshake:
     try:
         hs = msgpack.unpackb(data, raw=False)
-        if not is_int(hs.get("v")) or hs["v"] != DOORBELL_VERSION:  # the integer 1: not 1.0, not true
-            raise Malformed(f"doorbell version {hs.get('v')!r}, this end speaks {DOORBELL_VERSION}")
-        worker_id, nonce, grad = hs["worker_id"], hs["nonce"], hs["grad"]
-        if not (is_int(worker_id) and is_int(nonce) and isinstance(grad, str)):
+        version = hs.get("v")
+        if not is_int(version) or version not in DOORBELL_VERSIONS:  # an integer: not 1.0, not true
+            raise Malformed(f"doorbell version {version!r}, this end speaks {DOORBELL_VERSIONS}")
+        worker_id, nonce, grads = hs["worker_id"], hs["nonce"], [hs["grad"]]
+        if version >= 2 and hs.get("grad2") is not None:
+            grads.append(hs["grad2"])
+        if not (is_int(worker_id) and is_int(nonce) and all(isinstance(g, str) for g in grads)) or \
+                len(set(grads)) != len(grads):
             raise Malformed("handshake fields of the wrong type")
-        return Handshake(worker_id, nonce, grad)
+        return Handshake(worker_id, nonce, tuple(grads))
     except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as exc:
         raise Malformed(f"handshake is not a msgpack map of v, worker_id, nonce, grad ({type(exc).__name__})") from None
 
@@ -153,20 +168,23 @@ class DoorbellListener:
 class DoorbellClient:
     """A worker's doorbell: handshake on connect, then ring and wait for the ack."""
 
-    def __init__(self, path: str, worker_id: int, nonce: int, grad_name: str, timeout: float):
+    def __init__(self, path: str, worker_id: int, nonce: int, grad_names: list[str], timeout: float):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(timeout)
+        handshake = {"v": DOORBELL_VERSION if len(grad_names) > 1 else 1, "worker_id": worker_id, "nonce": nonce,
+                     "grad": grad_names[0]}
+        if len(grad_names) > 1:
+            handshake["grad2"] = grad_names[1]
         try:
             self.sock.connect(path)
-            self.sock.send(msgpack.packb({"v": DOORBELL_VERSION, "worker_id": worker_id, "nonce": nonce,
-                                          "grad": grad_name}))
+            self.sock.send(msgpack.packb(handshake))
         except OSError as exc:
             self.sock.close()
             raise TransportError(f"shared-memory doorbell: {exc}") from None
 
-    def ring(self, base_version: int, examples: int) -> None:
+    def ring(self, base_version: int, examples: int, slot: int = 0) -> None:
         try:
-            self.sock.send(RING.pack(base_version, examples, 0))
+            self.sock.send(RING.pack(base_version, examples, slot))
         except OSError as exc:
             raise TransportError(f"server doorbell: {exc}") from None
 

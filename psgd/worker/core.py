@@ -5,10 +5,19 @@ steps, never wait for another worker. Everything it needs is fixed at constructi
 model, the minibatches, the settings); the channel it talks through is passed to
 :meth:`WorkerCore.run`, so a test can drive it against a server state in-process.
 
+**Overlap** (``StepSettings.overlap``, as in Downpour, whose workers never wait): the
+worker sends push k and computes step k+1 while it travels and the server applies it;
+only then does it wait for push k's ack (and the fresh weights it brings). The channel
+has two gradient buffers for this: one in flight, one being computed into. A gradient is
+then computed from weights one update older than without overlap, so staleness grows
+by about one; the time the worker spent waiting on the server goes into compute instead.
+
 A channel (a joined psgd.wire.client.ParameterClient, or any object with the same methods):
-``grad`` (the buffer gradients are computed into), ``pull(params) -> version``, ``mark_window()``,
-``window_open``, ``push(examples, params_or_None) -> PushResult``, ``heartbeat(first_only)
--> assignment reply`` and ``last_contact`` (time.monotonic of the last exchange).
+``grad`` (the buffer the next gradient is computed into), ``pull(params) -> version``,
+``mark_window()``, ``window_open``, ``push(examples, params_or_None) -> PushResult``,
+``push_begin(examples, params_or_None)`` and ``push_end() -> PushResult`` (the same push in
+two halves), ``heartbeat(first_only) -> assignment reply`` and ``last_contact``
+(time.monotonic of the last exchange).
 """
 
 from __future__ import annotations
@@ -27,6 +36,12 @@ class StepSettings:
     slowdown: float = 1.0  # > 1: sleep so that each step takes this many times its compute time
     max_steps: int | None = None
     heartbeat_every_s: float = 10.0 / 3  # a third of the lease: no silence outlasts it
+    overlap: bool = False  # compute the next step while a push is in flight (two gradient buffers)
+
+    @property
+    def buffers(self) -> int:
+        """Gradient buffers the channel needs."""
+        return 2 if self.overlap else 1
 
 
 def new_stats() -> dict:
@@ -52,6 +67,7 @@ class WorkerCore:
         s, st = self.settings, self.stats
         channel.pull(self.params)
         window_examples = 0
+        in_flight = None  # (examples, fetch) of the push travelling while this step computes
         while not should_stop() and (s.max_steps is None or st["steps"] < s.max_steps):
             t0 = time.perf_counter()
             x, t = next(self.batches)
@@ -73,20 +89,33 @@ class WorkerCore:
             if s.slowdown > 1:  # a straggler on demand, to study one on a single machine
                 time.sleep((s.slowdown - 1) * (t1 - t0))
                 t1 = time.perf_counter()
+            if in_flight is not None:  # this step's compute hid its flight: now its ack
+                self._after_push(channel, channel.push_end(), *in_flight, on_assignment)
+                in_flight = None
             fetch = st["steps"] % s.n_fetch == 0
             if st["steps"] % s.n_push == 0:
-                result = channel.push(window_examples, self.params if fetch else None)
-                self._count_push(result, window_examples)
-                if result.refused and not fetch:  # too stale, say: go on from the server's weights
-                    channel.pull(self.params)
+                params = self.params if fetch else None
+                if s.overlap:
+                    channel.push_begin(window_examples, params)
+                    in_flight = (window_examples, fetch)
+                else:
+                    self._after_push(channel, channel.push(window_examples, params), window_examples, fetch,
+                                     on_assignment)
                 window_examples = 0
-                if result.data_generation is not None and result.data_generation != self.data_generation:
-                    self._check_assignment(channel, on_assignment)
             elif fetch:
                 channel.pull(self.params)
             elif time.monotonic() - channel.last_contact > s.heartbeat_every_s:
                 self._check_assignment(channel, on_assignment, first_only=False)
             st["comm_s"] += time.perf_counter() - t1
+        if in_flight is not None:  # the last push's ack: counted, and nothing left in flight
+            self._after_push(channel, channel.push_end(), *in_flight, on_assignment)
+
+    def _after_push(self, channel, result, examples: int, fetched: bool, on_assignment) -> None:
+        self._count_push(result, examples)
+        if result.refused and not fetched:  # too stale, say: go on from the server's weights
+            channel.pull(self.params)
+        if result.data_generation is not None and result.data_generation != self.data_generation:
+            self._check_assignment(channel, on_assignment)
 
     def _count_push(self, result, examples: int) -> None:
         st = self.stats

@@ -46,6 +46,7 @@ class WorkerOptions:
     slowdown: float = 1.0  # > 1: sleep so that each step takes this many times its compute time
     keys: ClientKeys | None = None  # CURVE, for a server that demands it
     model: str | None = None  # package.module:factory of a user's model (the server never names it)
+    overlap: bool | None = None  # None: the run's (from the server's welcome)
 
 
 class Worker:
@@ -84,7 +85,7 @@ class Worker:
             self.channel.bye()
             welcomes = self._hello()
         self.core.data_generation = welcomes[0]["data_generation"]
-        self.channel.open(welcomes, self.core.net.n_params, self.core.net.dtype)
+        self.channel.open(welcomes, self.core.net.n_params, self.core.net.dtype, self.core.settings.buffers)
         log.info(f"{self.name} joined {len(welcomes)} server shard(s) at version {welcomes[0]['version']}: "
                  f"data shards {self.data_shards} of {self._num_data_shards}, pushing via "
                  f"{', '.join(self.channel.transports)}")
@@ -111,7 +112,8 @@ class Worker:
             self._train_set, self._run, self._spec = train, run, spec
             settings = StepSettings(n_fetch=o.n_fetch or int(run["n_fetch"]), n_push=o.n_push or int(run["n_push"]),
                                     dropout=float(run.get("dropout", 0.0)), slowdown=o.slowdown,
-                                    max_steps=o.max_steps, heartbeat_every_s=float(run.get("lease_s", 10.0)) / 3)
+                                    max_steps=o.max_steps, heartbeat_every_s=float(run.get("lease_s", 10.0)) / 3,
+                                    overlap=o.overlap if o.overlap is not None else run.get("overlap") is True)
             self.core = WorkerCore(net, None, settings, None, self.stats)
             self._model_key = key
         else:
