@@ -28,7 +28,8 @@ from .rundir import RunRecorder
 from ..wire.client import SHUTDOWN_WAIT_S, ParameterClient
 from ..wire.transport import max_reply_bytes
 
-STATS_INTERVAL_S = 0.02  # between statistics polls
+STATS_INTERVAL_S = 0.02  # the shortest wait between statistics polls: evaluations land near their example count
+STATS_INTERVAL_MAX_S = 0.25  # the longest: stalls, stops and a Ctrl-C are noticed at least this soon
 STALL_S = 20.0  # no new examples for this long (not paused): the run is stuck
 STRAGGLER_FACTOR = 0.5  # a worker below this fraction of the median rate is a straggler
 LR_CHANGE = 1e-9  # relative change of the rate worth telling the server
@@ -76,6 +77,7 @@ class Coordinator:
         self._best_val_loss = float("inf")
         self._not_finite_seen = 0  # gradients the servers refused as NaN/Inf, at the last poll
         self._rates_at: tuple[float, dict] | None = None
+        self._cpu_at_first: tuple[float | None, int] = (None, 0)  # servers' CPU seconds and version at the first update
 
     def run(self) -> dict:
         """Coordinate until a stop condition holds; return the summary (also written to disk)."""
@@ -114,6 +116,7 @@ class Coordinator:
                     raise PsgdError(_stall_message(stats, stalled_for))
                 if t_first is None and version > 0:
                     t_first = time.perf_counter()
+                    self._cpu_at_first = (stats.get("cpu_s", 0.0), version)  # the servers' start-up is not per push
                 self._set_lr(version)
                 elapsed = time.perf_counter() - t0
                 server_ended = stats.get("stopping", False)  # its own budget, or a signal
@@ -142,7 +145,7 @@ class Coordinator:
                         break
                 else:
                     self.recorder.on_event("progress", {"examples": examples, "loss": None})
-                time.sleep(STATS_INTERVAL_S)
+                time.sleep(self._poll_wait(examples, min(next_eval, total), t_first))
             # Every way out of the loop has just evaluated a snapshot: those weights, the ones
             # the validation set saw (and that met the target), are the run's result, not
             # the few unvalidated pushes the workers made since. The servers hold the
@@ -277,6 +280,27 @@ class Coordinator:
         dt = max(now - previous[0], 1e-9)
         return {name: (n - previous[1].get(name, 0)) / dt for name, n in current.items()}
 
+    def _poll_wait(self, examples: int, next_due: float, t_first: float | None) -> float:
+        """How long to wait before the next statistics poll: half the time the workers need
+        to reach the next evaluation at their rate so far, within [STATS_INTERVAL_S,
+        STATS_INTERVAL_MAX_S]. Every poll costs the servers a reply: a fixed 20 ms cadence
+        spent their time on polls that could change nothing."""
+        c = self.config
+        if t_first is None or c.max_updates is not None or c.max_seconds is not None:
+            return STATS_INTERVAL_S  # the start, or a budget in updates or seconds: look often
+        elapsed = time.perf_counter() - t_first
+        rate = examples / elapsed if elapsed > 0 else 0.0
+        if rate <= 0:
+            return STATS_INTERVAL_S
+        return min(STATS_INTERVAL_MAX_S, max(STATS_INTERVAL_S, 0.5 * (next_due - examples) / rate))
+
+    def _cpu_per_push(self, stats) -> float | None:
+        """The servers' CPU microseconds per applied push since the first (all shards together)."""
+        cpu0, version0 = self._cpu_at_first
+        if cpu0 is None or "cpu_s" not in stats or stats["version"] <= version0:
+            return None
+        return (stats["cpu_s"] - cpu0) / (stats["version"] - version0) * 1e6
+
     def _summary(self, stats, n_train, test_loss, test_acc, t0, t_first, train_time, eval_time, stop_reason) -> dict:
         c = self.config
         hist = StalenessHistogram.from_dict(stats["staleness"]).summary()
@@ -297,6 +321,7 @@ class Coordinator:
             "checkpoint_failures": sum(self.checkpoint_failures.values()),
             "stragglers": stragglers({n: w["examples_per_s"] for n, w in workers.items() if w["connected"]}),
             "worker_transports": sorted({w["transport"] for w in stats["workers"].values()}),
+            "server_cpu_per_push_us": self._cpu_per_push(stats),
         }
         summary["first_reaching"] = {str(a): r["train_time"] for a in (0.97, 0.98)
                                      if (r := self.recorder.first_reaching(a))}

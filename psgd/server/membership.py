@@ -18,7 +18,9 @@ from ..metrics import WorkerRecord
 
 MAX_WORKERS = 4096  # connected at once; a hello beyond is refused (a flood of hellos is bounded)
 MAX_DATA_SHARDS = 4096  # so that any worker's list of data shards fits a header (welcome, stats page)
-LEASE_CHECK_S = 0.05  # how often the loop looks for expired leases
+LEASE_CHECK_S = 0.05  # the shortest interval between looks for expired leases
+LEASE_CHECK_FRACTION = 0.05  # ... else every this fraction of a lease: a scan of every worker
+# costs O(workers), so it must not run every turn of a busy loop; a lease then ends within 5% of its length
 
 
 class Membership:
@@ -96,11 +98,12 @@ class Membership:
         return True
 
     def expire_leases(self, held: set[int] = frozenset()) -> list[int]:
-        """Drop connected workers silent past their lease (at most every LEASE_CHECK_S);
+        """Drop connected workers silent past their lease (looked for at most every
+        LEASE_CHECK_S, or LEASE_CHECK_FRACTION of the lease if longer);
         ``held`` are workers the server itself keeps waiting, whose silence is its doing.
         Returns the dropped ids."""
         now = self.clock()
-        if now - self._leases_checked < LEASE_CHECK_S:
+        if now - self._leases_checked < max(LEASE_CHECK_S, LEASE_CHECK_FRACTION * self.lease_s):
             return []
         self._leases_checked = now
         dropped = []

@@ -328,4 +328,5 @@ class ServerState:
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "staleness_rule": self.config.staleness_rule,
             "max_staleness": self.staleness_bound(), "workers_connected": self.members.connected, "workers_known": len(self.members.workers),
             "checkpoint": dict(self.checkpoint_status),
+            "cpu_s": time.process_time(),  # this server process's CPU time: its cost per push, measured
         }
