@@ -24,7 +24,8 @@ class StateChannel:
     def __init__(self, state: ServerState, name: str = "w"):
         self.state = state
         self.record = state.members.register(name, "inprocess")
-        self.grad = np.empty(state.store.size, state.store.dtype)
+        if not hasattr(self, "grads"):
+            self.grad = np.empty(state.store.size, state.store.dtype)
         self.version = 0
         self.base = None
         self.last_contact = 0.0
@@ -133,8 +134,9 @@ class OverlapStateChannel(StateChannel):
     not written before its ack."""
 
     def __init__(self, state, name="w"):
-        super().__init__(state, name)
         self.grads = [np.empty(state.store.size, state.store.dtype) for _ in range(2)]
+        self.slot = 0
+        super().__init__(state, name)
         self.slot = 0
         self.flight = None
 
@@ -142,9 +144,6 @@ class OverlapStateChannel(StateChannel):
     def grad(self):
         return self.grads[self.slot]
 
-    @grad.setter
-    def grad(self, value):  # the base class sets one buffer; this channel has two
-        pass
 
     def push_begin(self, examples, params):
         assert self.flight is None, "a second push before the first one's ack"

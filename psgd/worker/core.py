@@ -76,10 +76,11 @@ class WorkerCore:
                 self.net.loss_and_grad(self.params, x, t, channel.grad, s.dropout, self.rng)
             else:
                 self.net.loss_and_grad(self.params, x, t, self.local_grad, s.dropout, self.rng)
+                grad = channel.grad  # a property: add into the buffer, never assign the attribute
                 if first:
-                    channel.grad[...] = self.local_grad
+                    grad[...] = self.local_grad
                 else:
-                    channel.grad += self.local_grad
+                    grad += self.local_grad
             if first:
                 channel.mark_window()
             window_examples += x.shape[0]
