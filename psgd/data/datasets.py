@@ -21,11 +21,16 @@ NPZ_TEST_FRACTION = 0.1  # held out as the test set of an .npz that brings none
 
 @dataclass(frozen=True)
 class Dataset:
+    """``X`` float32; or, for a data set shared by the workers of a machine (see
+    :func:`load_mnist`), raw values (a read-only uint8 memory map) that :meth:`subset`
+    turns into float32 times ``x_scale``, for the chosen rows only."""
+
     X: np.ndarray
     y: np.ndarray
     n_classes: int = 0  # 0 for real-valued targets
     image_shape: tuple[int, int] | None = None  # (H, W) when rows are images, for augmentation
     name: str = ""
+    x_scale: float | None = None  # set: X holds raw values, to be scaled into float32 rows
 
     def __len__(self) -> int:
         return self.X.shape[0]
@@ -43,7 +48,12 @@ class Dataset:
         return 1 if loss == "bce" and self.n_classes == 2 else self.n_outputs
 
     def subset(self, index: np.ndarray) -> "Dataset":
-        return replace(self, X=self.X[index], y=self.y[index])
+        """These rows, as float32 (a raw data set's rows are scaled here, and only these)."""
+        if self.x_scale is None:
+            return replace(self, X=self.X[index], y=self.y[index])
+        X = self.X[index].reshape(len(index), -1).astype(np.float32)
+        X *= np.float32(self.x_scale)
+        return replace(self, X=X, y=np.asarray(self.y[index], np.int64), x_scale=None)
 
     def targets_for(self, loss: str) -> np.ndarray:
         """Targets in the form the loss wants: labels for softmax_ce, (N, K) floats otherwise."""
@@ -60,21 +70,28 @@ class Dataset:
         return y.reshape(-1, 1) if y.ndim == 1 else y
 
 
-def load(name: str, data_dir: Path | None = None, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """``(train, test)`` for ``"mnist"`` or the path of an ``.npz`` with arrays X and y."""
+def load(name: str, data_dir: Path | None = None, seed: int = 0, shared: bool = False) -> tuple[Dataset, Dataset]:
+    """``(train, test)`` for ``"mnist"`` or the path of an ``.npz`` with arrays X and y.
+    ``shared``: MNIST stays raw and memory-mapped (see :func:`load_mnist`); take rows with
+    :meth:`Dataset.subset`."""
     if name == "mnist":
-        return load_mnist(data_dir)
+        return load_mnist(data_dir, shared)
     path = Path(name)
     if path.suffix == ".npz" or path.is_file():
         return load_npz(path, seed)
     raise DataError(f"unknown data set {name!r}: give 'mnist' or the path of an .npz file with arrays X and y")
 
 
-def load_mnist(data_dir: Path | None = None) -> tuple[Dataset, Dataset]:
-    """MNIST with pixels scaled to [0, 1], images flattened to 784 columns."""
-    raw = mnist.load(data_dir)
+def load_mnist(data_dir: Path | None = None, shared: bool = False) -> tuple[Dataset, Dataset]:
+    """MNIST with pixels scaled to [0, 1], images flattened to 784 columns. ``shared``: the
+    pixels stay uint8 in a read-only memory map that every process of the machine shares,
+    scaled into float32 only for the rows a worker takes (``subset``): a worker then holds
+    its data shard, not the whole training set."""
+    raw = mnist.load(data_dir, shared)
 
     def make(images, labels):
+        if shared:
+            return Dataset(images.reshape(images.shape[0], -1), labels, 10, (28, 28), "mnist", x_scale=1.0 / 255.0)
         X = images.reshape(images.shape[0], -1).astype(np.float32)
         X *= 1.0 / 255.0
         return Dataset(X, labels.astype(np.int64), 10, (28, 28), "mnist")
@@ -138,10 +155,16 @@ def refuse_non_finite(a: np.ndarray, what: str) -> None:
 
 def split(data: Dataset, n_held_out: int, seed: int = 0) -> tuple[Dataset, Dataset]:
     """``(rest, held_out)``: a seeded random ``n_held_out`` rows set apart (e.g. validation)."""
-    if not 0 < n_held_out < len(data):
-        raise DataError(f"cannot hold out {n_held_out} of {len(data)} examples")
-    order = np.random.default_rng(seed).permutation(len(data))
-    return data.subset(np.sort(order[n_held_out:])), data.subset(np.sort(order[:n_held_out]))
+    rest, held_out = split_rows(len(data), n_held_out, seed)
+    return data.subset(rest), data.subset(held_out)
+
+
+def split_rows(n: int, n_held_out: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The row numbers of :func:`split`'s ``(rest, held_out)``, each ascending."""
+    if not 0 < n_held_out < n:
+        raise DataError(f"cannot hold out {n_held_out} of {n} examples")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_held_out:]), np.sort(order[:n_held_out])
 
 
 def shard_indices(n: int, shard: int, num_shards: int, seed: int = 0) -> np.ndarray:

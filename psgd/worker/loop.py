@@ -103,10 +103,12 @@ class Worker:
         if key != self._model_key:
             net = build_model(spec)
             check_welcome(net, spec, welcome["model"], welcome["layout"])  # before loading any data
-            train, _ = data_mod.load(run["data"], o.data_dir, int(run["seed"]))
+            # MNIST stays a uint8 memory map shared by every worker of this machine; only
+            # this worker's rows become float32 (see _batches_for)
+            train, _ = data_mod.load(run["data"], o.data_dir, int(run["seed"]), shared=True)
             held_out = validation_size(run["validation"], len(train))  # as the coordinator does
-            if held_out:
-                train, _ = data_mod.split(train, held_out, int(run["seed"]))
+            self._train_rows = data_mod.split_rows(len(train), held_out, int(run["seed"]))[0] if held_out \
+                else np.arange(len(train))
             if not spec.factory and spec.sizes[0] != train.n_inputs:
                 raise ConfigError(f"the server's model takes {spec.sizes[0]} inputs, the data has {train.n_inputs}")
             self._train_set, self._run, self._spec = train, run, spec
@@ -124,9 +126,9 @@ class Worker:
         """Minibatches of these data shards (seeded by the shards and how often they moved)."""
         run, net, o = self._run, self.core.net, self.options
         seed = int(run["seed"])
-        rows = np.concatenate([data_mod.shard_indices(len(self._train_set), s, self._num_data_shards, seed)
-                               for s in data_shards])
-        part = self._train_set.subset(np.sort(rows))
+        rows = np.concatenate([data_mod.shard_indices(len(self._train_rows), s, self._num_data_shards, seed)
+                               for s in data_shards])  # of the training rows left after the validation split
+        part = self._train_set.subset(self._train_rows[np.sort(rows)])
         batch_seed = seed * 1000 + data_shards[0] + 1 + 7919 * self.stats["reassignments"]
         self.core.batches = data_mod.Minibatches(
             part.X.astype(net.dtype, copy=False), part.targets_for(self._spec.loss), o.batch_size or int(run["batch_size"]),
