@@ -43,6 +43,31 @@ class PsgdGroup(click.Group):
 INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
+def _given_args(ctx: click.Context, exclude: set[str]) -> list[str]:
+    """The command-line options given to this command, as arguments again (options that
+    came from PSGD_* variables reach a child through its environment)."""
+    args = []
+    for param in ctx.command.params:
+        if param.name in exclude or not isinstance(param, click.Option) or \
+                ctx.get_parameter_source(param.name) is not click.core.ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        if param.is_flag:
+            if param.secondary_opts:
+                args.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                args.append(param.opts[0])
+        else:
+            args += [param.opts[0], str(value)]
+    return args
+
+
+def _group_args(ctx: click.Context) -> list[str]:
+    """The -v/-q given to ``psgd`` itself."""
+    params = ctx.parent.params if ctx.parent is not None else {}
+    return ["-v"] * params.get("verbose", 0) + ["-q"] * params.get("quiet", 0)
+
+
 def env_option(*decls, **kwargs):
     """A click option that also reads PSGD_<NAME> from the environment."""
     name = next(d for d in decls if d.startswith("--")).lstrip("-").split("/")[0]
@@ -452,15 +477,25 @@ def server(ctx, bind, server_shard, num_shards, data_shards, shared_memory, read
 @env_option("--slowdown", type=float, default=1.0, help="Take this many times the compute time per step.")
 @env_option("--model", default=None, help="package.module:factory, when the run trains a user's model.")
 @env_option("--overlap/--no-overlap", default=None, help="Default: the run's, from the server.")
+@env_option("--count", type=click.IntRange(1, 4096), default=1,
+            help="Start this many workers, one process each, reaped together (named NAME-0.. with --name).")
+@env_option("--threads", type=click.IntRange(1), default=None,
+            help="BLAS threads per worker. Default: this host's cores divided by the workers running on it.")
 @client_curve_options
-def worker(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps, server_wait, slowdown,
-           model, overlap, curve_key, curve_server_key):
+@click.pass_context
+def worker(ctx, connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps, server_wait, slowdown,
+           model, overlap, count, threads, curve_key, curve_server_key):
     """Run a worker: pull weights, compute gradients on a data shard, push them (Downpour)."""
+    if count > 1:
+        from .worker.group import run_group
+        if shard is not None:
+            raise PsgdError("--data-shard names one shard: give it to one worker, not to --count workers")
+        ctx.exit(run_group(count, _given_args(ctx, exclude={"count", "name"}), name, _group_args(ctx)))
     from .wire.transport import SERVER_WAIT_S, client_keys
     from .worker.loop import Worker, WorkerOptions
     options = WorkerOptions(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps,
                             server_wait if server_wait is not None else SERVER_WAIT_S, slowdown,
-                            client_keys(curve_key, curve_server_key), model, overlap)
+                            client_keys(curve_key, curve_server_key), model, overlap, threads)
     stats = Worker(options).run()
     mean = stats["staleness_sum"] / stats["pushes"] if stats["pushes"] else 0.0
     click.echo(f"worker done: {stats['steps']} steps, {stats['pushes']} pushes, {stats['examples']} examples, "

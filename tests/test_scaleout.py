@@ -164,3 +164,28 @@ def test_a_reply_over_the_clients_size_limit_is_dropped_and_the_request_times_ou
     group.control({"type": "shutdown"})
     group.close()
     assert server.wait(30) == 0
+
+
+def test_worker_count_starts_named_workers_and_a_signal_reaps_them_all(procs):
+    """psgd worker --count K: K processes from one command, named NAME-i, each with its
+    share of the cores; SIGTERM to the command stops them all warm (they say goodbye)."""
+    server, endpoint = procs.start_server("--data-shards", "3", "--layers", "784,16,10", "--epochs", "1000")
+    done = procs.start("worker", "--connect", endpoint, "--count", "3", "--max-steps", "10", "--name", "g", log="done")
+    assert done.wait(120) == 0, procs.log("done")
+    client = ParameterClient(endpoint, "test")
+    try:
+        records = client.stats(workers=True)["workers"].values()
+        assert sorted((r["name"], r["pushes"] + r["refused"]) for r in records) == [("g-0", 10), ("g-1", 10), ("g-2", 10)]
+        assert "BLAS thread" in procs.log("done")  # each says what it chose
+        group = procs.start("worker", "--connect", endpoint, "--count", "3", "--name", "h", log="group")
+        deadline = time.monotonic() + 120
+        while client.stats()["workers_connected"] < 3:
+            assert group.poll() is None and time.monotonic() < deadline, procs.log("group")
+            time.sleep(0.2)
+        group.send_signal(signal.SIGTERM)
+        assert group.wait(60) == 0, procs.log("group")
+        assert client.stats()["workers_connected"] == 0  # every child said goodbye on its way out
+        client.control({"type": "shutdown"})
+        assert server.wait(30) == 0
+    finally:
+        client.close()

@@ -27,6 +27,7 @@ from ..model.network import ModelSpec
 from ..wire.client import ParameterClient
 from ..wire.transport import SERVER_WAIT_S, ClientKeys
 from .core import StepSettings, WorkerCore, new_stats
+from .threads import ThreadShare
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class WorkerOptions:
     keys: ClientKeys | None = None  # CURVE, for a server that demands it
     model: str | None = None  # package.module:factory of a user's model (the server never names it)
     overlap: bool | None = None  # None: the run's (from the server's welcome)
+    threads: int | None = None  # BLAS threads; None: this host's cores shared by its workers (worker.threads)
 
 
 class Worker:
@@ -56,6 +58,7 @@ class Worker:
         self.channel = ParameterClient(options.connect, self.name, options.keys, options.server_wait_s,
                                        transport=options.transport)
         self.stop_requested = False
+        self.threads = ThreadShare(options.threads)
         self.stats = new_stats()
         self.data_shards: list[int] | None = [options.shard] if options.shard is not None else None
         self.core: WorkerCore | None = None
@@ -151,10 +154,11 @@ class Worker:
         """Train until the server ends the run, ``max_steps`` is reached or a signal arrives."""
         self._install_signals()
         try:
-            self.join()
+            self.join()  # loading the data takes a while: workers started together have all registered by then
+            self._share_cores(force=True)
             while not self.stop_requested:
                 try:
-                    self.core.run(self.channel, lambda: self.stop_requested, self._on_assignment)
+                    self.core.run(self.channel, self._should_stop, self._on_assignment)
                     break
                 except TransportError as exc:
                     log.warning(f"{self.name} lost the server ({exc}); saying hello again")
@@ -164,7 +168,18 @@ class Worker:
             pass
         finally:
             self.channel.close()
+            self.threads.close()
         return self.stats
+
+    def _should_stop(self) -> bool:
+        """Asked every step: a signal ends the run; now and then the cores are shared again."""
+        self._share_cores()
+        return self.stop_requested
+
+    def _share_cores(self, force: bool = False) -> None:
+        change = self.threads.rebalance(force)
+        if change is not None:
+            log.info(f"{self.name}: {change}")
 
     def _install_signals(self):
         def handler(signum, frame):
