@@ -30,7 +30,11 @@ from ..wire.transport import max_reply_bytes
 
 STATS_INTERVAL_S = 0.02  # the shortest wait between statistics polls: evaluations land near their example count
 STATS_INTERVAL_MAX_S = 0.25  # the longest: stalls, stops and a Ctrl-C are noticed at least this soon
-STALL_S = 20.0  # no new examples for this long (not paused): the run is stuck
+STALL_S = 20.0  # no new examples, and no worker joining, for this long (not paused): the run is stuck
+# Before the first update the workers are loading data and saying hello: on a machine with
+# fewer cores than workers that takes about this long per worker (48 workers on 2 cores
+# tripped the fixed 20 s), so the start may take this much longer than STALL_S.
+STARTUP_PER_WORKER_S = 1.0
 STRAGGLER_FACTOR = 0.5  # a worker below this fraction of the median rate is a straggler
 LR_CHANGE = 1e-9  # relative change of the rate worth telling the server
 NAN_STALL_S = 2.0  # no new examples this long while the servers refuse NaN/Inf gradients: diverged
@@ -89,7 +93,7 @@ class Coordinator:
         self.recorder.on_event("start", {"total_examples": total})
         t0 = time.perf_counter()
         t_first, eval_time, stop_reason = None, 0.0, "epochs"
-        last_examples, progress_at = -1, time.perf_counter()
+        last_examples, last_joined, progress_at = -1, -1, time.perf_counter()
         nan_at = None  # when the servers last refused a gradient as NaN/Inf
         try:
             self._set_lr(0)
@@ -110,9 +114,11 @@ class Coordinator:
                 now = time.perf_counter()
                 stalled_for = now - progress_at
                 refusing_now = nan_at is not None and now - nan_at < 0.5  # NaN/Inf pushes keep coming
-                if examples != last_examples:
-                    last_examples, progress_at = examples, now
-                elif stalled_for > STALL_S or (refusing_now and stalled_for > NAN_STALL_S):
+                joined = stats.get("workers_connected", 0)
+                stall_limit = STALL_S if version > 0 else STALL_S + STARTUP_PER_WORKER_S * c.workers
+                if examples != last_examples or joined != last_joined:  # a worker joining is progress too
+                    last_examples, last_joined, progress_at = examples, joined, now
+                elif stalled_for > stall_limit or (refusing_now and stalled_for > NAN_STALL_S):
                     raise PsgdError(_stall_message(stats, stalled_for))
                 if t_first is None and version > 0:
                     t_first = time.perf_counter()
