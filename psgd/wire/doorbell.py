@@ -37,7 +37,7 @@ ACK_OK, ACK_REFUSED, ACK_SHUTDOWN, ACK_REJOIN = 0, 1, 2, 3  # REJOIN: the server
 ACK_STATUS_BITS = 8
 ACK_STATUS_MASK = (1 << ACK_STATUS_BITS) - 1  # the rest of the word is the data-shard generation
 HANDSHAKE_MAX = 4096  # bytes of the msgpack handshake a worker sends first
-LISTEN_BACKLOG = 64
+LISTEN_BACKLOG = 4096  # workers starting together connect at once (the kernel caps it at somaxconn)
 
 
 def ack_word(status: int, data_generation: int) -> int:
