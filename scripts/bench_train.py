@@ -1,4 +1,4 @@
-"""Wall-clock time to 97% and 98% MNIST test accuracy: psgd --workers 2, --workers 0, PyTorch.
+"""Wall-clock time to 97% and 98% MNIST test accuracy: psgd --workers 2 (with and without --overlap), --workers 0, PyTorch.
 
     python scripts/bench_train.py [--seeds 0 1 2] [--epochs 14] [--keep-blas-env]
 
@@ -29,8 +29,8 @@ DEFAULT = TrainConfig()
 TARGETS = (0.97, 0.98)
 
 
-def psgd_run(workers, seed, args):
-    summary, records, wall = run_psgd_train([
+def psgd_run(workers, seed, args, extra=()):
+    summary, records, wall = run_psgd_train([*extra,
         "--workers", str(workers), "--seed", str(seed), "--epochs", str(args.epochs), "--validation", "0",
         "--evals-per-epoch", "4", "--lr", str(args.lr), "--momentum", str(args.momentum),
         "--lr-every", str(args.lr_every), "--warmup", str(args.warmup), "--target-accuracy", "0.98"])
@@ -96,13 +96,15 @@ def main():
     ap.add_argument("--momentum", type=float, default=DEFAULT.optimizer.momentum)
     ap.add_argument("--lr-every", type=int, default=DEFAULT.schedule.every, help="updates between 5x drops")
     ap.add_argument("--warmup", type=int, default=WARMUP_MAX, help="updates of linear warm-up")
-    ap.add_argument("--only", nargs="+", default=None, help="contenders to run: workers2 workers0 pytorch")
+    ap.add_argument("--only", nargs="+", default=None, help="contenders to run: workers2 overlap workers0 pytorch")
     args = ap.parse_args()
     print(f"784-256-256-10 relu, batch 128, momentum {args.momentum}, lr {args.lr} (warm-up {args.warmup}) "
           f"x0.2 every {args.lr_every} updates; "
           f"seeds {args.seeds}")
     print(blas_description())
-    contenders = {"psgd --workers 2": lambda s: psgd_run(2, s, args), "psgd --workers 0": lambda s: psgd_run(0, s, args)}
+    contenders = {"psgd --workers 2": lambda s: psgd_run(2, s, args),
+                  "psgd -w 2 --overlap": lambda s: psgd_run(2, s, args, ["--overlap"]),
+                  "psgd --workers 0": lambda s: psgd_run(0, s, args)}
     if have_torch():
         from psgd.data import load_mnist
         train, test = load_mnist()
@@ -111,7 +113,8 @@ def main():
     else:
         print("PyTorch not installed: no PyTorch column (pip install torch==2.13.0)")
     if args.only:
-        keys = {"workers2": "psgd --workers 2", "workers0": "psgd --workers 0", "pytorch": "pytorch 2 threads"}
+        keys = {"workers2": "psgd --workers 2", "overlap": "psgd -w 2 --overlap", "workers0": "psgd --workers 0",
+                "pytorch": "pytorch 2 threads"}
         contenders = {keys[k]: contenders[keys[k]] for k in args.only if keys[k] in contenders}
     results = {name: [] for name in contenders}
     for seed in args.seeds:
@@ -132,11 +135,12 @@ def main():
               f"{statistics.median(r['startup'] for r in rs):7.2f}s {statistics.median(r['eval'] for r in rs):6.2f}s "
               f"{statistics.median(r['rate'] for r in rs) / 1e3:7.1f}k")
     for target in TARGETS:
-        ours = med("psgd --workers 2", target)
-        for base in ("pytorch 2 threads", "psgd --workers 0"):
-            theirs = med(base, target) if base in results else None
-            if ours and theirs:
-                print(f"to {target:.0%}: psgd --workers 2 / {base} = {ours / theirs:.2f}")
+        for name in ("psgd --workers 2", "psgd -w 2 --overlap"):
+            ours = med(name, target) if name in results else None
+            for base in ("pytorch 2 threads", "psgd --workers 0"):
+                theirs = med(base, target) if base in results else None
+                if ours and theirs:
+                    print(f"to {target:.0%}: {name} / {base} = {ours / theirs:.2f}")
 
 
 if __name__ == "__main__":
