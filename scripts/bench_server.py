@@ -15,6 +15,15 @@ The shard table: K server processes each hold 1/K of a 9.8M-parameter model (39 
 push); each client sends every shard its range with all K pushes in flight at once, as a
 worker does, and counts whole pushes. The ratio is against 1 shard in the same run. On a
 machine with few cores the shards compete with the clients for CPU: the gain needs cores.
+
+    python scripts/bench_server.py --grid [--grid-clients 1 4 16] [--grid-shards 1 2 4]
+
+The grid: models of 0.3M, 10M and 100M parameters, 1..16 clients, 1, 2 and 4 shards;
+pushes/s and GB/s of gradient applied per shard, next to the limit for the same update
+measured in the same run: this process's numpy momentum update plus the finiteness check
+(one dot product) over an array of one shard's range, back to back, as pushes/s. The
+ratio psgd / limit is the share of a shard's time spent in the update itself (target:
+>= 0.5 for 10M and 100M).
 """
 
 from __future__ import annotations
@@ -221,8 +230,42 @@ def measure_psgd(layers, n_params, clients, seconds):
                 server.wait()
 
 
+GRID_MODELS = {"0.3M": "784,384,10", "10M": "784,4096,1600,10", "100M": "784,8192,8192,3200,10"}
+
+
+def update_limit(size: int, seconds: float = 1.0) -> float:
+    """Pushes/s of the server's essential work on ``size`` parameters: the check's dot
+    product and the momentum update, nothing else."""
+    params, grad = np.zeros(size, np.float32), np.full(size, 1e-3, np.float32)
+    opt = make_optimizer(OptimizerSpec("momentum", 0.9), size)
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or count < 3:
+        np.dot(grad, grad)
+        opt.step(params, grad, 1e-6)
+        count += 1
+    return count / (time.perf_counter() - t0)
+
+
+def grid(args):
+    print(f"{'model':>6} {'shards':>6} {'clients':>7} {'pushes/s':>9} {'GB/s/shard':>11} {'limit/s':>8} "
+          f"{'limit GB/s':>11} {'ratio':>6}")
+    for name, layers in GRID_MODELS.items():
+        n = MLP(ModelSpec(parse_sizes(layers))).n_params
+        for shards in args.grid_shards:
+            per_shard = -(-n // shards)
+            limit = update_limit(per_shard)
+            for clients in args.grid_clients:
+                rate = measure_shards(layers, n, shards, clients, args.seconds)
+                gb = rate * per_shard * 4 / 1e9
+                print(f"{name:>6} {shards:>6} {clients:>7} {rate:9.1f} {gb:11.2f} {limit:8.1f} "
+                      f"{limit * per_shard * 4 / 1e9:11.2f} {rate / limit:6.2f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", action="store_true", help="the model x shards x clients table instead")
+    ap.add_argument("--grid-clients", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--grid-shards", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--layers", default="784,1024,192,10")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -230,6 +273,11 @@ def main():
     ap.add_argument("--shard-layers", default="784,4096,1600,10")
     ap.add_argument("--shard-clients", type=int, default=2)
     args = ap.parse_args()
+    if args.grid:
+        print(blas_description())
+        print(f"momentum update; {args.seconds:g} s per measurement; {os.cpu_count()} CPUs\n")
+        grid(args)
+        return
     n_params = MLP(ModelSpec(parse_sizes(args.layers))).n_params
     print(f"model {args.layers}: {n_params:,} parameters, {n_params * 4 / 1e6:.1f} MB per push; "
           f"momentum update; {args.seconds:g} s per measurement; {os.cpu_count()} CPUs")
