@@ -94,7 +94,10 @@ def training_options(f):
         env_option("--dtype", type=click.Choice(["float32", "float64"]), default=_DEFAULT.model.dtype),
         env_option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=_DEFAULT.optimizer.name),
         env_option("--momentum", type=float, default=_DEFAULT.optimizer.momentum),
-        env_option("--weight-decay", type=float, default=_DEFAULT.optimizer.weight_decay, help="L2 coefficient."),
+        env_option("--weight-decay", type=float, default=_DEFAULT.optimizer.weight_decay,
+                   help="L2 coefficient (adamw: decoupled decay of the weights)."),
+        env_option("--beta1", type=float, default=_DEFAULT.optimizer.beta1, help="adam/adamw: first-moment decay."),
+        env_option("--beta2", type=float, default=_DEFAULT.optimizer.beta2, help="adam/adamw: second-moment decay."),
         env_option("--lr", type=float, default=_DEFAULT.schedule.lr,
                    help=f"Learning rate (a0 of the schedule); a conv net's default is {CONV_DEFAULT_LR}."),
         env_option("--schedule", type=click.Choice(list(SCHEDULES)), default=_DEFAULT.schedule.name),
@@ -162,7 +165,9 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
 
     model = build_model_spec(kw, ctx, given, base.model)
     optimizer = OptimizerSpec(pick("optimizer", base.optimizer.name), pick("momentum", base.optimizer.momentum),
-                              pick("weight_decay", base.optimizer.weight_decay))
+                              pick("weight_decay", base.optimizer.weight_decay), base.optimizer.adagrad_eps,
+                              pick("beta1", base.optimizer.beta1), pick("beta2", base.optimizer.beta2),
+                              base.optimizer.adam_eps)
     lr = pick("lr", base.schedule.lr)
     if model.arch and "lr" in kw and ctx.get_parameter_source("lr") is click.core.ParameterSource.DEFAULT \
             and not from_file:

@@ -187,7 +187,7 @@ NESTED = {"model": ModelSpec, "optimizer": OptimizerSpec, "schedule": ScheduleSp
 OPTION_SETTINGS = {"layers": "model.sizes", "activation": "model.hidden", "hidden": "model.hidden",
                    "loss": "model.loss", "dtype": "model.dtype", "arch": "model.arch", "lr": "schedule.lr",
                    "momentum": "optimizer.momentum", "optimizer": "optimizer.name", "schedule": "schedule.name",
-                   "weight_decay": "optimizer.weight_decay", "warmup": "schedule.warmup", "lease": "lease_s",
+                   "weight_decay": "optimizer.weight_decay", "beta1": "optimizer.beta1", "beta2": "optimizer.beta2", "warmup": "schedule.warmup", "lease": "lease_s",
                    "out": "out_dir"}
 
 

@@ -45,6 +45,8 @@ class Run:
 
 
 def _optimizer(o: dict) -> str:
+    if o["name"] in ("adam", "adamw"):
+        return f"{o['name']} ({o.get('beta1', 0.9)}, {o.get('beta2', 0.999)})"
     return f"{o['name']} {o['momentum']}" if o["name"] in ("momentum", "nesterov") else o["name"]
 
 

@@ -15,7 +15,7 @@ from ..errors import ConfigError, ProtocolError
 from ..metrics import StalenessHistogram
 from ..model.layout import shard_range
 from ..model.interface import build_model
-from ..model.optim import make_optimizer
+from ..model.optim import OptimizerSpec, make_optimizer
 
 MAX_EXAMPLES_PER_PUSH = 1 << 20
 DC_HISTORY = 16  # dcasgd: weight versions kept; an older push is applied uncompensated
@@ -183,7 +183,8 @@ class ParameterStore:
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         """Continue from a checkpoint of the same model and optimizer."""
-        if meta.get("model") != self.config.model.to_dict() or meta.get("optimizer") != self.config.optimizer.to_dict():
+        optimizer = OptimizerSpec.from_dict(meta["optimizer"]) if isinstance(meta.get("optimizer"), dict) else None
+        if meta.get("model") != self.config.model.to_dict() or optimizer != self.config.optimizer:
             raise ConfigError("the checkpoint is of another model or optimizer than this server's")
         if list(meta.get("range", [0, self.net.n_params])) != [self.lo, self.hi]:
             raise ConfigError(f"the checkpoint holds parameters {meta['range']}, this server shard [{self.lo}, {self.hi})")
