@@ -20,6 +20,7 @@ from .model.functions import ACTIVATIONS, LOSSES
 from .model.network import ModelSpec, parse_sizes
 from .model.optim import OPTIMIZERS, OptimizerSpec
 from .model.schedules import SCHEDULES, ScheduleSpec
+from .wire.codecs import CODECS
 
 
 class PsgdGroup(click.Group):
@@ -142,6 +143,13 @@ def training_options(f):
                    help="Seconds of silence after which a worker leaves barriers and statistics."),
         env_option("--slow-worker", type=float, default=_DEFAULT.slow_worker,
                    help="Make the last local worker this many times slower (to study stragglers)."),
+        env_option("--push-codec", type=click.Choice(list(CODECS)), default=_DEFAULT.push_codec,
+                   help="Compress pushes on the ZeroMQ wire: float16, int8 (per-block scale) or topk "
+                        "(with error feedback); a run with a codec uses ZeroMQ, not shared memory."),
+        env_option("--pull-codec", type=click.Choice(["none", "float16", "int8"]), default=_DEFAULT.pull_codec,
+                   help="Compress the weights workers pull."),
+        env_option("--topk-fraction", type=float, default=_DEFAULT.topk_fraction,
+                   help="topk: the fraction of a push's elements sent."),
         env_option("--max-updates", type=int, default=None, help="Stop after this many applied updates."),
         env_option("--max-seconds", type=float, default=None, help="Stop after this many seconds."),
         env_option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/latest",
@@ -179,7 +187,7 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
     fields = ["data", "data_dir", "batch_size", "epochs", "seed", "validation", "dropout", "augment",
               "target_accuracy", "evals_per_epoch", "out_dir", "workers", "servers", "curve", "n_fetch", "n_push", "transport",
               "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "max_staleness", "on_divergence",
-              "rollback_factor", "max_rollbacks", "slow_worker", "max_updates",
+              "rollback_factor", "max_rollbacks", "slow_worker", "max_updates", "push_codec", "pull_codec", "topk_fraction",
               "max_seconds"]
     changes = {name: pick(name, getattr(base, name)) for name in fields if name in kw}
     distort = DistortionSpec(**{k: pick(f"distort_{k}", getattr(base.distort, k))

@@ -17,6 +17,7 @@ from .data.augment import DistortionSpec
 from .errors import ConfigError
 from .model.network import ModelSpec
 from .model.optim import OptimizerSpec
+from .wire.codecs import CODECS
 from .model.schedules import WARMUP_MAX, ScheduleSpec
 
 TRANSPORTS = ("auto", "zmq", "shm")
@@ -95,6 +96,12 @@ class TrainConfig:
     rollback_factor: float = 0.3
     max_rollbacks: int = 3
     slow_worker: float = 1.0  # the last worker of a local cluster runs this many times slower
+    # Compression on the ZeroMQ wire (psgd.wire.codecs: none, float16, int8, topk), agreed with
+    # each worker in its hello; top-k pushes keep error feedback on the worker. Shared memory
+    # has no wire: a run with a codec offers it to no worker.
+    push_codec: str = "none"
+    pull_codec: str = "none"
+    topk_fraction: float = 0.01  # of a push's elements that top-k sends
     # stop conditions besides epochs and target accuracy
     max_updates: int | None = None
     max_seconds: float | None = None
@@ -122,12 +129,22 @@ class TrainConfig:
             (0 < self.rollback_factor < 1, "the rollback factor must be in (0, 1)"),
             (self.max_rollbacks >= 0, "max rollbacks must be >= 0"),
             (self.slow_worker >= 1.0, "the slow worker factor must be >= 1"),
+            (self.push_codec in CODECS and self.pull_codec in CODECS, f"codecs are {', '.join(CODECS)}"),
+            (self.pull_codec in ("none", "float16", "int8"), "weights are pulled as none, float16 or int8, not top-k"),
+            (0 < self.topk_fraction <= 1, "the top-k fraction must be in (0, 1]"),
+            (self.transport != "shm" or not self.compresses,
+             "codecs compress the ZeroMQ wire; shared memory has none: use --transport zmq (or auto)"),
             (self.evals_per_epoch >= 1, "evals per epoch must be >= 1"),
             (self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target accuracy must be in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    @property
+    def compresses(self) -> bool:
+        """A codec other than none, either way: the run's workers talk over ZeroMQ."""
+        return self.push_codec != "none" or self.pull_codec != "none"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,6 +22,7 @@ import numpy as np
 from ..config import TrainConfig
 from ..errors import PsgdError, TransportError
 from ..metrics import StalenessHistogram
+from .report import traffic_line
 from ..model.interface import build_model
 from ..data.prepared import PreparedData
 from .rundir import RunRecorder
@@ -297,6 +298,8 @@ class Coordinator:
             "checkpoint_failures": sum(self.checkpoint_failures.values()),
             "stragglers": stragglers({n: w["examples_per_s"] for n, w in workers.items() if w["connected"]}),
             "worker_transports": sorted({w["transport"] for w in stats["workers"].values()}),
+            "push_codec": c.push_codec, "pull_codec": c.pull_codec,
+            "traffic": stats.get("traffic") or {"pushed": {}, "pulled": {}},  # payload bytes by codec
         }
         summary["first_reaching"] = {str(a): r["train_time"] for a in (0.97, 0.98)
                                      if (r := self.recorder.first_reaching(a))}
@@ -306,6 +309,8 @@ class Coordinator:
             f"{stats['bytes_in'] / 1e6:.1f} MB in and {stats['bytes_out'] / 1e6:.1f} MB out over ZeroMQ; "
             f"workers pushed via {', '.join(summary['worker_transports'])}",
         ]
+        if c.compresses:
+            summary["report"].append(traffic_line(summary["traffic"]))
         if summary["checkpoint_failures"]:
             summary["report"].append(f"{summary['checkpoint_failures']} checkpoint writes failed on the servers "
                                      "(see their logs); training went on")
@@ -322,8 +327,10 @@ def per_worker(records) -> dict[str, dict]:
         name, hist = w["name"], StalenessHistogram.from_dict(w["staleness"])
         row = {k: w[k] for k in ("pushes", "examples", "refused", "transport", "connected", "data_shards",
                                  "examples_per_s")}
+        row.update({k: w.get(k, d) for k, d in (("push_codec", "none"), ("pull_codec", "none"),
+                                                ("bytes_pushed", 0), ("bytes_pulled", 0))})
         if name in out:
-            for k in ("pushes", "examples", "refused"):
+            for k in ("pushes", "examples", "refused", "bytes_pushed", "bytes_pulled"):
                 row[k] += out[name][k]
             row["records"] = out[name]["records"] + 1
             hists[name].merge(hist)

@@ -33,6 +33,7 @@ from .consistency import APPLY, APPLY_HOLD, make_gate
 from .membership import Membership
 from .phase import RunPhase
 from .store import ParameterStore
+from .traffic import Traffic
 
 APPLIED, HELD, REFUSED, SHUTDOWN = "applied", "held", "refused", "shutdown"
 
@@ -69,6 +70,7 @@ class ServerState:
         self.gate = make_gate(config, self.store.size, self.store.dtype)
         self.errors: Counter = Counter()
         self.bytes_in = self.bytes_out = 0
+        self.traffic = Traffic(config, self.store.size, self.store.dtype)  # codecs, and bytes by codec
         # kept by the loop: the newest checkpoint written, and writes that failed (a full disk)
         self.checkpoint_status = {"version": None, "failures": 0, "error": None, "failed_version": None}
         self.started = clock()
@@ -203,19 +205,20 @@ class ServerState:
     def _dispatch(self, msg: Message) -> tuple[dict, list] | None:
         kind = msg.type
         if kind == "push":
-            if len(msg.arrays) != 1:
+            if len(msg.arrays) != 1 and msg.get("codec", "none") == "none":  # a codec's frames: its decoder checks
                 raise ProtocolError("bad_frames", f"push carries {len(msg.arrays)} arrays, expected 1")
             worker_id = msg["worker_id"]
-            decision = self.push(worker_id, msg["base_version"], msg["examples"], msg.arrays[0], msg.offset(0),
-                                 msg["seq"])
+            # a compressed push is decoded here, then enters the one door as any other
+            grad = self.traffic.decode_push(self.members.workers.get(worker_id), msg.get("codec", "none"), msg.arrays)
+            decision = self.push(worker_id, msg["base_version"], msg["examples"], grad, msg.offset(0), msg["seq"])
             return self.push_reply(worker_id, decision, msg.get("want_params") is True)
         if kind in ("pull", "heartbeat", "hello") and self.phase.stopping:
             if kind != "pull" or msg.get("worker_id") is not None:  # a monitor may still pull
                 return {"type": "shutdown"}, []
         if kind == "pull":
-            if msg.get("worker_id") is not None:
-                self.members.touch(msg["worker_id"])
-            return {"type": "params", "version": self.store.version}, [self.store.params]
+            record = self.members.touch(msg["worker_id"]) if msg.get("worker_id") is not None else None
+            codec, frames = self.traffic.encode_params(record, self.store.params)
+            return {"type": "params", "version": self.store.version, **_codec_field(codec)}, frames
         if kind == "heartbeat":
             record = self.members.touch(msg["worker_id"])
             return {"type": "assignment", "data_shards": list(record.data_shards),
@@ -228,7 +231,7 @@ class ServerState:
                 raise ProtocolError("bad_field", f"data shards {wanted} are not all in "
                                                  f"0..{self.members.num_data_shards - 1}")
             record = self.members.register(msg["worker"][:64], "zmq", wanted)
-            return self.welcome(record), []
+            return {**self.welcome(record), "codecs": self.traffic.agree(record, msg.get("codecs"))}, []
         if kind == "stats":
             reply = {"type": "stats_reply", "stats": self.stats()}
             if msg.get("workers") is True:  # per-worker records: one page, after the id asked for
@@ -281,8 +284,11 @@ class ServerState:
         worker_id, version, staleness = ack
         record = self.members.workers.get(worker_id)
         generation = record.data_generation if record is not None else 0
-        return ({"type": "ack", "version": version, "staleness": staleness, "data_generation": generation},
-                [self.store.params] if want_params else [])
+        header = {"type": "ack", "version": version, "staleness": staleness, "data_generation": generation}
+        if not want_params:
+            return header, []
+        codec, frames = self.traffic.encode_params(record, self.store.params)
+        return {**header, **_codec_field(codec)}, frames
 
     def welcome(self, record: WorkerRecord) -> dict:
         c, s = self.config, self.store
@@ -327,5 +333,10 @@ class ServerState:
             "consistency": self.config.consistency, "ssp_max_lead": getattr(self.gate, "max_lead", None),
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "staleness_rule": self.config.staleness_rule,
             "max_staleness": self.staleness_bound(), "workers_connected": self.members.connected, "workers_known": len(self.members.workers),
-            "checkpoint": dict(self.checkpoint_status),
+            "checkpoint": dict(self.checkpoint_status), "traffic": self.traffic.stats(),
         }
+
+
+def _codec_field(codec: str) -> dict:
+    """A plain vector says nothing of codecs: a client that knows none reads it as before."""
+    return {} if codec == "none" else {"codec": codec}

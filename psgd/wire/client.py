@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import ConfigError, ProtocolError, PsgdError, ShutdownRequested, TransportError
 from . import shm
 from .channels import ShmChannel, ZmqChannel, check_reply
+from .codecs import CODECS
 from .protocol import Message
 from .transport import Client, ClientKeys, connect_clients, max_reply_bytes
 
@@ -126,6 +127,7 @@ class ParameterClient:
             shards = [r["stats"] for r in replies]
             merged["bytes_in"] = sum(s["bytes_in"] for s in shards)
             merged["bytes_out"] = sum(s["bytes_out"] for s in shards)
+            merged["traffic"] = _sum_traffic(s.get("traffic") for s in shards)
             errors: dict[str, int] = {}
             for s in shards:
                 for code, n in s["errors"].items():
@@ -179,7 +181,7 @@ class ParameterClient:
         welcomes = []
         for k, link in enumerate(self.links):
             reply = link.client.request({"type": "hello", "worker": self.name, "transport": self.transport,
-                                         "data_shards": data_shards})
+                                         "data_shards": data_shards, "codecs": list(CODECS)})
             if reply.type == "shutdown":
                 raise ShutdownRequested("the server ended the run")
             if reply.type != "welcome":
@@ -215,7 +217,7 @@ class ParameterClient:
                 raise TransportError("the shared-memory path was asked for, but the server does not offer it here")
             if link.channel is None:
                 view = np.empty(link.hi - link.lo, dtype) if single else self.grad[link.lo:link.hi]
-                link.channel = ZmqChannel(link.client, link.worker_id, view, link.lo)
+                link.channel = ZmqChannel(link.client, link.worker_id, view, link.lo, welcome.get("codecs"))
             link.copy_in = not single and link.channel.transport == "shm"
             link.window_base = None
         if single:
@@ -299,3 +301,13 @@ class ParameterClient:
 def _expect(endpoint: str, asked: str, reply: Message, kind: str) -> None:
     if reply.type != kind:
         raise PsgdError(f"{endpoint} answered {asked} with {reply.type}: {reply.get('message', '')}")
+
+
+def _sum_traffic(shards) -> dict:
+    """Payload bytes by direction and codec, summed over the server shards."""
+    total: dict[str, dict[str, int]] = {"pushed": {}, "pulled": {}}
+    for traffic in shards:
+        for way, by_codec in (traffic or {}).items():
+            for codec, n in by_codec.items():
+                total.setdefault(way, {})[codec] = total.get(way, {}).get(codec, 0) + n
+    return total
