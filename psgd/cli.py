@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .config import CONSISTENCY, STALENESS_RULES, TRANSPORTS, TrainConfig, default_workers
+from .config import ALGORITHMS, CONSISTENCY, STALENESS_RULES, TRANSPORTS, TrainConfig, default_workers
 from .data.augment import DistortionSpec
 from .errors import PsgdError
 from .model.functions import ACTIVATIONS, LOSSES
@@ -150,6 +150,18 @@ def training_options(f):
                    help="Compress the weights workers pull."),
         env_option("--topk-fraction", type=float, default=_DEFAULT.topk_fraction,
                    help="topk: the fraction of a push's elements sent."),
+        env_option("--algorithm", type=click.Choice(list(ALGORITHMS)), default=_DEFAULT.algorithm,
+                   help="downpour (push gradients) or local (local SGD / DiLoCo: push the change of "
+                        "--local-steps inner steps; --lr is then the inner rate)."),
+        env_option("--local-steps", type=int, default=_DEFAULT.local_steps, help="local: inner steps per push (H)."),
+        env_option("--inner-optimizer", type=click.Choice(list(OPTIMIZERS)), default=_DEFAULT.inner_optimizer,
+                   help="local: the workers' optimizer (with --momentum, --beta1/2, --weight-decay)."),
+        env_option("--outer-lr", type=float, default=_DEFAULT.outer_lr, help="local: the server's (outer) rate."),
+        env_option("--outer-momentum", type=float, default=_DEFAULT.outer_momentum,
+                   help="local: the server's Nesterov momentum (0: plain SGD)."),
+        env_option("--outer-every", type=int, default=None,
+                   help="local, async: pushes between moves of the outer momentum (delayed Nesterov). "
+                        "[default: the number of workers]"),
         env_option("--max-updates", type=int, default=None, help="Stop after this many applied updates."),
         env_option("--max-seconds", type=float, default=None, help="Stop after this many seconds."),
         env_option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/latest",
@@ -188,6 +200,7 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
               "target_accuracy", "evals_per_epoch", "out_dir", "workers", "servers", "curve", "n_fetch", "n_push", "transport",
               "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "max_staleness", "on_divergence",
               "rollback_factor", "max_rollbacks", "slow_worker", "max_updates", "push_codec", "pull_codec", "topk_fraction",
+              "algorithm", "local_steps", "inner_optimizer", "outer_lr", "outer_momentum", "outer_every",
               "max_seconds"]
     changes = {name: pick(name, getattr(base, name)) for name in fields if name in kw}
     distort = DistortionSpec(**{k: pick(f"distort_{k}", getattr(base.distort, k))

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from .data.augment import DistortionSpec
 from .errors import ConfigError
 from .model.network import ModelSpec
-from .model.optim import OptimizerSpec
+from .model.optim import OPTIMIZERS, OptimizerSpec
 from .wire.codecs import CODECS
 from .model.schedules import WARMUP_MAX, ScheduleSpec
 
@@ -50,6 +50,7 @@ def default_workers() -> int:
 
 
 ON_DIVERGENCE = ("stop", "rollback")
+ALGORITHMS = ("downpour", "local")
 MODEL_WIRE_ONLY = ("fingerprint", "user")  # in a server's description of its model, not in a config
 
 
@@ -102,6 +103,18 @@ class TrainConfig:
     push_codec: str = "none"
     pull_codec: str = "none"
     topk_fraction: float = 0.01  # of a push's elements that top-k sends
+    # downpour: a worker pushes gradients and the server's optimizer applies them. local
+    # (local SGD / DiLoCo): a worker takes local_steps steps with its own inner optimizer
+    # (inner_optimizer, with the optimizer section's constants, at the constant rate
+    # schedule.lr) and pushes its outer gradient, start weights minus end weights; the
+    # server applies Nesterov momentum (outer_momentum; plain SGD at 0) at outer_lr, under
+    # async with the momentum moved every outer_every pushes (None: one per worker).
+    algorithm: str = "downpour"
+    local_steps: int = 10
+    inner_optimizer: str = "adamw"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    outer_every: int | None = None
     # stop conditions besides epochs and target accuracy
     max_updates: int | None = None
     max_seconds: float | None = None
@@ -132,6 +145,12 @@ class TrainConfig:
             (self.push_codec in CODECS and self.pull_codec in CODECS, f"codecs are {', '.join(CODECS)}"),
             (self.pull_codec in ("none", "float16", "int8"), "weights are pulled as none, float16 or int8, not top-k"),
             (0 < self.topk_fraction <= 1, "the top-k fraction must be in (0, 1]"),
+            (self.algorithm in ALGORITHMS, f"algorithm must be one of {', '.join(ALGORITHMS)}"),
+            (self.local_steps >= 1, "local steps must be >= 1"),
+            (self.inner_optimizer in OPTIMIZERS, f"the inner optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.outer_lr > 0 and 0 <= self.outer_momentum < 1, "outer lr must be > 0, outer momentum in [0, 1)"),
+            (self.outer_every is None or self.outer_every >= 1, "outer-every must be >= 1 push"),
+            (self.algorithm != "local" or self.staleness_rule != "dcasgd", "dcasgd compensates gradients, not local SGD's changes"),
             (self.transport != "shm" or not self.compresses,
              "codecs compress the ZeroMQ wire; shared memory has none: use --transport zmq (or auto)"),
             (self.evals_per_epoch >= 1, "evals per epoch must be >= 1"),
@@ -242,3 +261,20 @@ def check_settings(d: dict, source: str) -> None:
         hint = ("did you mean " + " or ".join(repr(c) for c in close[:3]) + "?") if close else \
             "psgd train --help lists every option; config.json of a run directory shows every setting"
         raise ConfigError(f"{source}: unknown setting {name!r}; {hint}")
+
+
+def server_update(config: TrainConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
+    """The optimizer and schedule a server applies pushes with: the run's own (Downpour),
+    or local SGD's outer ones: Nesterov momentum at a constant outer_lr, its momentum
+    moved every outer_every pushes under async (every round's one averaged push under sync)."""
+    if config.algorithm != "local":
+        return config.optimizer, config.schedule
+    every = 1 if config.consistency == "sync" else (config.outer_every or max(1, config.workers))
+    name = "delayed_nesterov" if config.outer_momentum else "sgd"
+    return (OptimizerSpec(name, config.outer_momentum, nesterov_every=every),
+            ScheduleSpec("constant", config.outer_lr, warmup=0))
+
+
+def inner_optimizer(config: TrainConfig) -> OptimizerSpec:
+    """Local SGD's worker-side optimizer: inner_optimizer with the optimizer section's constants."""
+    return replace(config.optimizer, name=config.inner_optimizer)

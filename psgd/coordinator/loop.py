@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from ..config import TrainConfig
+from ..config import TrainConfig, server_update
 from ..errors import PsgdError, TransportError
 from ..metrics import StalenessHistogram
 from .report import traffic_line
@@ -65,7 +65,7 @@ class Coordinator:
         self.watch = watch or (lambda: [])
         self.servers = ParameterClient(endpoint, "coordinator", keys,  # one or all K shards
                                        max_message=max_reply_bytes(self.net.n_params, self.net.dtype.itemsize))
-        self.schedule = config.schedule.build()
+        self.schedule = server_update(config)[1].build()  # local SGD: the outer rate
         self.params = np.empty(self.net.n_params, self.net.dtype)
         self.failures: list[str] = []
         self.checkpoint_failures: dict[int, int] = {}  # server shard -> failed checkpoint writes seen

@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "adam", "adamw")
+OUTER_OPTIMIZERS = ("sgd", "delayed_nesterov")  # a local-SGD server's (psgd.config.server_update)
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,10 @@ class OptimizerSpec:
     beta1: float = 0.9
     beta2: float = 0.999
     adam_eps: float = 1e-8
+    nesterov_every: int = 1  # delayed_nesterov: pushes between applications of the momentum
 
     def __post_init__(self):
-        if self.name not in OPTIMIZERS:
+        if self.name not in OPTIMIZERS + OUTER_OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
@@ -43,6 +45,8 @@ class OptimizerSpec:
             raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
             raise ConfigError(f"Adam's betas must be in [0, 1), got {self.beta1} and {self.beta2}")
+        if self.nesterov_every < 1:
+            raise ConfigError(f"the delayed Nesterov period must be >= 1 push, got {self.nesterov_every}")
         if not self.adam_eps > 0:
             raise ConfigError(f"Adam's epsilon must be > 0, got {self.adam_eps}")
 
@@ -53,7 +57,8 @@ class OptimizerSpec:
     def from_dict(cls, d: dict) -> "OptimizerSpec":
         try:  # Adam's constants default: a description written before Adam lacks them
             return cls(str(d["name"]), float(d["momentum"]), float(d["weight_decay"]), float(d["adagrad_eps"]),
-                       float(d.get("beta1", 0.9)), float(d.get("beta2", 0.999)), float(d.get("adam_eps", 1e-8)))
+                       float(d.get("beta1", 0.9)), float(d.get("beta2", 0.999)), float(d.get("adam_eps", 1e-8)),
+                       int(d.get("nesterov_every", 1)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed optimizer description: {exc!r}") from None
 
@@ -207,7 +212,49 @@ class AdamW(Adam):
     couples_decay = False
 
 
-_RULES = {"sgd": SGD, "momentum": Momentum, "nesterov": Nesterov, "adagrad": Adagrad, "adam": Adam, "adamw": AdamW}
+class DelayedNesterov(Optimizer):
+    """The outer optimizer of asynchronous local SGD: Nesterov momentum whose buffer moves
+    only every N = ``nesterov_every`` pushes (after Liu et al. 2024, "Asynchronous Local-SGD
+    Training for Language Modeling"), so that one fast worker's pushes do not each drag the
+    momentum. With ``g`` each pushed outer gradient (start weights minus end weights):
+
+        every push:       w <- w - lr g;  acc <- acc + g
+        every N-th push:  m <- mu m + acc / N;  w <- w - lr mu m;  acc <- 0
+
+    With N = 1 this is Nesterov momentum (w <- w - lr (g + mu m), m <- mu m + g, the form of
+    ``nesterov`` above at a constant rate); with mu = 0, plain SGD. State: ``m``, ``acc``
+    and ``pending`` (pushes since the last momentum step, one int64)."""
+
+    state_names = ("m", "acc")
+
+    def __init__(self, spec, size, dtype=np.float32, decay_mask=None):
+        super().__init__(spec, size, dtype, decay_mask)
+        self.pending = 0
+
+    def _apply(self, params, grad, lr):
+        s, mu, n = self._scratch, self.spec.momentum, self.spec.nesterov_every
+        np.multiply(grad, lr, out=s)
+        params -= s
+        self.acc += grad
+        self.pending += 1
+        if self.pending >= n:
+            self.m *= mu
+            np.multiply(self.acc, 1.0 / n, out=s)
+            self.m += s
+            np.multiply(self.m, lr * mu, out=s)
+            params -= s
+            self.acc[...] = 0
+            self.pending = 0
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {**super().state(), "pending": np.array([self.pending], np.int64)}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        super().load_state(state)
+        self.pending = int(np.asarray(state["pending"]).reshape(-1)[0])
+
+
+_RULES = {"delayed_nesterov": DelayedNesterov, "sgd": SGD, "momentum": Momentum, "nesterov": Nesterov, "adagrad": Adagrad, "adam": Adam, "adamw": AdamW}
 
 
 def make_optimizer(spec: OptimizerSpec, size: int, dtype=np.float32, decay_mask=None) -> Optimizer:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import TrainConfig
+from ..config import TrainConfig, inner_optimizer
 from ..errors import ProtocolError
 from ..metrics import WorkerRecord
 from ..model.interface import fingerprint
@@ -300,7 +300,7 @@ class ServerState:
             "layout": s.net.layout.to_wire(),
             "run": {"data": c.data, "seed": c.seed, "validation": c.validation, "batch_size": c.batch_size,
                     "n_fetch": c.n_fetch, "n_push": c.n_push, "dropout": c.dropout, "augment": c.augment, "distort": c.distort.to_dict(),
-                    "lease_s": c.lease_s},
+                    "lease_s": c.lease_s, **local_sgd(c)},
             "update": self.update_rule(),
         }
 
@@ -335,6 +335,14 @@ class ServerState:
             "max_staleness": self.staleness_bound(), "workers_connected": self.members.connected, "workers_known": len(self.members.workers),
             "checkpoint": dict(self.checkpoint_status), "traffic": self.traffic.stats(),
         }
+
+
+def local_sgd(c: TrainConfig) -> dict:
+    """What a worker of a local-SGD run needs in the welcome's ``run`` (Downpour: nothing new)."""
+    if c.algorithm != "local":
+        return {}
+    return {"algorithm": "local", "local_steps": c.local_steps, "inner_optimizer": inner_optimizer(c).to_dict(),
+            "inner_lr": c.schedule.lr}
 
 
 def _codec_field(codec: str) -> dict:

@@ -26,7 +26,9 @@ from ..model.interface import build_model, check_welcome
 from ..model.network import ModelSpec
 from ..wire.client import ParameterClient
 from ..wire.transport import SERVER_WAIT_S, ClientKeys
+from ..model.optim import OptimizerSpec
 from .core import StepSettings, WorkerCore, new_stats
+from .local import LocalCore
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,14 @@ class WorkerOptions:
     slowdown: float = 1.0  # > 1: sleep so that each step takes this many times its compute time
     keys: ClientKeys | None = None  # CURVE, for a server that demands it
     model: str | None = None  # package.module:factory of a user's model (the server never names it)
+
+
+def make_core(net, settings: StepSettings, run: dict, stats: dict) -> WorkerCore:
+    """Downpour's compute loop, or local SGD's when the welcome's ``run`` says so."""
+    if run.get("algorithm", "downpour") == "local":
+        return LocalCore(net, None, settings, None, OptimizerSpec.from_dict(run["inner_optimizer"]),
+                         float(run["inner_lr"]), int(run["local_steps"]), stats)
+    return WorkerCore(net, None, settings, None, stats)
 
 
 class Worker:
@@ -112,7 +122,7 @@ class Worker:
             settings = StepSettings(n_fetch=o.n_fetch or int(run["n_fetch"]), n_push=o.n_push or int(run["n_push"]),
                                     dropout=float(run.get("dropout", 0.0)), slowdown=o.slowdown,
                                     max_steps=o.max_steps, heartbeat_every_s=float(run.get("lease_s", 10.0)) / 3)
-            self.core = WorkerCore(net, None, settings, None, self.stats)
+            self.core = make_core(net, settings, run, self.stats)
             self._model_key = key
         else:
             check_welcome(self.core.net, spec, welcome["model"], welcome["layout"])
