@@ -298,7 +298,7 @@ class Coordinator:
             "checkpoint_failures": sum(self.checkpoint_failures.values()),
             "stragglers": stragglers({n: w["examples_per_s"] for n, w in workers.items() if w["connected"]}),
             "worker_transports": sorted({w["transport"] for w in stats["workers"].values()}),
-            "push_codec": c.push_codec, "pull_codec": c.pull_codec,
+            "push_codec": c.push_codec, "pull_codec": c.pull_codec, "algorithm": c.algorithm,
             "traffic": stats.get("traffic") or {"pushed": {}, "pulled": {}},  # payload bytes by codec
         }
         summary["first_reaching"] = {str(a): r["train_time"] for a in (0.97, 0.98)

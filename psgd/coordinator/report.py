@@ -71,7 +71,10 @@ def text_report(run: Run) -> list[str]:
         f"{c['schedule']['name']}; batch {c['batch_size']}",
         f"  cluster: {s.get('workers', 0)} workers" + (
             f", {s.get('consistency', 'async')}, staleness rule {s.get('staleness_rule', 'none')}, "
-            f"pushes via {', '.join(s.get('worker_transports', [])) or '-'}" if s.get("workers") else " (one process)"),
+            f"pushes via {', '.join(s.get('worker_transports', [])) or '-'}"
+            + (f"; local SGD, {c.get('local_steps')} {c.get('inner_optimizer')} steps per push, outer lr "
+               f"{c.get('outer_lr')}, momentum {c.get('outer_momentum')}" if c.get("algorithm") == "local" else "")
+            if s.get("workers") else " (one process)"),
     ]
     acc = s.get("test_accuracy")
     lines.append(f"  result: test accuracy {acc:.2%}, loss {s['test_loss']:.4f}" if acc is not None

@@ -294,7 +294,7 @@ class ServerState:
         c, s = self.config, self.store
         return {
             "type": "welcome", "worker_id": record.worker_id, "model": {**c.model.wire_dict(), "fingerprint": fingerprint(s.net, c.model)},
-            "optimizer": c.optimizer.to_dict(), "version": s.version, "data_shards": list(record.data_shards),
+            "optimizer": s.optimizer_spec.to_dict(), "version": s.version, "data_shards": list(record.data_shards),
             "num_data_shards": self.members.num_data_shards, "data_generation": record.data_generation,
             "range": [s.lo, s.hi], "server_shard": s.shard, "num_server_shards": s.num_server_shards,
             "layout": s.net.layout.to_wire(),
