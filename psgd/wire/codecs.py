@@ -118,8 +118,9 @@ class PushEncoder:
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r}")
         self.codec, self.fraction = codec, fraction
-        self.residual = np.zeros(size, dtype)
-        self._sent = np.empty(size, dtype)
+        plain = codec == "none"  # nothing is lost, nothing kept
+        self.residual = np.zeros(0 if plain else size, dtype)
+        self._sent = np.empty(0 if plain or codec == "topk" else size, dtype)
 
     def encode(self, grad: np.ndarray) -> list[np.ndarray]:
         """The frames of this push; ``grad`` is only read."""
