@@ -235,6 +235,9 @@ class Coordinator:
             "staleness_p99": hist["p99"], "staleness_max": hist["max"],
             "examples_per_s": stats["examples"] / train_time if train_time else 0.0,
             "worker_examples_per_s": rates, "stragglers": stragglers(rates),
+            # what crossed ZeroMQ so far: every frame either way, and the workers' array payload alone
+            "bytes": stats["bytes_in"] + stats["bytes_out"],
+            "payload_bytes": sum(sum(by_codec.values()) for by_codec in (stats.get("traffic") or {}).values()),
         }
         self.recorder.record(rec)
         return rec
