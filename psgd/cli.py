@@ -159,6 +159,8 @@ def training_options(f):
         env_option("--outer-lr", type=float, default=_DEFAULT.outer_lr, help="local: the server's (outer) rate."),
         env_option("--outer-momentum", type=float, default=_DEFAULT.outer_momentum,
                    help="local: the server's Nesterov momentum (0: plain SGD)."),
+        env_option("--dynamic-local-steps/--fixed-local-steps", default=_DEFAULT.dynamic_local_steps,
+                   help="local: scale each worker's H to its speed (the fastest takes --local-steps); ZeroMQ only."),
         env_option("--outer-every", type=int, default=None,
                    help="local, async: pushes between moves of the outer momentum (delayed Nesterov). "
                         "[default: the number of workers]"),
@@ -200,7 +202,7 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
               "target_accuracy", "evals_per_epoch", "out_dir", "workers", "servers", "curve", "n_fetch", "n_push", "transport",
               "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "max_staleness", "on_divergence",
               "rollback_factor", "max_rollbacks", "slow_worker", "max_updates", "push_codec", "pull_codec", "topk_fraction",
-              "algorithm", "local_steps", "inner_optimizer", "outer_lr", "outer_momentum", "outer_every",
+              "algorithm", "local_steps", "inner_optimizer", "outer_lr", "outer_momentum", "outer_every", "dynamic_local_steps",
               "max_seconds"]
     changes = {name: pick(name, getattr(base, name)) for name in fields if name in kw}
     distort = DistortionSpec(**{k: pick(f"distort_{k}", getattr(base.distort, k))

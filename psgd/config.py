@@ -115,6 +115,9 @@ class TrainConfig:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     outer_every: int | None = None
+    # local: each worker's H scaled to its measured speed (the fastest takes local_steps), so
+    # that all push at a similar cadence; told in each ack, so over ZeroMQ only
+    dynamic_local_steps: bool = False
     # stop conditions besides epochs and target accuracy
     max_updates: int | None = None
     max_seconds: float | None = None
@@ -153,6 +156,8 @@ class TrainConfig:
             (self.algorithm != "local" or self.staleness_rule != "dcasgd", "dcasgd compensates gradients, not local SGD's changes"),
             (self.transport != "shm" or not self.compresses,
              "codecs compress the ZeroMQ wire; shared memory has none: use --transport zmq (or auto)"),
+            (self.transport != "shm" or not self.dynamic_local_steps,
+             "dynamic local steps are told in ZeroMQ acks: use --transport zmq (or auto)"),
             (self.evals_per_epoch >= 1, "evals per epoch must be >= 1"),
             (self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target accuracy must be in (0, 1]"),
         ]
@@ -164,6 +169,11 @@ class TrainConfig:
     def compresses(self) -> bool:
         """A codec other than none, either way: the run's workers talk over ZeroMQ."""
         return self.push_codec != "none" or self.pull_codec != "none"
+
+    @property
+    def wire_only(self) -> bool:
+        """Workers must talk ZeroMQ: a codec, or dynamic local steps (told in acks)."""
+        return self.compresses or (self.algorithm == "local" and self.dynamic_local_steps)
 
     def to_dict(self) -> dict:
         return asdict(self)

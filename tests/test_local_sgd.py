@@ -139,3 +139,39 @@ def test_a_diloco_cluster_trains_mnist(procs, tmp_path):
     assert 15 <= rounds <= 30  # 55,000 examples / (2 workers x 10 steps x 128)
     assert all(w["pushes"] == rounds for w in s["per_worker"].values()) and s["staleness"]["max"] == 0
     assert json.loads((out / "config.json").read_text())["algorithm"] == "local"
+
+
+def test_dynamic_local_steps_size_each_workers_h_to_its_speed():
+    """Two workers, one pushing 4x the examples per second of the other: acks tell the
+    fast one H and the slow one H / 4, so that both push at a similar cadence."""
+    from test_server_state import FakeClock
+    from psgd.wire.client import PushResult
+    clock = FakeClock()
+    cfg = TrainConfig(model=SPEC32, algorithm="local", local_steps=20, dynamic_local_steps=True, workers=2)
+    assert cfg.wire_only and not TrainConfig(model=SPEC32, algorithm="local").wire_only
+    state = ServerState(cfg, num_data_shards=2, clock=clock)
+    fast, slow = (state.members.register(n, "zmq") for n in ("fast", "slow"))
+    g = np.zeros(state.store.size, np.float32)
+    clock.now = 10.0
+    state.push(fast.worker_id, state.store.version, 4000, g)
+    state.push(slow.worker_id, state.store.version, 1000, g)
+    told = {r.name: state.ack_reply((r.worker_id, state.store.version, 0), False)[0]["local_steps"] for r in (fast, slow)}
+    assert told == {"fast": 20, "slow": 5}
+    plain = ServerState(cfg.with_(dynamic_local_steps=False))
+    w = plain.members.register("w", "zmq")
+    assert "local_steps" not in plain.ack_reply((w.worker_id, 0, 0), False)[0]
+    core = LocalCore(MLP(SPEC32), None, StepSettings(), None, OptimizerSpec("sgd"), 0.1, 20)
+    core._take_local_steps(PushResult(0, False, 0, 5).local_steps)
+    assert core.local_steps == 5
+    core._take_local_steps(10 ** 6)  # a confused server cannot stall the worker
+    assert core.local_steps == 80
+    with pytest.raises(ConfigError, match="ZeroMQ"):
+        cfg.with_(transport="shm")
+
+
+def test_local_sgd_without_workers_is_refused_in_one_line():
+    from click.testing import CliRunner
+    from psgd.cli import cli
+    result = CliRunner().invoke(cli, ["train", "--workers", "0", "--algorithm", "local", "--out", ""])
+    assert result.exit_code == 2 and "local SGD pushes to a server" in result.output
+    assert len(result.output.strip().splitlines()) == 1

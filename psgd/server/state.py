@@ -284,11 +284,28 @@ class ServerState:
         worker_id, version, staleness = ack
         record = self.members.workers.get(worker_id)
         generation = record.data_generation if record is not None else 0
-        header = {"type": "ack", "version": version, "staleness": staleness, "data_generation": generation}
+        header = {"type": "ack", "version": version, "staleness": staleness, "data_generation": generation,
+                  **self._local_steps_field(record)}
         if not want_params:
             return header, []
         codec, frames = self.traffic.encode_params(record, self.store.params)
         return {**header, **_codec_field(codec)}, frames
+
+    def _local_steps_field(self, record: WorkerRecord | None) -> dict:
+        """Dynamic local updates (local SGD): the worker's next H, ``local_steps`` scaled by
+        its speed against the fastest connected worker's (examples per second since each
+        said hello), so that all push at a similar cadence; at least 1."""
+        c = self.config
+        if c.algorithm != "local" or not c.dynamic_local_steps or record is None:
+            return {}
+        now = self.clock()
+
+        def rate(r):
+            return r.examples / max(now - r.joined, 1e-9)
+        fastest = max((rate(r) for r in self.members.workers.values() if r.connected), default=0.0)
+        if fastest <= 0:
+            return {"local_steps": c.local_steps}
+        return {"local_steps": max(1, round(c.local_steps * rate(record) / fastest))}
 
     def welcome(self, record: WorkerRecord) -> dict:
         c, s = self.config, self.store

@@ -30,6 +30,7 @@ class ZmqChannel:
         self.client, self.worker_id = client, worker_id
         self.grad, self.offset = grad, offset  # grad may be a view into the worker's whole gradient
         self._params = None
+        self.local_steps = None
         # the codecs the server's welcome agreed (none: plain frames); error feedback lives in the encoder
         agreed = agreed if isinstance(agreed, dict) else {}
         self.push_codec = str(agreed.get("push", "none"))
@@ -61,6 +62,7 @@ class ZmqChannel:
     def push_end(self) -> tuple[int, int, int | None, int]:
         """(server version, staleness, version of refreshed params or None, data generation)."""
         reply = check_reply(self.client.receive(), "ack")
+        self.local_steps = reply.get("local_steps")  # local SGD, dynamic: the server's word on our next H
         params, self._params = self._params, None
         if params is not None:
             self._take_params(reply, params)

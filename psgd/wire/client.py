@@ -58,6 +58,7 @@ class PushResult:
     staleness: int  # shard 0's word (every push reaches every shard)
     refused: bool  # some shard refused it (its weights were pulled afresh instead)
     data_generation: int  # shard 0's: a change means the data shards moved
+    local_steps: int | None = None  # local SGD with dynamic local steps: shard 0's word on the next H
 
 
 
@@ -260,7 +261,7 @@ class ParameterClient:
                 link.version = fetched
             link.window_base = None
         self.last_contact = time.monotonic()
-        return PushResult(staleness, refused, generation)
+        return PushResult(staleness, refused, generation, getattr(self.links[0].channel, "local_steps", None))
 
     def heartbeat(self, first_only: bool = False):
         """Tell the shards we are alive; returns shard 0's ``assignment`` reply."""

@@ -63,7 +63,7 @@ OPTIONAL: dict[str, dict[str, str]] = {
     "hello": {"data_shards": "shards?", "codecs": "codecs"},
     "push": {"want_params": "bool", "codec": "codec"},
     "params": {"codec": "codec"},
-    "ack": {"codec": "codec"},
+    "ack": {"codec": "codec", "local_steps": "int?"},
     "pull": {"worker_id": "int?"},
     "bye": {"worker_id": "int?"},
     "stats": {"workers": "bool", "after": "int?"},

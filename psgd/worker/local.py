@@ -24,6 +24,9 @@ from ..model.optim import OptimizerSpec, make_optimizer
 from .core import StepSettings, WorkerCore
 
 
+MAX_LOCAL_STEPS_FACTOR = 4
+
+
 class LocalCore(WorkerCore):
     """``inner``: the inner optimizer's spec, ``inner_lr`` its constant rate, ``local_steps``
     H; the rest as :class:`WorkerCore` (``settings.n_push``/``n_fetch`` do not apply)."""
@@ -34,6 +37,7 @@ class LocalCore(WorkerCore):
                                                     settings.heartbeat_every_s), rng, stats)
         self.inner = make_optimizer(inner, net.n_params, net.dtype, net.weight_mask())
         self.inner_lr, self.local_steps = inner_lr, local_steps
+        self.run_local_steps = local_steps  # the run's H; local_steps may change with dynamic local updates
         self.start = np.empty(net.n_params, net.dtype)
         self.step_grad = np.empty(net.n_params, net.dtype)
 
@@ -50,9 +54,16 @@ class LocalCore(WorkerCore):
             st["compute_s"] += t1 - t0
             result = channel.push(examples, self.params)  # the ack brings the server's new weights
             self._count_push(result, examples)
+            self._take_local_steps(getattr(result, "local_steps", None))
             if result.data_generation is not None and result.data_generation != self.data_generation:
                 self._check_assignment(channel, on_assignment)
             st["comm_s"] += time.perf_counter() - t1
+
+    def _take_local_steps(self, told) -> None:
+        """Dynamic local updates: the server sizes H to this worker's speed (at most
+        MAX_LOCAL_STEPS_FACTOR x the run's, so a confused server cannot stall a worker)."""
+        if isinstance(told, int) and told >= 1:
+            self.local_steps = min(told, MAX_LOCAL_STEPS_FACTOR * self.run_local_steps)
 
     def _local_round(self, channel, should_stop, on_assignment) -> int:
         """H inner steps on ``self.params``; returns the examples seen. A long round still
