@@ -13,13 +13,14 @@ from pathlib import Path
 
 import click
 
-from .config import CONSISTENCY, STALENESS_RULES, TRANSPORTS, TrainConfig, default_workers
+from .config import ALGORITHMS, CONSISTENCY, STALENESS_RULES, TRANSPORTS, TrainConfig, default_workers
 from .data.augment import DistortionSpec
 from .errors import PsgdError
 from .model.functions import ACTIVATIONS, LOSSES
 from .model.network import ModelSpec, parse_sizes
 from .model.optim import OPTIMIZERS, OptimizerSpec
 from .model.schedules import SCHEDULES, ScheduleSpec
+from .wire.codecs import CODECS
 
 
 class PsgdGroup(click.Group):
@@ -119,7 +120,10 @@ def training_options(f):
         env_option("--dtype", type=click.Choice(["float32", "float64"]), default=_DEFAULT.model.dtype),
         env_option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=_DEFAULT.optimizer.name),
         env_option("--momentum", type=float, default=_DEFAULT.optimizer.momentum),
-        env_option("--weight-decay", type=float, default=_DEFAULT.optimizer.weight_decay, help="L2 coefficient."),
+        env_option("--weight-decay", type=float, default=_DEFAULT.optimizer.weight_decay,
+                   help="L2 coefficient (adamw: decoupled decay of the weights)."),
+        env_option("--beta1", type=float, default=_DEFAULT.optimizer.beta1, help="adam/adamw: first-moment decay."),
+        env_option("--beta2", type=float, default=_DEFAULT.optimizer.beta2, help="adam/adamw: second-moment decay."),
         env_option("--lr", type=float, default=_DEFAULT.schedule.lr,
                    help=f"Learning rate (a0 of the schedule); a conv net's default is {CONV_DEFAULT_LR}."),
         env_option("--schedule", type=click.Choice(list(SCHEDULES)), default=_DEFAULT.schedule.name),
@@ -166,6 +170,27 @@ def training_options(f):
                    help="Seconds of silence after which a worker leaves barriers and statistics."),
         env_option("--slow-worker", type=float, default=_DEFAULT.slow_worker,
                    help="Make the last local worker this many times slower (to study stragglers)."),
+        env_option("--push-codec", type=click.Choice(list(CODECS)), default=_DEFAULT.push_codec,
+                   help="Compress pushes on the ZeroMQ wire: float16, int8 (per-block scale) or topk "
+                        "(with error feedback); a run with a codec uses ZeroMQ, not shared memory."),
+        env_option("--pull-codec", type=click.Choice(["none", "float16", "int8"]), default=_DEFAULT.pull_codec,
+                   help="Compress the weights workers pull."),
+        env_option("--topk-fraction", type=float, default=_DEFAULT.topk_fraction,
+                   help="topk: the fraction of a push's elements sent."),
+        env_option("--algorithm", type=click.Choice(list(ALGORITHMS)), default=_DEFAULT.algorithm,
+                   help="downpour (push gradients) or local (local SGD / DiLoCo: push the change of "
+                        "--local-steps inner steps; --lr is then the inner rate)."),
+        env_option("--local-steps", type=int, default=_DEFAULT.local_steps, help="local: inner steps per push (H)."),
+        env_option("--inner-optimizer", type=click.Choice(list(OPTIMIZERS)), default=_DEFAULT.inner_optimizer,
+                   help="local: the workers' optimizer (with --momentum, --beta1/2, --weight-decay)."),
+        env_option("--outer-lr", type=float, default=_DEFAULT.outer_lr, help="local: the server's (outer) rate."),
+        env_option("--outer-momentum", type=float, default=_DEFAULT.outer_momentum,
+                   help="local: the server's Nesterov momentum (0: plain SGD)."),
+        env_option("--dynamic-local-steps/--fixed-local-steps", default=_DEFAULT.dynamic_local_steps,
+                   help="local: scale each worker's H to its speed (the fastest takes --local-steps); ZeroMQ only."),
+        env_option("--outer-every", type=int, default=None,
+                   help="local, async: pushes between moves of the outer momentum (delayed Nesterov). "
+                        "[default: the number of workers]"),
         env_option("--max-updates", type=int, default=None, help="Stop after this many applied updates."),
         env_option("--max-seconds", type=float, default=None, help="Stop after this many seconds."),
         env_option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/latest",
@@ -189,7 +214,9 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
 
     model = build_model_spec(kw, ctx, given, base.model)
     optimizer = OptimizerSpec(pick("optimizer", base.optimizer.name), pick("momentum", base.optimizer.momentum),
-                              pick("weight_decay", base.optimizer.weight_decay))
+                              pick("weight_decay", base.optimizer.weight_decay), base.optimizer.adagrad_eps,
+                              pick("beta1", base.optimizer.beta1), pick("beta2", base.optimizer.beta2),
+                              base.optimizer.adam_eps)
     lr = pick("lr", base.schedule.lr)
     if model.arch and "lr" in kw and ctx.get_parameter_source("lr") is click.core.ParameterSource.DEFAULT \
             and not from_file:
@@ -201,7 +228,8 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
     fields = ["data", "data_dir", "batch_size", "epochs", "seed", "validation", "dropout", "augment",
               "target_accuracy", "evals_per_epoch", "out_dir", "workers", "servers", "curve", "n_fetch", "n_push", "overlap", "transport",
               "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "max_staleness", "on_divergence",
-              "rollback_factor", "max_rollbacks", "slow_worker", "max_updates",
+              "rollback_factor", "max_rollbacks", "slow_worker", "max_updates", "push_codec", "pull_codec", "topk_fraction",
+              "algorithm", "local_steps", "inner_optimizer", "outer_lr", "outer_momentum", "outer_every", "dynamic_local_steps",
               "max_seconds"]
     changes = {name: pick(name, getattr(base, name)) for name in fields if name in kw}
     distort = DistortionSpec(**{k: pick(f"distort_{k}", getattr(base.distort, k))

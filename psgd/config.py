@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from .data.augment import DistortionSpec
 from .errors import ConfigError
 from .model.network import ModelSpec
-from .model.optim import OptimizerSpec
+from .model.optim import OPTIMIZERS, OptimizerSpec
+from .wire.codecs import CODECS
 from .model.schedules import WARMUP_MAX, ScheduleSpec
 
 TRANSPORTS = ("auto", "zmq", "shm")
@@ -49,6 +50,7 @@ def default_workers() -> int:
 
 
 ON_DIVERGENCE = ("stop", "rollback")
+ALGORITHMS = ("downpour", "local")
 MODEL_WIRE_ONLY = ("fingerprint", "user")  # in a server's description of its model, not in a config
 
 
@@ -99,6 +101,27 @@ class TrainConfig:
     rollback_factor: float = 0.3
     max_rollbacks: int = 3
     slow_worker: float = 1.0  # the last worker of a local cluster runs this many times slower
+    # Compression on the ZeroMQ wire (psgd.wire.codecs: none, float16, int8, topk), agreed with
+    # each worker in its hello; top-k pushes keep error feedback on the worker. Shared memory
+    # has no wire: a run with a codec offers it to no worker.
+    push_codec: str = "none"
+    pull_codec: str = "none"
+    topk_fraction: float = 0.01  # of a push's elements that top-k sends
+    # downpour: a worker pushes gradients and the server's optimizer applies them. local
+    # (local SGD / DiLoCo): a worker takes local_steps steps with its own inner optimizer
+    # (inner_optimizer, with the optimizer section's constants, at the constant rate
+    # schedule.lr) and pushes its outer gradient, start weights minus end weights; the
+    # server applies Nesterov momentum (outer_momentum; plain SGD at 0) at outer_lr, under
+    # async with the momentum moved every outer_every pushes (None: one per worker).
+    algorithm: str = "downpour"
+    local_steps: int = 10
+    inner_optimizer: str = "adamw"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    outer_every: int | None = None
+    # local: each worker's H scaled to its measured speed (the fastest takes local_steps), so
+    # that all push at a similar cadence; told in each ack, so over ZeroMQ only
+    dynamic_local_steps: bool = False
     # stop conditions besides epochs and target accuracy
     max_updates: int | None = None
     max_seconds: float | None = None
@@ -128,12 +151,35 @@ class TrainConfig:
             (0 < self.rollback_factor < 1, "the rollback factor must be in (0, 1)"),
             (self.max_rollbacks >= 0, "max rollbacks must be >= 0"),
             (self.slow_worker >= 1.0, "the slow worker factor must be >= 1"),
+            (self.push_codec in CODECS and self.pull_codec in CODECS, f"codecs are {', '.join(CODECS)}"),
+            (self.pull_codec in ("none", "float16", "int8"), "weights are pulled as none, float16 or int8, not top-k"),
+            (0 < self.topk_fraction <= 1, "the top-k fraction must be in (0, 1]"),
+            (self.algorithm in ALGORITHMS, f"algorithm must be one of {', '.join(ALGORITHMS)}"),
+            (self.local_steps >= 1, "local steps must be >= 1"),
+            (self.inner_optimizer in OPTIMIZERS, f"the inner optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.outer_lr > 0 and 0 <= self.outer_momentum < 1, "outer lr must be > 0, outer momentum in [0, 1)"),
+            (self.outer_every is None or self.outer_every >= 1, "outer-every must be >= 1 push"),
+            (self.algorithm != "local" or self.staleness_rule != "dcasgd", "dcasgd compensates gradients, not local SGD's changes"),
+            (self.transport != "shm" or not self.compresses,
+             "codecs compress the ZeroMQ wire; shared memory has none: use --transport zmq (or auto)"),
+            (self.transport != "shm" or not self.dynamic_local_steps,
+             "dynamic local steps are told in ZeroMQ acks: use --transport zmq (or auto)"),
             (self.evals_per_epoch >= 1, "evals per epoch must be >= 1"),
             (self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target accuracy must be in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    @property
+    def compresses(self) -> bool:
+        """A codec other than none, either way: the run's workers talk over ZeroMQ."""
+        return self.push_codec != "none" or self.pull_codec != "none"
+
+    @property
+    def wire_only(self) -> bool:
+        """Workers must talk ZeroMQ: a codec, or dynamic local steps (told in acks)."""
+        return self.compresses or (self.algorithm == "local" and self.dynamic_local_steps)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -193,7 +239,7 @@ NESTED = {"model": ModelSpec, "optimizer": OptimizerSpec, "schedule": ScheduleSp
 OPTION_SETTINGS = {"layers": "model.sizes", "activation": "model.hidden", "hidden": "model.hidden",
                    "loss": "model.loss", "dtype": "model.dtype", "arch": "model.arch", "lr": "schedule.lr",
                    "momentum": "optimizer.momentum", "optimizer": "optimizer.name", "schedule": "schedule.name",
-                   "weight_decay": "optimizer.weight_decay", "warmup": "schedule.warmup", "lease": "lease_s",
+                   "weight_decay": "optimizer.weight_decay", "beta1": "optimizer.beta1", "beta2": "optimizer.beta2", "warmup": "schedule.warmup", "lease": "lease_s",
                    "out": "out_dir"}
 
 
@@ -231,3 +277,20 @@ def check_settings(d: dict, source: str) -> None:
         hint = ("did you mean " + " or ".join(repr(c) for c in close[:3]) + "?") if close else \
             "psgd train --help lists every option; config.json of a run directory shows every setting"
         raise ConfigError(f"{source}: unknown setting {name!r}; {hint}")
+
+
+def server_update(config: TrainConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
+    """The optimizer and schedule a server applies pushes with: the run's own (Downpour),
+    or local SGD's outer ones: Nesterov momentum at a constant outer_lr, its momentum
+    moved every outer_every pushes under async (every round's one averaged push under sync)."""
+    if config.algorithm != "local":
+        return config.optimizer, config.schedule
+    every = 1 if config.consistency == "sync" else (config.outer_every or max(1, config.workers))
+    name = "delayed_nesterov" if config.outer_momentum else "sgd"
+    return (OptimizerSpec(name, config.outer_momentum, nesterov_every=every),
+            ScheduleSpec("constant", config.outer_lr, warmup=0))
+
+
+def inner_optimizer(config: TrainConfig) -> OptimizerSpec:
+    """Local SGD's worker-side optimizer: inner_optimizer with the optimizer section's constants."""
+    return replace(config.optimizer, name=config.inner_optimizer)

@@ -82,6 +82,11 @@ class WorkerRecord:
     # once known: the same seq again is a retry after a lost ack, answered with it, applied once.
     last_push: int | None = None
     last_ack: tuple[int, int] | None = None
+    # Codecs agreed in its hello (psgd.wire.codecs), and payload bytes of its pushes and pulls
+    push_codec: str = "none"
+    pull_codec: str = "none"
+    bytes_pushed: int = 0
+    bytes_pulled: int = 0
 
     def to_dict(self, now: float) -> dict:
         alive_for = max(now - self.joined, 1e-9)
@@ -89,4 +94,6 @@ class WorkerRecord:
                 "data_generation": self.data_generation, "transport": self.transport,
                 "pushes": self.pushes, "examples": self.examples, "refused": self.refused,
                 "examples_per_s": self.examples / alive_for, "last_seen_s_ago": now - self.last_seen,
-                "connected": self.connected, "expired": self.expired, "staleness": self.staleness.to_dict()}
+                "connected": self.connected, "expired": self.expired, "staleness": self.staleness.to_dict(),
+                "push_codec": self.push_codec, "pull_codec": self.pull_codec,
+                "bytes_pushed": self.bytes_pushed, "bytes_pulled": self.bytes_pulled}

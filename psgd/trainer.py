@@ -17,6 +17,7 @@ import numpy as np
 
 from . import data as data_mod
 from .config import TrainConfig
+from .errors import ConfigError
 from .coordinator.rundir import RunRecorder
 from .data.prepared import prepare_data
 from .model.interface import build_model
@@ -30,6 +31,9 @@ def train_single(config: TrainConfig, on_event=None, stop_requested=None) -> dic
     ``stop_requested()``, asked every step, ends the run early as a budget would (a first
     Ctrl-C): a final evaluation, then the summary, with stop_reason "interrupted"."""
     stop_requested = stop_requested or (lambda: False)
+    if config.algorithm == "local":
+        raise ConfigError("local SGD pushes to a server: give --workers 1 or more (with --workers 0 "
+                          "train with --inner-optimizer's rule as --optimizer instead)")
     t0 = time.perf_counter()
     d = prepare_data(config)
     config = d.config

@@ -4,8 +4,10 @@ One namespace holds a bridge (the "switch"); each host is a namespace joined to 
 veth pair and has its own address in 192.0.2.0/24 (TEST-NET-1: documentation space,
 routed nowhere). Nothing is added to the namespace the tests run in. A link is cut by
 taking the switch's end of its veth down; packets are dropped with iptables' statistic
-match inside the host (this kernel has no netem). ``close()`` removes every namespace,
-which takes its veths, bridge and rules with it.
+match inside the host (this kernel may have no netem). A host's link can be throttled with
+the tbf qdisc on both ends of its veth (``shape``: a rate each way, and added latency where
+the kernel has netem). ``close()`` removes every namespace, which takes its veths, bridge,
+qdiscs and rules with it.
 """
 
 from __future__ import annotations
@@ -84,6 +86,50 @@ class Network:
     def undrop(self, name: str) -> None:
         for chain in ("INPUT", "OUTPUT"):
             run(*self.exec_prefix(name), "iptables", "-F", chain)
+
+    def shape(self, name: str, mbit: float, latency_ms: float | None = None) -> None:
+        """Limit the host's link to ``mbit`` Mbit/s each way (tbf on the host's end for what it
+        sends, on the switch's end for what it receives), with ``latency_ms`` of added delay
+        each way if given (netem; raises RuntimeError where the kernel lacks it)."""
+        ns, _, switch_end = self.hosts[name]
+        host_end = switch_end[:-1] + "h"
+        burst = max(1600, int(mbit * 1e6 / 8 / 100))  # 10 ms worth of bytes, at least a packet
+        for namespace, dev in ((ns, host_end), (self.switch, switch_end)):
+            parent = ["root"]
+            if latency_ms:
+                run("ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:",
+                    "netem", "delay", f"{latency_ms}ms")
+                parent = ["parent", "1:1"]
+            run("ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", dev, *parent, "handle", "10:", "tbf",
+                "rate", f"{mbit}mbit", "burst", str(burst), "latency", "100ms")
+
+    def unshape(self, name: str) -> None:
+        ns, _, switch_end = self.hosts[name]
+        for namespace, dev in ((ns, switch_end[:-1] + "h"), (self.switch, switch_end)):
+            subprocess.run(["ip", "netns", "exec", namespace, "tc", "qdisc", "del", "dev", dev, "root"],
+                           capture_output=True, timeout=30)
+
+    def throughput(self, src: str, dst: str, megabytes: float = 2.0) -> float:
+        """Mbit/s of one TCP stream of ``megabytes`` from src to dst (a measure of the link)."""
+        code = ("import socket, sys\n"
+                "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                f"s.bind(('{self.address(dst)}', 9000)); s.listen(1); print('ready', flush=True)\n"
+                "c, _ = s.accept()\n"
+                "while c.recv(1 << 16): pass\n"
+                "c.sendall(b'k'); c.close()\n")
+        sink = subprocess.Popen([*self.exec_prefix(dst), sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        try:
+            sink.stdout.readline()
+            send = ("import socket, time\n"
+                    f"s = socket.create_connection(('{self.address(dst)}', 9000), timeout=60)\n"
+                    f"data = b'x' * {int(megabytes * 1e6)}; t = time.perf_counter(); s.sendall(data)\n"
+                    "s.shutdown(socket.SHUT_WR); s.recv(1); print(time.perf_counter() - t)\n")
+            out = subprocess.run([*self.exec_prefix(src), sys.executable, "-c", send], capture_output=True, text=True,
+                                 timeout=120)
+            return megabytes * 8 / float(out.stdout)
+        finally:
+            sink.kill()
+            sink.wait(10)
 
     def reachable(self, src: str, dst: str) -> bool:
         """Whether a TCP SYN from src gets an answer from dst (a refusal counts: it came back)."""

@@ -23,7 +23,9 @@ def pushes(state, wid, grads):
         apply(state, wid, state.store.version, 4, g)
 
 
-def test_restored_server_continues_exactly_as_the_original(tmp_path):
+@pytest.mark.parametrize("optimizer", ["momentum", "adam", "adamw"])
+def test_restored_server_continues_exactly_as_the_original(tmp_path, optimizer):
+    CONFIG = globals()["CONFIG"].with_(optimizer=OptimizerSpec(optimizer, 0.9, weight_decay=0.001))
     rng = np.random.default_rng(0)
     grads = [rng.standard_normal(ServerState(CONFIG).store.size).astype(np.float32) for _ in range(8)]
     a = ServerState(CONFIG)
@@ -38,7 +40,9 @@ def test_restored_server_continues_exactly_as_the_original(tmp_path):
     assert b.store.version == 5 and b.store.examples == 20 and np.array_equal(a.store.params, b.store.params)
     pushes(a, wa, grads[5:])
     pushes(b, wb, grads[5:])
-    assert np.array_equal(a.store.params, b.store.params)  # velocity and schedule position came back too
+    assert np.array_equal(a.store.params, b.store.params)  # velocity (Adam: moments, step) and schedule came back too
+    if optimizer.startswith("adam"):
+        assert b.store.optimizer.steps == a.store.optimizer.steps == 8
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])

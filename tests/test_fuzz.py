@@ -38,6 +38,18 @@ def hostile_messages(rng, worker_id):
         header.update(fields)
         return msgpack.packb(header)
 
+    def topk(idx, values):
+        idx, values = np.asarray(idx, "<u4"), np.asarray(values, "<f4")
+        return [push(codec="topk", arrays=[{"dtype": "<u4", "shape": [idx.size], "offset": 0},
+                                           {"dtype": "<f4", "shape": [values.size], "offset": 0}]),
+                idx.tobytes(), values.tobytes()]
+
+    def int8(scales, codes):
+        scales, codes = np.asarray(scales, "<f4"), np.asarray(codes, np.int8)
+        return [push(codec="int8", arrays=[{"dtype": "<f4", "shape": [scales.size], "offset": 0},
+                                           {"dtype": "|i1", "shape": [codes.size], "offset": 0}]),
+                scales.tobytes(), codes.tobytes()]
+
     kinds = [
         ("random bytes", lambda: [rng.bytes(int(rng.integers(1, 200)))]),
         ("random frames", lambda: [rng.bytes(int(rng.integers(0, 50))) for _ in range(int(rng.integers(2, 6)))]),
@@ -70,6 +82,26 @@ def hostile_messages(rng, worker_id):
                                                      data_shards=[[-1], [99], [0, 0], [1.5], [True], "x"][
                                                          int(rng.integers(6))])]),
         ("stats with bad paging", lambda: [push(type="stats", workers=True, after="next", arrays=[])]),
+        # compressed pushes (psgd.wire.codecs) that do not fit: each is refused, none applied
+        ("top-k unsorted", lambda: topk(np.array([5, 3, 9]), np.ones(3))),
+        ("top-k duplicate", lambda: topk(np.array([3, 3]), np.ones(2))),
+        ("top-k out of range", lambda: topk(np.array([0, N_PARAMS + int(rng.integers(0, 1 << 20))]), np.ones(2))),
+        ("top-k lengths differ", lambda: topk(np.array([1, 2, 3]), np.ones(2))),
+        ("top-k more than the vector", lambda: topk(np.arange(N_PARAMS + 1), np.ones(N_PARAMS + 1))),
+        ("top-k NaN value", lambda: topk(np.array([4]), np.array([np.nan]))),
+        ("top-k one frame", lambda: [push(codec="topk", arrays=[{"dtype": "<u4", "shape": [1], "offset": 0}]),
+                                     np.zeros(1, "<u4").tobytes()]),
+        ("top-k signed indices", lambda: [push(codec="topk", arrays=[{"dtype": "<i4", "shape": [1], "offset": 0},
+                                                                     {"dtype": "<f4", "shape": [1], "offset": 0}]),
+                                          np.zeros(1, "<i4").tobytes(), np.ones(1, "<f4").tobytes()]),
+        ("int8 NaN scale", lambda: int8(np.full(-(-N_PARAMS // 256), np.nan), np.ones(N_PARAMS))),
+        ("int8 too few scales", lambda: int8(np.ones(3), np.ones(N_PARAMS))),
+        ("int8 short codes", lambda: int8(np.ones(-(-N_PARAMS // 256)), np.ones(N_PARAMS - 1))),
+        ("float16 short", lambda: [push(codec="float16", arrays=[{"dtype": "<f2", "shape": [N_PARAMS - 1], "offset": 0}]),
+                                   np.zeros(N_PARAMS - 1, "<f2").tobytes()]),
+        ("float16 Inf", lambda: [push(codec="float16", arrays=[{"dtype": "<f2", "shape": [N_PARAMS], "offset": 0}]),
+                                 np.full(N_PARAMS, np.inf, "<f2").tobytes()]),
+        ("unknown codec", lambda: [push(codec=["zstd", 1, None, ""][int(rng.integers(4))]), good.tobytes()]),
     ]
     while True:
         kind, make = kinds[int(rng.integers(len(kinds)))]

@@ -136,3 +136,31 @@ def test_workers_cut_off_from_the_server_wait_and_resume(procs, net):
         assert w.poll() is None, f"{name} gave up: {procs.log(name)}"
     job.wait_for(lambda p: all(p[n] > after_cut[n] + 50 for n in ("w1", "w2")), "both training again")
     job.finish()
+
+
+N_PARAMS = 784 * 64 + 64 + 64 * 10 + 10  # the Job's model
+
+
+@pytest.mark.long
+def test_compressed_pushes_and_pulls_outrun_a_10_mbit_link(procs, net):
+    """The throttled-link harness: each worker's link shaped to 10 Mbit/s each way (tbf).
+    Plain float32, a step moves a push and a pull of 204 kB each: at most ~3 steps/s per
+    worker fit the link. Top-1% pushes with error feedback and int8 pulls (~4 kB + 51 kB)
+    must go several times faster than that bound."""
+    for name in ("w1", "w2"):
+        net.shape(name, 10)
+    measured = net.throughput("w1", "server")
+    assert 8 <= measured <= 11, f"the shaped link carries {measured:.1f} Mbit/s"
+    job = Job(procs, net, "--push-codec", "topk", "--pull-codec", "int8", "--topk-fraction", "0.01")
+    job.wait_for(lambda p: p["w1"] > 20 and p["w2"] > 20, "both workers training over the shaped links")
+    t0, p0 = time.monotonic(), job.pushes()
+    time.sleep(8)
+    t1, p1 = time.monotonic(), job.pushes()
+    rate = (p1["w1"] - p0["w1"]) / (t1 - t0)
+    plain_bound = 10e6 / 8 / (2 * 4 * N_PARAMS)
+    traffic = job.stats()["traffic"]
+    print(f"link {measured:.1f} Mbit/s; w1 {rate:.1f} pushes/s compressed, plain float32 could do at most "
+          f"{plain_bound:.1f}; payload {traffic}")
+    assert set(traffic["pushed"]) == {"topk"} and set(traffic["pulled"]) == {"int8"}
+    assert rate > 3 * plain_bound
+    job.finish()

@@ -60,9 +60,42 @@ def test_weight_decay_is_the_gradient_of_an_l2_penalty_on_weights_only():
     np.testing.assert_allclose(out, w - 0.1 * (grads[0] + 0.01 * mask * w))
 
 
-@pytest.mark.parametrize("name", ["momentum", "nesterov", "adagrad"])
+def test_adam_two_steps_by_hand():
+    """Two steps of Adam worked out on paper for one element: g1 = 1, g2 = -2, lr 0.1,
+    b1 0.9, b2 0.999. Step 1: m = 0.1, v = 0.001, m^ = 1, v^ = 1: w moves by -0.1 (minus a
+    hair for eps). Step 2: m = 0.09 - 0.2 = -0.11, v = 0.000999 + 0.004 = 0.004999,
+    m^ = -0.11 / 0.19, v^ = 0.004999 / 0.001999: w moves by +0.1 * (0.11/0.19) / sqrt(2.50075...)."""
+    opt = make_optimizer(OptimizerSpec("adam"), 1, np.float64)
+    w = np.array([0.5])
+    opt.step(w, np.array([1.0]), 0.1)
+    np.testing.assert_allclose(w, [0.5 - 0.1 * 1 / (1 + 1e-8)], rtol=0, atol=1e-15)
+    opt.step(w, np.array([-2.0]), 0.1)
+    m_hat, v_hat = -0.11 / 0.19, 0.004999 / 0.001999
+    np.testing.assert_allclose(w, [0.5 - 0.1 / (1 + 1e-8) - 0.1 * m_hat / (np.sqrt(v_hat) + 1e-8)], rtol=1e-12)
+    assert opt.steps == 2 and opt.m[0] == pytest.approx(-0.11) and opt.v[0] == pytest.approx(0.004999)
+
+
+def test_adam_and_adamw_against_a_reference_loop():
+    mask = np.array([1, 1, 1, 0, 0, 1.0])
+    for name in ("adam", "adamw"):
+        spec = OptimizerSpec(name, weight_decay=0.01, beta1=0.8, beta2=0.99, adam_eps=1e-6)
+        w, grads, out, opt = run(spec, 3, lr=0.1, mask=mask)
+        m = v = np.zeros(6)
+        for t, g in enumerate(grads, start=1):
+            if name == "adam":
+                g = g + 0.01 * mask * w  # L2 on the gradient
+            else:
+                w = w - 0.1 * 0.01 * mask * w  # decoupled: the weights decay apart from the moments
+            m = 0.8 * m + 0.2 * g
+            v = 0.99 * v + 0.01 * g * g
+            w = w - 0.1 * (m / (1 - 0.8 ** t)) / (np.sqrt(v / (1 - 0.99 ** t)) + 1e-6)
+        np.testing.assert_allclose(out, w, rtol=1e-12)
+        assert opt.steps == 3
+
+
+@pytest.mark.parametrize("name", ["momentum", "nesterov", "adagrad", "adam", "adamw"])
 def test_state_restores_exactly(name):
-    spec = OptimizerSpec(name)
+    spec = OptimizerSpec(name, weight_decay=0.01)
     rng = np.random.default_rng(1)
     grads = [rng.standard_normal(5).astype(np.float32) for _ in range(6)]
     w1 = np.ones(5, np.float32)
@@ -83,6 +116,10 @@ def test_bad_optimizer_specs():
         OptimizerSpec("rmsprop")
     with pytest.raises(ConfigError, match="momentum"):
         OptimizerSpec("momentum", momentum=1.5)
+    with pytest.raises(ConfigError, match="betas"):
+        OptimizerSpec("adam", beta2=1.0)
+    with pytest.raises(ConfigError, match="step count"):
+        make_optimizer(OptimizerSpec("adam"), 3).load_state({"m": np.zeros(3), "v": np.zeros(3), "step": np.zeros(2)})
 
 
 def test_schedules():

@@ -114,3 +114,20 @@ def test_gradcheck_command_passes():
     result = CliRunner().invoke(cli, ["gradcheck"])
     assert result.exit_code == 0 and "all 25 combinations pass" in result.output  # 15 MLP, 10 conv
     assert "conv3x3x3same" in result.output and "avgpool2" in result.output
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adam_learns_in_one_process_from_the_cli(mnist, tmp_path, optimizer):
+    """--workers 0 with Adam: two digits of MNIST, 3 epochs of 2,000 images, from the CLI."""
+    train, test = mnist
+    pick = lambda d, n: d.subset(np.flatnonzero((d.y == 3) | (d.y == 5))[:n])  # noqa: E731
+    tr, te = pick(train, 2000), pick(test, 1000)
+    np.savez(tmp_path / "35.npz", X=tr.X, y=(tr.y == 5).astype(np.int64), X_test=te.X, y_test=(te.y == 5).astype(np.int64))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--workers", "0", "--data", str(tmp_path / "35.npz"), "--layers", "784,32,2",
+                                      "--optimizer", optimizer, "--lr", "0.003", "--beta2", "0.99", "--weight-decay",
+                                      "0.0001", "--epochs", "3", "--validation", "200", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())["optimizer"]
+    assert saved["name"] == optimizer and saved["beta2"] == 0.99
+    assert json.loads((out / "summary.json").read_text())["test_accuracy"] >= 0.9  # chance is 0.5

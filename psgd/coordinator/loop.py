@@ -19,9 +19,10 @@ import time
 
 import numpy as np
 
-from ..config import TrainConfig
+from ..config import TrainConfig, server_update
 from ..errors import PsgdError, TransportError
 from ..metrics import StalenessHistogram
+from .report import traffic_line
 from ..model.interface import build_model
 from ..data.prepared import PreparedData
 from .rundir import RunRecorder
@@ -69,7 +70,7 @@ class Coordinator:
         self.watch = watch or (lambda: [])
         self.servers = ParameterClient(endpoint, "coordinator", keys,  # one or all K shards
                                        max_message=max_reply_bytes(self.net.n_params, self.net.dtype.itemsize))
-        self.schedule = config.schedule.build()
+        self.schedule = server_update(config)[1].build()  # local SGD: the outer rate
         self.params = np.empty(self.net.n_params, self.net.dtype)
         self.failures: list[str] = []
         self.checkpoint_failures: dict[int, int] = {}  # server shard -> failed checkpoint writes seen
@@ -243,6 +244,9 @@ class Coordinator:
             "staleness_p99": hist["p99"], "staleness_max": hist["max"],
             "examples_per_s": stats["examples"] / train_time if train_time else 0.0,
             "worker_examples_per_s": rates, "stragglers": stragglers(rates),
+            # what crossed ZeroMQ so far: every frame either way, and the workers' array payload alone
+            "bytes": stats["bytes_in"] + stats["bytes_out"],
+            "payload_bytes": sum(sum(by_codec.values()) for by_codec in (stats.get("traffic") or {}).values()),
         }
         self.recorder.record(rec)
         return rec
@@ -328,6 +332,8 @@ class Coordinator:
             "stragglers": stragglers({n: w["examples_per_s"] for n, w in workers.items() if w["connected"]}),
             "worker_transports": sorted({w["transport"] for w in stats["workers"].values()}),
             "server_cpu_per_push_us": self._cpu_per_push(stats),
+            "push_codec": c.push_codec, "pull_codec": c.pull_codec, "algorithm": c.algorithm,
+            "traffic": stats.get("traffic") or {"pushed": {}, "pulled": {}},  # payload bytes by codec
         }
         summary["first_reaching"] = {str(a): r["train_time"] for a in (0.97, 0.98)
                                      if (r := self.recorder.first_reaching(a))}
@@ -337,6 +343,8 @@ class Coordinator:
             f"{stats['bytes_in'] / 1e6:.1f} MB in and {stats['bytes_out'] / 1e6:.1f} MB out over ZeroMQ; "
             f"workers pushed via {', '.join(summary['worker_transports'])}",
         ]
+        if c.compresses:
+            summary["report"].append(traffic_line(summary["traffic"]))
         if summary["checkpoint_failures"]:
             summary["report"].append(f"{summary['checkpoint_failures']} checkpoint writes failed on the servers "
                                      "(see their logs); training went on")
@@ -353,8 +361,10 @@ def per_worker(records) -> dict[str, dict]:
         name, hist = w["name"], StalenessHistogram.from_dict(w["staleness"])
         row = {k: w[k] for k in ("pushes", "examples", "refused", "transport", "connected", "data_shards",
                                  "examples_per_s")}
+        row.update({k: w.get(k, d) for k, d in (("push_codec", "none"), ("pull_codec", "none"),
+                                                ("bytes_pushed", 0), ("bytes_pulled", 0))})
         if name in out:
-            for k in ("pushes", "examples", "refused"):
+            for k in ("pushes", "examples", "refused", "bytes_pushed", "bytes_pulled"):
                 row[k] += out[name][k]
             row["records"] = out[name]["records"] + 1
             hists[name].merge(hist)

@@ -44,7 +44,16 @@ class Run:
         return StalenessHistogram.from_dict(h) if h else None
 
 
+def traffic_line(traffic: dict) -> str:
+    """Payload bytes (array frames) by direction and codec, as one report line."""
+    def part(by_codec):
+        return ", ".join(f"{codec} {n / 1e6:.2f} MB" for codec, n in sorted(by_codec.items())) or "none"
+    return f"payload pushed: {part(traffic.get('pushed', {}))}; pulled by workers: {part(traffic.get('pulled', {}))}"
+
+
 def _optimizer(o: dict) -> str:
+    if o["name"] in ("adam", "adamw"):
+        return f"{o['name']} ({o.get('beta1', 0.9)}, {o.get('beta2', 0.999)})"
     return f"{o['name']} {o['momentum']}" if o["name"] in ("momentum", "nesterov") else o["name"]
 
 
@@ -62,7 +71,10 @@ def text_report(run: Run) -> list[str]:
         f"{c['schedule']['name']}; batch {c['batch_size']}",
         f"  cluster: {s.get('workers', 0)} workers" + (
             f", {s.get('consistency', 'async')}, staleness rule {s.get('staleness_rule', 'none')}, "
-            f"pushes via {', '.join(s.get('worker_transports', [])) or '-'}" if s.get("workers") else " (one process)"),
+            f"pushes via {', '.join(s.get('worker_transports', [])) or '-'}"
+            + (f"; local SGD, {c.get('local_steps')} {c.get('inner_optimizer')} steps per push, outer lr "
+               f"{c.get('outer_lr')}, momentum {c.get('outer_momentum')}" if c.get("algorithm") == "local" else "")
+            if s.get("workers") else " (one process)"),
     ]
     acc = s.get("test_accuracy")
     lines.append(f"  result: test accuracy {acc:.2%}, loss {s['test_loss']:.4f}" if acc is not None
@@ -84,6 +96,9 @@ def text_report(run: Run) -> list[str]:
         lines.append(f"  staleness: mean {sm['mean']:.2f}, p50 {sm['p50']}, p99 {sm['p99']}, max {sm['max']} "
                      f"over {sm['count']} pushes; most common: "
                      + ", ".join(f"{v}{'+' if v == hist.cap else ''} ({c / hist.total:.0%})" for c, v in top))
+    if s.get("traffic") and (s["traffic"].get("pushed") or s["traffic"].get("pulled")):
+        lines.append(f"  codecs: push {s.get('push_codec', 'none')}, pull {s.get('pull_codec', 'none')}; "
+                     + traffic_line(s["traffic"]))
     per_worker = s.get("per_worker") or {}
     if per_worker:
         flagged = set(s.get("stragglers", []))
@@ -92,7 +107,9 @@ def text_report(run: Run) -> list[str]:
             lines.append(f"  {name:<12} {w['pushes']:>7} {w['examples']:>9} {w['examples_per_s']:>8.0f} "
                          f"{w['staleness']['mean']:>9.2f}  {w['transport']}"
                          + ("  STRAGGLER" if name in flagged else "") + ("" if w["connected"] else "  (gone)")
-                         + (f"  (joined {w['records']} times)" if w.get("records", 1) > 1 else ""))
+                         + (f"  (joined {w['records']} times)" if w.get("records", 1) > 1 else "")
+                         + (f"  {w['push_codec']}/{w['pull_codec']} {w['bytes_pushed'] / 1e6:.2f}/"
+                            f"{w['bytes_pulled'] / 1e6:.2f} MB pushed/pulled" if "bytes_pushed" in w else ""))
     for failure in s.get("failures", []):
         lines.append(f"  failed: {failure}")
     return lines

@@ -6,7 +6,8 @@ keeps one scratch vector. Its state is a dict of plain arrays, saved and restore
 
 L2 weight decay adds ``weight_decay * w`` to the gradient of every weight-matrix entry
 (``decay_mask`` is 1 there and 0 on biases); as the server applies it to the weights it
-holds, it is never stale.
+holds, it is never stale. AdamW instead decays the weights themselves, apart from the
+gradient's moments (Loshchilov & Hutter, "Decoupled weight decay regularization", 2019).
 """
 
 from __future__ import annotations
@@ -17,33 +18,47 @@ import numpy as np
 
 from ..errors import ConfigError
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "adam", "adamw")
+OUTER_OPTIMIZERS = ("sgd", "delayed_nesterov")  # a local-SGD server's (psgd.config.server_update)
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """Which rule and its constants. ``momentum`` is mu for momentum and nesterov."""
+    """Which rule and its constants. ``momentum`` is mu for momentum and nesterov;
+    ``beta1``, ``beta2`` and ``adam_eps`` are Adam's (Kingma & Ba 2015, PyTorch's defaults)."""
 
     name: str = "momentum"
     momentum: float = 0.9
     weight_decay: float = 0.0
     adagrad_eps: float = 1e-8
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    nesterov_every: int = 1  # delayed_nesterov: pushes between applications of the momentum
 
     def __post_init__(self):
-        if self.name not in OPTIMIZERS:
+        if self.name not in OPTIMIZERS + OUTER_OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ConfigError(f"Adam's betas must be in [0, 1), got {self.beta1} and {self.beta2}")
+        if self.nesterov_every < 1:
+            raise ConfigError(f"the delayed Nesterov period must be >= 1 push, got {self.nesterov_every}")
+        if not self.adam_eps > 0:
+            raise ConfigError(f"Adam's epsilon must be > 0, got {self.adam_eps}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "OptimizerSpec":
-        try:
-            return cls(str(d["name"]), float(d["momentum"]), float(d["weight_decay"]), float(d["adagrad_eps"]))
+        try:  # Adam's constants default: a description written before Adam lacks them
+            return cls(str(d["name"]), float(d["momentum"]), float(d["weight_decay"]), float(d["adagrad_eps"]),
+                       float(d.get("beta1", 0.9)), float(d.get("beta2", 0.999)), float(d.get("adam_eps", 1e-8)),
+                       int(d.get("nesterov_every", 1)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed optimizer description: {exc!r}") from None
 
@@ -52,6 +67,7 @@ class Optimizer:
     """Base: holds the scratch vector and weight decay; subclasses implement ``_apply``."""
 
     state_names: tuple[str, ...] = ()
+    couples_decay = True  # weight decay enters as L2 on the gradient (AdamW: False, it decays apart)
 
     def __init__(self, spec: OptimizerSpec, size: int, dtype=np.float32, decay_mask: np.ndarray | None = None):
         self.spec = spec
@@ -59,7 +75,7 @@ class Optimizer:
         self.dtype = np.dtype(dtype)
         self._scratch = np.empty(size, self.dtype)
         self._decay = None
-        if spec.weight_decay:
+        if spec.weight_decay and self.couples_decay:
             mask = np.ones(size, self.dtype) if decay_mask is None else np.asarray(decay_mask, self.dtype)
             if mask.shape != (size,):
                 raise ConfigError(f"decay mask has shape {mask.shape}, expected ({size},)")
@@ -136,7 +152,109 @@ class Adagrad(Optimizer):
         params -= s
 
 
-_RULES = {"sgd": SGD, "momentum": Momentum, "nesterov": Nesterov, "adagrad": Adagrad}
+class Adam(Optimizer):
+    """Adam, as PyTorch computes it: m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
+    w <- w - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps), t the steps taken
+    (counted by this optimizer: on a server shard, its own pushes, which are everyone's).
+    Weight decay is L2 on the gradient, as in torch.optim.Adam.
+
+    Its state is ``m``, ``v`` (float arrays of the vector's size) and ``step``, a one-element
+    int64 array, so a checkpoint restores it exactly.
+    """
+
+    state_names = ("m", "v")
+
+    def __init__(self, spec, size, dtype=np.float32, decay_mask=None):
+        super().__init__(spec, size, dtype, decay_mask)
+        self.steps = 0
+        self._wd = None  # AdamW: per-element decoupled decay (weight_decay on weights, 0 on biases)
+        if spec.weight_decay and not self.couples_decay:
+            mask = np.ones(size, self.dtype) if decay_mask is None else np.asarray(decay_mask, self.dtype)
+            if mask.shape != (size,):
+                raise ConfigError(f"decay mask has shape {mask.shape}, expected ({size},)")
+            self._wd = mask * spec.weight_decay
+
+    def _apply(self, params, grad, lr):
+        b1, b2, s = self.spec.beta1, self.spec.beta2, self._scratch
+        self.steps += 1
+        if self._wd is not None:  # AdamW: w <- w - lr wd w, before the moment step
+            np.multiply(params, self._wd, out=s)
+            s *= lr
+            params -= s
+        self.m *= b1
+        np.multiply(grad, 1.0 - b1, out=s)
+        self.m += s
+        self.v *= b2
+        np.multiply(grad, grad, out=s)
+        s *= 1.0 - b2
+        self.v += s
+        np.sqrt(self.v, out=s)
+        s /= np.sqrt(1.0 - b2 ** self.steps)
+        s += self.spec.adam_eps
+        np.divide(self.m, s, out=s)
+        s *= lr / (1.0 - b1 ** self.steps)
+        params -= s
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {**super().state(), "step": np.array([self.steps], np.int64)}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        super().load_state(state)
+        step = np.asarray(state["step"])
+        if step.shape != (1,) or step.dtype.kind not in "iu" or int(step[0]) < 0:
+            raise ConfigError(f"Adam's step count is {step!r}, expected one integer >= 0")
+        self.steps = int(step[0])
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay: w <- w - lr wd w, then Adam's step on g alone."""
+
+    couples_decay = False
+
+
+class DelayedNesterov(Optimizer):
+    """The outer optimizer of asynchronous local SGD: Nesterov momentum whose buffer moves
+    only every N = ``nesterov_every`` pushes (after Liu et al. 2024, "Asynchronous Local-SGD
+    Training for Language Modeling"), so that one fast worker's pushes do not each drag the
+    momentum. With ``g`` each pushed outer gradient (start weights minus end weights):
+
+        every push:       w <- w - lr g;  acc <- acc + g
+        every N-th push:  m <- mu m + acc / N;  w <- w - lr mu m;  acc <- 0
+
+    With N = 1 this is Nesterov momentum (w <- w - lr (g + mu m), m <- mu m + g, the form of
+    ``nesterov`` above at a constant rate); with mu = 0, plain SGD. State: ``m``, ``acc``
+    and ``pending`` (pushes since the last momentum step, one int64)."""
+
+    state_names = ("m", "acc")
+
+    def __init__(self, spec, size, dtype=np.float32, decay_mask=None):
+        super().__init__(spec, size, dtype, decay_mask)
+        self.pending = 0
+
+    def _apply(self, params, grad, lr):
+        s, mu, n = self._scratch, self.spec.momentum, self.spec.nesterov_every
+        np.multiply(grad, lr, out=s)
+        params -= s
+        self.acc += grad
+        self.pending += 1
+        if self.pending >= n:
+            self.m *= mu
+            np.multiply(self.acc, 1.0 / n, out=s)
+            self.m += s
+            np.multiply(self.m, lr * mu, out=s)
+            params -= s
+            self.acc[...] = 0
+            self.pending = 0
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {**super().state(), "pending": np.array([self.pending], np.int64)}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        super().load_state(state)
+        self.pending = int(np.asarray(state["pending"]).reshape(-1)[0])
+
+
+_RULES = {"delayed_nesterov": DelayedNesterov, "sgd": SGD, "momentum": Momentum, "nesterov": Nesterov, "adagrad": Adagrad, "adam": Adam, "adamw": AdamW}
 
 
 def make_optimizer(spec: OptimizerSpec, size: int, dtype=np.float32, decay_mask=None) -> Optimizer:

@@ -207,7 +207,7 @@ class Server:
             header, arrays = result
             if header["type"] == "welcome":
                 log.info(f"worker {header['worker_id']} ({msg['worker']}) joined, data shards {header['data_shards']}")
-                if self.weights_seg is not None and msg["transport"] != "zmq":
+                if self.weights_seg is not None and msg["transport"] != "zmq" and not self.state.config.wire_only:
                     header["local"] = {"weights": self.weights_seg.name, "doorbell": self.listener.path,
                                        "nonce": int(self.weights_seg.header[shm.NONCE])}
             elif header["type"] == "error":

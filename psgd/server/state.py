@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import TrainConfig
+from ..config import TrainConfig, inner_optimizer
 from ..errors import ProtocolError
 from ..metrics import WorkerRecord
 from ..model.interface import fingerprint
@@ -33,6 +33,7 @@ from .consistency import APPLY, APPLY_HOLD, make_gate
 from .membership import Membership
 from .phase import RunPhase
 from .store import ParameterStore
+from .traffic import Traffic
 
 APPLIED, HELD, REFUSED, SHUTDOWN = "applied", "held", "refused", "shutdown"
 
@@ -69,6 +70,7 @@ class ServerState:
         self.gate = make_gate(config, self.store.size, self.store.dtype)
         self.errors: Counter = Counter()
         self.bytes_in = self.bytes_out = 0
+        self.traffic = Traffic(config, self.store.size, self.store.dtype)  # codecs, and bytes by codec
         # kept by the loop: the newest checkpoint written, and writes that failed (a full disk)
         self.checkpoint_status = {"version": None, "failures": 0, "error": None, "failed_version": None}
         self.started = clock()
@@ -203,19 +205,20 @@ class ServerState:
     def _dispatch(self, msg: Message) -> tuple[dict, list] | None:
         kind = msg.type
         if kind == "push":
-            if len(msg.arrays) != 1:
+            if len(msg.arrays) != 1 and msg.get("codec", "none") == "none":  # a codec's frames: its decoder checks
                 raise ProtocolError("bad_frames", f"push carries {len(msg.arrays)} arrays, expected 1")
             worker_id = msg["worker_id"]
-            decision = self.push(worker_id, msg["base_version"], msg["examples"], msg.arrays[0], msg.offset(0),
-                                 msg["seq"])
+            # a compressed push is decoded here, then enters the one door as any other
+            grad = self.traffic.decode_push(self.members.workers.get(worker_id), msg.get("codec", "none"), msg.arrays)
+            decision = self.push(worker_id, msg["base_version"], msg["examples"], grad, msg.offset(0), msg["seq"])
             return self.push_reply(worker_id, decision, msg.get("want_params") is True)
         if kind in ("pull", "heartbeat", "hello") and self.phase.stopping:
             if kind != "pull" or msg.get("worker_id") is not None:  # a monitor may still pull
                 return {"type": "shutdown"}, []
         if kind == "pull":
-            if msg.get("worker_id") is not None:
-                self.members.touch(msg["worker_id"])
-            return {"type": "params", "version": self.store.version}, [self.store.params]
+            record = self.members.touch(msg["worker_id"]) if msg.get("worker_id") is not None else None
+            codec, frames = self.traffic.encode_params(record, self.store.params)
+            return {"type": "params", "version": self.store.version, **_codec_field(codec)}, frames
         if kind == "heartbeat":
             record = self.members.touch(msg["worker_id"])
             return {"type": "assignment", "data_shards": list(record.data_shards),
@@ -228,7 +231,7 @@ class ServerState:
                 raise ProtocolError("bad_field", f"data shards {wanted} are not all in "
                                                  f"0..{self.members.num_data_shards - 1}")
             record = self.members.register(msg["worker"][:64], "zmq", wanted)
-            return self.welcome(record), []
+            return {**self.welcome(record), "codecs": self.traffic.agree(record, msg.get("codecs"))}, []
         if kind == "stats":
             reply = {"type": "stats_reply", "stats": self.stats()}
             if msg.get("workers") is True:  # per-worker records: one page, after the id asked for
@@ -281,20 +284,40 @@ class ServerState:
         worker_id, version, staleness = ack
         record = self.members.workers.get(worker_id)
         generation = record.data_generation if record is not None else 0
-        return ({"type": "ack", "version": version, "staleness": staleness, "data_generation": generation},
-                [self.store.params] if want_params else [])
+        header = {"type": "ack", "version": version, "staleness": staleness, "data_generation": generation,
+                  **self._local_steps_field(record)}
+        if not want_params:
+            return header, []
+        codec, frames = self.traffic.encode_params(record, self.store.params)
+        return {**header, **_codec_field(codec)}, frames
+
+    def _local_steps_field(self, record: WorkerRecord | None) -> dict:
+        """Dynamic local updates (local SGD): the worker's next H, ``local_steps`` scaled by
+        its speed against the fastest connected worker's (examples per second since each
+        said hello), so that all push at a similar cadence; at least 1."""
+        c = self.config
+        if c.algorithm != "local" or not c.dynamic_local_steps or record is None:
+            return {}
+        now = self.clock()
+
+        def rate(r):
+            return r.examples / max(now - r.joined, 1e-9)
+        fastest = max((rate(r) for r in self.members.workers.values() if r.connected), default=0.0)
+        if fastest <= 0:
+            return {"local_steps": c.local_steps}
+        return {"local_steps": max(1, round(c.local_steps * rate(record) / fastest))}
 
     def welcome(self, record: WorkerRecord) -> dict:
         c, s = self.config, self.store
         return {
             "type": "welcome", "worker_id": record.worker_id, "model": {**c.model.wire_dict(), "fingerprint": fingerprint(s.net, c.model)},
-            "optimizer": c.optimizer.to_dict(), "version": s.version, "data_shards": list(record.data_shards),
+            "optimizer": s.optimizer_spec.to_dict(), "version": s.version, "data_shards": list(record.data_shards),
             "num_data_shards": self.members.num_data_shards, "data_generation": record.data_generation,
             "range": [s.lo, s.hi], "server_shard": s.shard, "num_server_shards": s.num_server_shards,
             "layout": s.net.layout.to_wire(),
             "run": {"data": c.data, "seed": c.seed, "validation": c.validation, "batch_size": c.batch_size,
                     "n_fetch": c.n_fetch, "n_push": c.n_push, "overlap": c.overlap, "dropout": c.dropout, "augment": c.augment, "distort": c.distort.to_dict(),
-                    "lease_s": c.lease_s},
+                    "lease_s": c.lease_s, **local_sgd(c)},
             "update": self.update_rule(),
         }
 
@@ -327,6 +350,19 @@ class ServerState:
             "consistency": self.config.consistency, "ssp_max_lead": getattr(self.gate, "max_lead", None),
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "staleness_rule": self.config.staleness_rule,
             "max_staleness": self.staleness_bound(), "workers_connected": self.members.connected, "workers_known": len(self.members.workers),
-            "checkpoint": dict(self.checkpoint_status),
+            "checkpoint": dict(self.checkpoint_status), "traffic": self.traffic.stats(),
             "cpu_s": time.process_time(),  # this server process's CPU time: its cost per push, measured
         }
+
+
+def local_sgd(c: TrainConfig) -> dict:
+    """What a worker of a local-SGD run needs in the welcome's ``run`` (Downpour: nothing new)."""
+    if c.algorithm != "local":
+        return {}
+    return {"algorithm": "local", "local_steps": c.local_steps, "inner_optimizer": inner_optimizer(c).to_dict(),
+            "inner_lr": c.schedule.lr}
+
+
+def _codec_field(codec: str) -> dict:
+    """A plain vector says nothing of codecs: a client that knows none reads it as before."""
+    return {} if codec == "none" else {"codec": codec}

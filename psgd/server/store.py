@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import TrainConfig
+from ..config import TrainConfig, server_update
 from ..errors import ConfigError, ProtocolError
 from ..metrics import StalenessHistogram
 from ..model.layout import shard_range
 from ..model.interface import build_model
-from ..model.optim import make_optimizer
+from ..model.optim import OptimizerSpec, make_optimizer
 
 MAX_EXAMPLES_PER_PUSH = 1 << 20
 DC_HISTORY = 16  # dcasgd: weight versions kept; an older push is applied uncompensated
@@ -54,8 +54,10 @@ class ParameterStore:
             params[...] = fresh
         self.params = params
         mask = self.net.weight_mask()[self.lo:self.hi]
-        self.optimizer = make_optimizer(config.optimizer, self.size, self.dtype, mask)
-        self.schedule = config.schedule.build()
+        # Downpour: the run's optimizer and schedule; local SGD: its outer ones (psgd.config.server_update)
+        self.optimizer_spec, schedule_spec = server_update(config)
+        self.optimizer = make_optimizer(self.optimizer_spec, self.size, self.dtype, mask)
+        self.schedule = schedule_spec.build()
         self.write_lock = write_lock or _NoLock()
         self.max_updates = max_updates
         self.version = 0
@@ -162,7 +164,7 @@ class ParameterStore:
                                              f"this server holds [{self.lo}, {self.hi})")
         if not np.isfinite(params).all():
             raise ProtocolError("not_finite", "weights hold NaN or Inf")
-        fresh = make_optimizer(self.config.optimizer, self.size, self.dtype, self.net.weight_mask()[self.lo:self.hi])
+        fresh = make_optimizer(self.optimizer_spec, self.size, self.dtype, self.net.weight_mask()[self.lo:self.hi])
         with self.write_lock:
             self.params[...] = params
         self.optimizer = fresh
@@ -175,7 +177,7 @@ class ParameterStore:
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict]:
         """What a checkpoint holds: arrays (weights, optimizer state) and counters."""
         arrays = {"params": self.params.copy(), **{f"opt_{k}": v for k, v in self.optimizer.state().items()}}
-        meta = {"model": self.config.model.to_dict(), "optimizer": self.config.optimizer.to_dict(),
+        meta = {"model": self.config.model.to_dict(), "optimizer": self.optimizer_spec.to_dict(),
                 "range": [self.lo, self.hi],
                 "examples": self.examples, "lr_override": self.lr_override, "schedule": self.schedule.state(),
                 "staleness": self.staleness.to_dict()}
@@ -183,7 +185,8 @@ class ParameterStore:
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         """Continue from a checkpoint of the same model and optimizer."""
-        if meta.get("model") != self.config.model.to_dict() or meta.get("optimizer") != self.config.optimizer.to_dict():
+        optimizer = OptimizerSpec.from_dict(meta["optimizer"]) if isinstance(meta.get("optimizer"), dict) else None
+        if meta.get("model") != self.config.model.to_dict() or optimizer != self.optimizer_spec:
             raise ConfigError("the checkpoint is of another model or optimizer than this server's")
         if list(meta.get("range", [0, self.net.n_params])) != [self.lo, self.hi]:
             raise ConfigError(f"the checkpoint holds parameters {meta['range']}, this server shard [{self.lo}, {self.hi})")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ProtocolError, ShutdownRequested, TransportError
-from . import shm
+from . import codecs, shm
 from .doorbell import DoorbellClient
 from .transport import Client
 
@@ -28,30 +28,48 @@ class ZmqChannel:
 
     transport = "zmq"
 
-    def __init__(self, client: Client, worker_id: int, grads: list[np.ndarray], offset: int):
+    def __init__(self, client: Client, worker_id: int, grads: list[np.ndarray], offset: int,
+                 agreed: dict | None = None):
         self.client, self.worker_id = client, worker_id
         self.grads, self.offset = grads, offset  # views into the worker's whole gradients, maybe
         self._params = None
+        self.local_steps = None
+        # the codecs the server's welcome agreed (none: plain frames); error feedback lives in the encoder
+        agreed = agreed if isinstance(agreed, dict) else {}
+        self.push_codec = str(agreed.get("push", "none"))
+        self.encoder = codecs.PushEncoder(self.push_codec, grads[0].size, grads[0].dtype,
+                                          float(agreed.get("topk_fraction", codecs.DEFAULT_TOPK_FRACTION)))
+        self.bytes_pushed = self.bytes_pulled = 0  # payload bytes, as the server counts them
 
     def pull(self, params: np.ndarray) -> int:
         reply = check_reply(self.client.request({"type": "pull", "worker_id": self.worker_id}), "params")
-        params[...] = reply.arrays[0]
+        self._take_params(reply, params)
         return reply["version"]
 
+    def _take_params(self, reply, params: np.ndarray) -> None:
+        """The weights of a params or ack reply, in whatever codec it says, into ``params``."""
+        codecs.decode(reply.get("codec", "none"), reply.arrays, params)
+        self.bytes_pulled += codecs.payload_bytes(reply.arrays)
+
     def push_begin(self, slot: int, base_version: int, examples: int, params: np.ndarray | None) -> None:
-        """Send ``grads[slot]`` (without copying it); :meth:`push_end` waits for the ack
-        (and refreshed ``params``)."""
+        """Send ``grads[slot]`` (uncompressed: without copying it); :meth:`push_end` waits for
+        the ack (and refreshed ``params``)."""
         header = {"type": "push", "worker_id": self.worker_id, "base_version": base_version,
                   "examples": examples, "want_params": params is not None}
+        frames = self.encoder.encode(self.grads[slot])
+        if self.push_codec != "none":
+            header["codec"] = self.push_codec
         self._params = params
-        self.client.send(header, [self.grads[slot]], [self.offset])
+        self.bytes_pushed += codecs.payload_bytes(frames)
+        self.client.send(header, frames, [self.offset] * len(frames))
 
     def push_end(self) -> tuple[int, int, int | None, int]:
         """(server version, staleness, version of refreshed params or None, data generation)."""
         reply = check_reply(self.client.receive(), "ack")
+        self.local_steps = reply.get("local_steps")  # local SGD, dynamic: the server's word on our next H
         params, self._params = self._params, None
         if params is not None:
-            params[...] = reply.arrays[0]
+            self._take_params(reply, params)
         return reply["version"], reply["staleness"], reply["version"] if params is not None else None, \
             reply["data_generation"]
 

@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import ConfigError, ProtocolError, PsgdError, ShutdownRequested, TransportError
 from . import shm
 from .channels import ShmChannel, ZmqChannel, check_reply
+from .codecs import CODECS
 from .protocol import Message
 from .transport import Client, ClientKeys, connect_clients, max_reply_bytes
 
@@ -57,6 +58,7 @@ class PushResult:
     staleness: int  # shard 0's word (every push reaches every shard)
     refused: bool  # some shard refused it (its weights were pulled afresh instead)
     data_generation: int  # shard 0's: a change means the data shards moved
+    local_steps: int | None = None  # local SGD with dynamic local steps: shard 0's word on the next H
 
 
 
@@ -129,6 +131,7 @@ class ParameterClient:
             merged["bytes_in"] = sum(s["bytes_in"] for s in shards)
             merged["bytes_out"] = sum(s["bytes_out"] for s in shards)
             merged["cpu_s"] = sum(s.get("cpu_s", 0.0) for s in shards)
+            merged["traffic"] = _sum_traffic(s.get("traffic") for s in shards)
             errors: dict[str, int] = {}
             for s in shards:
                 for code, n in s["errors"].items():
@@ -182,7 +185,7 @@ class ParameterClient:
         welcomes = []
         for k, link in enumerate(self.links):
             reply = link.client.request({"type": "hello", "worker": self.name, "transport": self.transport,
-                                         "data_shards": data_shards})
+                                         "data_shards": data_shards, "codecs": list(CODECS)})
             if reply.type == "shutdown":
                 raise ShutdownRequested("the server ended the run")
             if reply.type != "welcome":
@@ -222,7 +225,7 @@ class ParameterClient:
             if link.channel is None:
                 views = [np.empty(link.hi - link.lo, dtype) for _ in range(buffers)] if single else \
                     [grad[link.lo:link.hi] for grad in self.grads]
-                link.channel = ZmqChannel(link.client, link.worker_id, views, link.lo)
+                link.channel = ZmqChannel(link.client, link.worker_id, views, link.lo, welcome.get("codecs"))
             link.copy_in = not single and link.channel.transport == "shm"
             link.window_base = None
         if single:
@@ -290,7 +293,7 @@ class ParameterClient:
             if fetched is not None:
                 link.version = fetched
         self.last_contact = time.monotonic()
-        return PushResult(staleness, refused, generation)
+        return PushResult(staleness, refused, generation, getattr(self.links[0].channel, "local_steps", None))
 
     def heartbeat(self, first_only: bool = False):
         """Tell the shards we are alive; returns shard 0's ``assignment`` reply."""
@@ -331,3 +334,13 @@ class ParameterClient:
 def _expect(endpoint: str, asked: str, reply: Message, kind: str) -> None:
     if reply.type != kind:
         raise PsgdError(f"{endpoint} answered {asked} with {reply.type}: {reply.get('message', '')}")
+
+
+def _sum_traffic(shards) -> dict:
+    """Payload bytes by direction and codec, summed over the server shards."""
+    total: dict[str, dict[str, int]] = {"pushed": {}, "pulled": {}}
+    for traffic in shards:
+        for way, by_codec in (traffic or {}).items():
+            for codec, n in by_codec.items():
+                total.setdefault(way, {})[codec] = total.get(way, {}).get(codec, 0) + n
+    return total

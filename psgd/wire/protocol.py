@@ -15,8 +15,9 @@ import msgpack
 import numpy as np
 
 from ..errors import ProtocolError
+from .codecs import CODECS, FRAME_DTYPES
 
-PROTOCOL_VERSION = 2  # 2: server shards (range), elastic data shards, heartbeats
+PROTOCOL_VERSION = 2  # 2: server shards (range), elastic data shards, heartbeats; optional codecs
 MAX_HEADER_BYTES = 64 * 1024  # every header, either way (a server's replies stay within it too)
 MAX_REPLY_HEADER_BYTES = MAX_HEADER_BYTES  # what a client reads from its server
 DTYPES = {"<f4": np.dtype("<f4"), "<f8": np.dtype("<f8")}
@@ -59,15 +60,21 @@ SERVER_TAKES = frozenset({"hello", "heartbeat", "pull", "push", "stats", "set_lr
 # (or nil where the spec allows nil) means the default; anything else of the wrong type
 # is ``bad_field``. "int?" is an int or nil, "shards?" nil or a list of distinct ints >= 0.
 OPTIONAL: dict[str, dict[str, str]] = {
-    "hello": {"data_shards": "shards?"},
-    "push": {"want_params": "bool"},
+    "hello": {"data_shards": "shards?", "codecs": "codecs"},
+    "push": {"want_params": "bool", "codec": "codec"},
+    "params": {"codec": "codec"},
+    "ack": {"codec": "codec", "local_steps": "int?"},
     "pull": {"worker_id": "int?"},
     "bye": {"worker_id": "int?"},
     "stats": {"workers": "bool", "after": "int?"},
 }
 
 # How many array frames each type carries: (least, most). Every other type carries none.
+# A vector in a codec (psgd.wire.codecs) other than "none" takes that codec's frames instead
+# of the one, in the dtypes FRAME_DTYPES names.
 ARRAY_COUNTS = {"push": (1, 1), "params": (1, 1), "ack": (0, 1), "set_params": (1, 1)}
+CODEC_DTYPES = {d: np.dtype(d) for frames in FRAME_DTYPES.values() for d in frames}
+MAX_CODECS = 16  # names a hello may list
 
 # Error codes carried by ``error`` replies (docs/protocol.md lists their meaning).
 ERROR_CODES = ("bad_frames", "bad_header", "bad_version", "bad_type", "bad_field", "bad_array",
@@ -79,12 +86,17 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-_RULES = {"bool": "a bool", "int?": "an int or nil", "shards?": "nil or a list of distinct ints >= 0"}
+_RULES = {"bool": "a bool", "int?": "an int or nil", "shards?": "nil or a list of distinct ints >= 0",
+          "codec": f"one of {', '.join(CODECS)}", "codecs": f"a list of at most {MAX_CODECS} strings"}
 
 
 def _optional_ok(kind: str, value) -> bool:
     if kind == "bool":
         return isinstance(value, bool)
+    if kind == "codec":
+        return isinstance(value, str) and value in CODECS
+    if kind == "codecs":  # names this end cannot decode are the other end's to ignore
+        return isinstance(value, list) and len(value) <= MAX_CODECS and all(isinstance(c, str) for c in value)
     if value is None:
         return True
     if kind == "int?":
@@ -176,6 +188,10 @@ def decode(frames: list, max_header: int = MAX_HEADER_BYTES, accept: frozenset |
                                              f"not {_RULES[rule]}", seq)
     meta = header.get("arrays", [])
     least, most = ARRAY_COUNTS.get(kind, (0, 0))
+    codec = header.get("codec", "none") if "codec" in OPTIONAL.get(kind, {}) else "none"
+    frame_dtypes = FRAME_DTYPES.get(codec)
+    if frame_dtypes is not None:  # a compressed vector: exactly its codec's frames (an ack: or none)
+        least, most = (0 if least == 0 else len(frame_dtypes)), len(frame_dtypes)
     if not isinstance(meta, list) or len(meta) != len(frames) - 1:
         raise ProtocolError("bad_frames", f"header lists {len(meta) if isinstance(meta, list) else '?'} arrays, "
                                           f"message has {len(frames) - 1} array frames", seq)
@@ -183,20 +199,23 @@ def decode(frames: list, max_header: int = MAX_HEADER_BYTES, accept: frozenset |
         raise ProtocolError("bad_frames", f"a {kind} carries {least if least == most else f'{least} to {most}'} "
                                           f"array frames, not {len(meta)}", seq)
     try:
-        arrays = [_array(m, frames[i + 1]) for i, m in enumerate(meta)]
+        arrays = [_array(m, frames[i + 1], frame_dtypes[i] if frame_dtypes else None) for i, m in enumerate(meta)]
     except ProtocolError as exc:
         exc.seq = seq
         raise
     return Message(header, arrays)
 
 
-def _array(meta, frame) -> np.ndarray:
+def _array(meta, frame, codec_dtype: str | None = None) -> np.ndarray:
+    """One array frame; ``codec_dtype``: the one dtype a compressed vector's frame must have."""
     if not isinstance(meta, dict):
         raise ProtocolError("bad_array", "array description is not a map")
-    dtype = DTYPES.get(meta.get("dtype"))
+    dtype = DTYPES.get(meta.get("dtype")) if codec_dtype is None else \
+        (CODEC_DTYPES[codec_dtype] if meta.get("dtype") == codec_dtype else None)
     shape, offset = meta.get("shape"), meta.get("offset")
     if dtype is None:
-        raise ProtocolError("bad_array", f"dtype {meta.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+        allowed = codec_dtype or ", ".join(DTYPES)
+        raise ProtocolError("bad_array", f"dtype {meta.get('dtype')!r} is not {'one of ' if codec_dtype is None else ''}{allowed}")
     if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 0):
         raise ProtocolError("bad_array", f"shape {shape!r} is not a 1-D length")
     if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:

@@ -26,8 +26,10 @@ from ..model.interface import build_model, check_welcome
 from ..model.network import ModelSpec
 from ..wire.client import ParameterClient
 from ..wire.transport import SERVER_WAIT_S, ClientKeys
+from ..model.optim import OptimizerSpec
 from .core import StepSettings, WorkerCore, new_stats
 from .threads import ThreadShare
+from .local import LocalCore
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,14 @@ class WorkerOptions:
     model: str | None = None  # package.module:factory of a user's model (the server never names it)
     overlap: bool | None = None  # None: the run's (from the server's welcome)
     threads: int | None = None  # BLAS threads; None: this host's cores shared by its workers (worker.threads)
+
+
+def make_core(net, settings: StepSettings, run: dict, stats: dict) -> WorkerCore:
+    """Downpour's compute loop, or local SGD's when the welcome's ``run`` says so."""
+    if run.get("algorithm", "downpour") == "local":
+        return LocalCore(net, None, settings, None, OptimizerSpec.from_dict(run["inner_optimizer"]),
+                         float(run["inner_lr"]), int(run["local_steps"]), stats)
+    return WorkerCore(net, None, settings, None, stats)
 
 
 class Worker:
@@ -119,7 +129,7 @@ class Worker:
                                     dropout=float(run.get("dropout", 0.0)), slowdown=o.slowdown,
                                     max_steps=o.max_steps, heartbeat_every_s=float(run.get("lease_s", 10.0)) / 3,
                                     overlap=o.overlap if o.overlap is not None else run.get("overlap") is True)
-            self.core = WorkerCore(net, None, settings, None, self.stats)
+            self.core = make_core(net, settings, run, self.stats)
             self._model_key = key
         else:
             check_welcome(self.core.net, spec, welcome["model"], welcome["layout"])
