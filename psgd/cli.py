@@ -128,6 +128,11 @@ def training_options(f):
         env_option("--max-staleness", type=int, default=None,
                    help="Refuse a push staler than this (its worker pulls fresh weights). "
                         "Default: 4 x connected workers + 16; 0: no bound."),
+        env_option("--outlier-k", type=float, default=_DEFAULT.outlier_k,
+                   help="Refuse a push whose gradient norm exceeds k x the median of the last "
+                        "--outlier-window accepted pushes (after a warm-up of 20); 0: no guard."),
+        env_option("--outlier-window", type=int, default=_DEFAULT.outlier_window,
+                   help="Accepted pushes the outlier guard's median runs over."),
         env_option("--on-divergence", type=click.Choice(["stop", "rollback"]), default=_DEFAULT.on_divergence,
                    help="A diverged run stops with an error, or rolls every server back to the last validated "
                         "weights and goes on at a lower rate."),
@@ -173,7 +178,7 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
                             pick("warmup", base.schedule.warmup))
     fields = ["data", "data_dir", "batch_size", "epochs", "seed", "validation", "dropout", "augment",
               "target_accuracy", "evals_per_epoch", "out_dir", "workers", "servers", "curve", "n_fetch", "n_push", "transport",
-              "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "max_staleness", "on_divergence",
+              "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "max_staleness", "outlier_k", "outlier_window", "on_divergence",
               "rollback_factor", "max_rollbacks", "slow_worker", "max_updates",
               "max_seconds"]
     changes = {name: pick(name, getattr(base, name)) for name in fields if name in kw}
@@ -391,7 +396,12 @@ def fetch(data_dir, mirrors):
 
 @cli.command()
 @training_options
-@env_option("--bind", default="tcp://*:5555", help="ZeroMQ endpoint to listen on (port 0: any free port).")
+@env_option("--bind", default=None, show_default=False,
+            help="ZeroMQ endpoint to listen on (port 0: any free port). [default: tcp://*:5555 with CURVE keys, "
+                 "else tcp://127.0.0.1:5555]")
+@env_option("--insecure", is_flag=True, default=False,
+            help="Allow listening on a non-loopback address without CURVE: anyone who reaches the port can then "
+                 "change the weights or end the run.")
 @env_option("--shard", "server_shard", type=int, default=0, help="Which range of the parameters this server holds.")
 @env_option("--num-shards", type=int, default=1, help="How many server shards split the parameters.")
 @env_option("--data-shards", type=int, default=1, help="Data shards to hand out to workers (usually the worker count).")
@@ -408,27 +418,37 @@ def fetch(data_dir, mirrors):
 @env_option("--curve-secret-key", type=click.Path(dir_okay=False, exists=True), default=None,
             help="CURVE: encrypt and authenticate with this secret key file (from psgd keygen).")
 @env_option("--curve-allow", type=click.Path(file_okay=False, exists=True), default=None,
-            help="CURVE: the folder of public keys (*.key) of the clients to accept; all others get nothing.")
-def server(ctx, bind, server_shard, num_shards, data_shards, shared_memory, ready_file, checkpoint_dir,
+            help="CURVE: the folder of public keys (*.key) of the clients to accept, as workers; those in its "
+                 "control/ subfolder may also steer the run (set_lr, pause, resume, shutdown, describe). All "
+                 "others get nothing.")
+def server(ctx, bind, insecure, server_shard, num_shards, data_shards, shared_memory, ready_file, checkpoint_dir,
            checkpoint_every, checkpoint_every_updates, resume, curve_secret_key, curve_allow, **kw):
     """Run a parameter server: hold the weights, apply every push the moment it arrives.
 
     --max-updates and --max-seconds stop it by itself. A coordinator that watches it still
     gets the final weights: the server then waits (up to 30 s) for its shutdown."""
+    from .server.exposure import resolve_bind
     from .server.loop import Server, ServerOptions
-    from .wire.transport import server_keys
+    from .wire.transport import allowed_roles, server_keys
+    from .wire.protocol import CONTROL
     kw.update(workers=0)
     config = build_config(ctx, **kw)
+    keys = server_keys(curve_secret_key, curve_allow)
+    bind, warning = resolve_bind(bind, keys is not None, insecure)
+    if warning:
+        click.echo(warning, err=True)
     srv = Server(config, ServerOptions(bind, data_shards, shared_memory, ready_file, config.max_updates,
                                        config.max_seconds, checkpoint_dir, checkpoint_every, resume,
-                                       server_shard, num_shards, server_keys(curve_secret_key, curve_allow),
-                                       checkpoint_every_updates))
+                                       server_shard, num_shards, keys,
+                                       checkpoint_every_updates, insecure))
     st = srv.state.store
     click.echo(f"psgd server listening on {srv.endpoint} ({config.model.sizes}; shard {st.shard} of "
                f"{st.num_server_shards}: parameters [{st.lo}, {st.hi}))")
-    if curve_allow:
-        n = len(list(Path(curve_allow).glob("*.key")))
-        click.echo(f"CURVE: accepting {n} client key{'s' if n != 1 else ''} from {curve_allow}; others get nothing")
+    if keys is not None:
+        roles = list(allowed_roles(curve_allow).values())
+        n, n_control = len(roles), roles.count(CONTROL)
+        click.echo(f"CURVE: accepting {n} client key{'s' if n != 1 else ''} from {curve_allow} "
+                   f"({n_control} control, {n - n_control} worker); others get nothing")
     stats = srv.run()
     click.echo(f"server stopped at version {stats['version']}; errors {stats['errors'] or 'none'}")
 
