@@ -560,10 +560,22 @@ def status(connect, as_json, shutdown, curve_key, curve_server_key):
     hist = StalenessHistogram.from_dict(stats["staleness"]).summary()
     click.echo(f"version {stats['version']}, {stats['examples']} examples, lr {stats['lr']:.4g}, "
                f"staleness mean {hist['mean']:.2f} max {hist['max']}, errors {stats['errors'] or 'none'}")
+    guard = stats.get("outlier_guard") or {}
+    if guard.get("on"):
+        median = guard.get("median_norm")
+        click.echo(f"outlier guard: refuses a gradient norm above {guard['k']:g} x the median "
+                   + (f"{median:.4g}" if median is not None else "(none yet)")
+                   + f" of the last {guard['window']} accepted pushes"
+                   + ("" if guard.get("judging") else f" (warming up: judges after {guard['warmup']})"))
+    else:
+        click.echo("outlier guard: off")
     for w in stats["workers"].values():
         state = "live" if w["connected"] else ("lease ran out" if w["expired"] else "gone")
+        outliers = w.get("outliers", 0)
         click.echo(f"  {w['name']}: {state}, {w['transport']}, data shards {w['data_shards']}, {w['pushes']} pushes, "
-                   f"{w['examples_per_s']:.0f} examples/s")
+                   f"{w['examples_per_s']:.0f} examples/s"
+                   + (f", {outliers} pushes refused as outliers" if outliers else "")
+                   + (" FLAGGED" if w.get("flagged") else ""))
     if shutdown:
         click.echo("told the server to end the run")
 

@@ -2,6 +2,12 @@
 core training through it in-process (an honest run loses nothing; a worker whose
 gradients are scaled by 1e6 changes nothing)."""
 
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -10,8 +16,9 @@ from psgd.data import Minibatches
 from psgd.errors import ConfigError, ProtocolError
 from psgd.metrics import FLAG_AFTER_OUTLIERS
 from psgd.model.network import MLP
-from psgd.server.guard import OutlierGuard
+from psgd.server.guard import WARMUP, OutlierGuard
 from psgd.server.state import APPLIED, REFUSED, ServerState
+from psgd.wire.transport import Client
 from psgd.worker.core import StepSettings, WorkerCore
 from test_worker_core import SPEC, StateChannel, config, problem
 
@@ -125,3 +132,45 @@ def test_pushes_scaled_by_a_million_are_all_refused_and_change_nothing():
     X, y = problem()
     loss, _ = MLP(SPEC).evaluate(attacked.store.params, X, y)
     assert np.isfinite(loss)
+
+
+def test_a_worker_pushing_gradients_scaled_by_a_million_is_refused_flagged_and_named(procs, tmp_path):
+    """Real processes: a server, an honest worker, once the guard's warm-up is over a
+    worker whose every gradient is scaled by 1e6, and (once that one is pushing) a
+    coordinator to 90%. The run reaches its target, every scaled push is refused, and
+    `psgd report` names the worker."""
+    server, endpoint = procs.start_server("--layers", "784,32,10", "--epochs", "3", "--data-shards", "2",
+                                          "--evals-per-epoch", "4", "--no-shm")
+    env = {"OPENBLAS_NUM_THREADS": "1"}
+    procs.start("worker", "--connect", endpoint, "--name", "honest", "--transport", "zmq", log="honest", extra_env=env)
+    monitor = Client(endpoint, "monitor", server_wait=10)
+    deadline = time.monotonic() + 60
+    while monitor.request({"type": "stats"})["stats"]["version"] < 2 * WARMUP:
+        assert time.monotonic() < deadline and server.poll() is None, procs.log("honest")
+        time.sleep(0.05)
+    hostile_log = open(tmp_path / "hostile.log", "w")
+    hostile = subprocess.Popen([sys.executable, str(Path(__file__).with_name("hostile_worker.py")), "--connect",
+                                endpoint, "--name", "scaled", "--transport", "zmq"], stdout=hostile_log,
+                               stderr=subprocess.STDOUT, env={**procs.env, **env})
+    procs.procs.append(hostile)
+    hostile_log.close()
+    while monitor.request({"type": "stats"})["stats"]["errors"].get("outlier", 0) < FLAG_AFTER_OUTLIERS:
+        assert time.monotonic() < deadline + 60 and hostile.poll() is None, (tmp_path / "hostile.log").read_text()
+        time.sleep(0.05)
+    out = tmp_path / "run"
+    coordinator = procs.start("coordinator", "--connect", endpoint, "--out", str(out), "--target-accuracy", "0.9",
+                              log="coordinator")
+    assert coordinator.wait(180) == 0, procs.log("coordinator")
+    monitor.close()
+    assert server.wait(30) == 0 and hostile.wait(30) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "target accuracy" and summary["test_accuracy"] >= 0.88
+    scaled, honest = summary["per_worker"]["scaled"], summary["per_worker"]["honest"]
+    assert scaled["pushes"] == 0 and scaled["outliers"] == scaled["refused"] >= FLAG_AFTER_OUTLIERS
+    assert scaled["flagged"] and not honest["flagged"] and honest["outliers"] == 0
+    assert summary["errors"].get("outlier") == scaled["outliers"] and summary["flagged_workers"] == ["scaled"]
+    report = subprocess.run([sys.executable, "-m", "psgd", "report", str(out), "--no-plots"], capture_output=True,
+                            text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert "flagged workers (gradients refused again and again by the outlier guard): scaled" in report.stdout
+    assert "flagged" in (tmp_path / "server.log").read_text()

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..errors import PsgdError, TransportError
-from ..metrics import StalenessHistogram
+from ..metrics import FLAG_AFTER_OUTLIERS, StalenessHistogram
 from ..model.interface import build_model
 from ..data.prepared import PreparedData
 from .rundir import RunRecorder
@@ -306,6 +306,11 @@ class Coordinator:
             f"{stats['bytes_in'] / 1e6:.1f} MB in and {stats['bytes_out'] / 1e6:.1f} MB out over ZeroMQ; "
             f"workers pushed via {', '.join(summary['worker_transports'])}",
         ]
+        flagged = sorted(n for n, w in workers.items() if w["flagged"])
+        summary["flagged_workers"] = flagged
+        if flagged:
+            summary["report"].append("flagged (pushes refused again and again as outliers): " + ", ".join(
+                f"{n} ({workers[n]['outliers']} refused)" for n in flagged))
         if summary["checkpoint_failures"]:
             summary["report"].append(f"{summary['checkpoint_failures']} checkpoint writes failed on the servers "
                                      "(see their logs); training went on")
@@ -322,9 +327,12 @@ def per_worker(records) -> dict[str, dict]:
         name, hist = w["name"], StalenessHistogram.from_dict(w["staleness"])
         row = {k: w[k] for k in ("pushes", "examples", "refused", "transport", "connected", "data_shards",
                                  "examples_per_s")}
+        row["outliers"] = w.get("outliers", 0)
+        row["flagged"] = bool(w.get("flagged"))
         if name in out:
-            for k in ("pushes", "examples", "refused"):
+            for k in ("pushes", "examples", "refused", "outliers"):
                 row[k] += out[name][k]
+            row["flagged"] = row["flagged"] or out[name]["flagged"] or row["outliers"] >= FLAG_AFTER_OUTLIERS
             row["records"] = out[name]["records"] + 1
             hists[name].merge(hist)
         else:
