@@ -584,13 +584,26 @@ def status(connect, as_json, shutdown, curve_key, curve_server_key):
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--name", "names", multiple=True, default=["server"], show_default=True,
               help="Key pairs to write (repeatable): FOLDER/NAME.key (public) and FOLDER/NAME.key_secret.")
-def keygen(folder, names):
+@click.option("--cluster", is_flag=True,
+              help="Instead, a whole cluster's keys, keeping any already there: server.key(_secret), "
+                   "worker.key_secret, control.key_secret, and the server's allowed folder allowed/ (worker.key; "
+                   "control/control.key).")
+def keygen(folder, names, cluster):
     """Write CURVE key pairs for encrypted, authenticated traffic.
 
     Give the server its NAME.key_secret (--curve-secret-key) and a folder holding the public
-    .key files of the clients it accepts (--curve-allow); give each worker and coordinator
-    its own .key_secret (--curve-key) and the server's .key (--curve-server-key)."""
-    from .wire.transport import write_keypair
+    .key files of the clients it accepts (--curve-allow): workers' keys in the folder itself,
+    control keys (coordinator, psgd status --shutdown) in its control/ subfolder. Give each
+    worker and coordinator its own .key_secret (--curve-key) and the server's .key
+    (--curve-server-key). --cluster lays all of that out in FOLDER."""
+    from .wire.transport import write_cluster_keys, write_keypair
+    if cluster:
+        k = write_cluster_keys(folder)
+        click.echo(f"CURVE keys in {folder}:\n"
+                   f"  server:      --curve-secret-key {k['server_secret']} --curve-allow {k['allowed']}\n"
+                   f"  workers:     --curve-key {k['worker_secret']} --curve-server-key {k['server_public']}\n"
+                   f"  coordinator: --curve-key {k['control_secret']} --curve-server-key {k['server_public']}")
+        return
     for name in names:
         public, secret = write_keypair(folder, name)
         click.echo(f"{public} (public) and {secret} (secret, mode 600)")

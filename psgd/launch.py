@@ -173,20 +173,15 @@ def _wait_ready(server: Child, ready_file: Path) -> str:
 
 
 def _make_keys(keydir: Path):
-    """CURVE keys for one local run: the server's pair, a worker key pair shared by the
-    workers (public half in the allowed folder) and a control key pair for the coordinator
-    (public half in its control/ subfolder: only it may steer the run). Returns the
-    server's options, the workers' options and the coordinator's keys."""
-    from .wire.transport import CONTROL_KEYS_DIR, client_keys, write_keypair
-    server_public, server_secret = write_keypair(keydir, "server")
-    allowed = keydir / "allowed"
-    secrets = {}
-    for name, folder in (("worker", allowed), ("control", allowed / CONTROL_KEYS_DIR)):
-        _, secret = write_keypair(folder, name)
-        secrets[name] = secret.rename(keydir / secret.name)  # the allowed folder holds public keys only
-    return (["--curve-secret-key", str(server_secret), "--curve-allow", str(allowed)],
-            ["--curve-key", str(secrets["worker"]), "--curve-server-key", str(server_public)],
-            client_keys(secrets["control"], server_public))
+    """CURVE keys for one local run (psgd.wire.transport.write_cluster_keys): the workers
+    share the worker key, and the coordinator has the control key, the only one that may
+    steer the run. Returns the server's options, the workers' options and the
+    coordinator's keys."""
+    from .wire.transport import client_keys, write_cluster_keys
+    k = write_cluster_keys(keydir)
+    return (["--curve-secret-key", str(k["server_secret"]), "--curve-allow", str(k["allowed"])],
+            ["--curve-key", str(k["worker_secret"]), "--curve-server-key", str(k["server_public"])],
+            client_keys(k["control_secret"], k["server_public"]))
 
 
 CHECKPOINT_EVERY_S = 5.0  # the local server's checkpoints, when the run has a directory

@@ -2,8 +2,9 @@
 # Really run the docker-compose cluster: start a Docker engine of our own, build a Debian
 # base image offline (debootstrap + docker import: no registry is needed), build
 # deploy/Dockerfile on it from a local wheelhouse, bring the compose cluster up for a short
-# MNIST run (one server, then two server shards), check that it reached its target, and
-# that `compose down` left nothing.
+# MNIST run (one server, then two server shards), with CURVE keys made at start by the
+# compose file's keys service, check that it reached its target, and that `compose down`
+# left nothing.
 #
 #   sudo bash scripts/compose-smoke.sh        (CI runs it from .ci/run)
 #
@@ -103,6 +104,11 @@ assert s["stop_reason"] == "target accuracy", s["stop_reason"]
 assert s["test_accuracy"] >= 0.93, s["test_accuracy"]
 assert len(s["per_worker"]) == 2, s["per_worker"]
 PY
+    # Secure by default: the keys service made the keys, and the server took only those.
+    "${dc[@]}" logs server >"$WORK/server.log" 2>&1
+    grep -q "CURVE: accepting 2 client keys" "$WORK/server.log" \
+        || { tail -5 "$WORK/server.log" >&2; fail "the server ($what) did not run with CURVE keys"; }
+    say "the server ran with CURVE: $(grep -o 'CURVE: accepting [^;]*' "$WORK/server.log" | head -n 1)"
     say "docker compose down"
     "${dc[@]}" down -v --remove-orphans >/dev/null 2>&1
     local left

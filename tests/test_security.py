@@ -283,3 +283,23 @@ def test_psgd_status_shutdown_needs_a_control_key(procs, tmp_path):
     out = status("control.key_secret")
     assert out.returncode == 0 and "told the server to end the run" in out.stdout, out.stderr
     assert server.wait(30) == 0
+
+
+def test_keygen_cluster_lays_out_both_roles_and_keeps_keys_already_there(tmp_path):
+    def run():
+        out = subprocess.run([sys.executable, "-m", "psgd", "keygen", str(tmp_path / "k"), "--cluster"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    text = run()
+    k = tmp_path / "k"
+    assert f"--curve-key {k / 'control.key_secret'}" in text
+    for secret in ("server", "worker", "control"):
+        assert (k / f"{secret}.key_secret").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in (k / "allowed").rglob("*")) == ["control", "control.key", "worker.key"]
+    from psgd.wire.transport import allowed_roles
+    assert sorted(allowed_roles(k / "allowed").values()) == ["control", "worker"]
+    before = (k / "server.key_secret").read_text()
+    run()  # a restarted recipe keeps its keys
+    assert (k / "server.key_secret").read_text() == before

@@ -138,6 +138,29 @@ def write_keypair(folder, name: str) -> tuple[Path, Path]:
     return Path(public), Path(secret)
 
 
+CLUSTER_KEYS = ("server", "worker", "control")
+
+
+def write_cluster_keys(folder) -> dict[str, Path]:
+    """A whole cluster's keys in one folder, for recipes that make them at start:
+    ``server.key``/``server.key_secret``, ``worker.key_secret`` and ``control.key_secret``
+    (the clients' secret keys), and the server's allowed folder ``allowed/`` with
+    ``worker.key`` in it and ``control.key`` in ``allowed/control/``. Keys already there
+    are kept (a restarted cluster keeps its keys). Returns the paths by use:
+    ``server_secret``, ``server_public``, ``allowed``, ``worker_secret``, ``control_secret``."""
+    folder = Path(folder)
+    allowed = folder / "allowed"
+    if not (folder / "server.key_secret").exists():
+        write_keypair(folder, "server")
+    for name, where in (("worker", allowed), ("control", allowed / CONTROL_KEYS_DIR)):
+        if not (folder / f"{name}.key_secret").exists():
+            _, secret = write_keypair(where, name)
+            secret.rename(folder / secret.name)  # the allowed folder holds public keys only
+    return {"server_secret": folder / "server.key_secret", "server_public": folder / "server.key",
+            "allowed": allowed, "worker_secret": folder / "worker.key_secret",
+            "control_secret": folder / "control.key_secret"}
+
+
 def max_message_bytes(n_params: int, itemsize: int) -> int:
     """The largest message a worker may send: one parameter range plus a header."""
     return n_params * itemsize + MAX_HEADER_BYTES + 4096
