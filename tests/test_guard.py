@@ -174,3 +174,48 @@ def test_a_worker_pushing_gradients_scaled_by_a_million_is_refused_flagged_and_n
     assert report.returncode == 0, report.stderr
     assert "flagged workers (gradients refused again and again by the outlier guard): scaled" in report.stdout
     assert "flagged" in (tmp_path / "server.log").read_text()
+
+
+def test_when_every_worker_is_refused_again_and_again_the_guard_warms_up_again():
+    """The run, not a worker, moved (say the gradients grew for good): rather than refuse
+    every push forever, the guard starts its warm-up again."""
+    from psgd.server.guard import RESTART_STREAK
+    guard = OutlierGuard(k=10, window=50, warmup=5)
+    for _ in range(5):
+        guard.admit(1.0, "a", 2)
+    for i in range(RESTART_STREAK - 1):
+        with pytest.raises(ProtocolError):
+            guard.admit(1e6, "ab"[i % 2], 2)
+    guard.admit(1e6, "a", 2)  # the streak's last, both workers refused: the yardstick is stale
+    assert guard.restarts == 1 and not guard.judging and guard.median_norm2() == 1e6
+
+
+def test_an_honest_worker_keeps_the_guard_judging_however_long_another_sends_outliers():
+    guard = OutlierGuard(k=10, window=50, warmup=5)
+    for _ in range(5):
+        guard.admit(1.0, "honest", 2)
+    for _ in range(10 * 50):
+        for _ in range(5):  # the hostile worker pushes five times as often
+            with pytest.raises(ProtocolError):
+                guard.admit(1e12, "hostile", 2)
+        guard.admit(1.0, "honest", 2)
+    assert guard.restarts == 0 and guard.judging
+    for _ in range(10 * 50):  # nor does a long run of them alone, while another worker is connected
+        with pytest.raises(ProtocolError):
+            guard.admit(1e12, "hostile", 2)
+    assert guard.restarts == 0 and guard.judging
+
+
+def test_a_rollback_restarts_the_guard():
+    state = ServerState(config())
+    wid = state.members.register("w", "inprocess").worker_id
+    for _ in range(25):
+        state.push(wid, state.store.version, 1, np.ones(state.store.size))
+    assert state.guard.judging
+    header, _ = state.handle(_set_params(state), "control")
+    assert header["type"] == "ok" and not state.guard.judging and state.guard.restarts == 1
+
+
+def _set_params(state):
+    from psgd.wire.protocol import Message
+    return Message({"type": "set_params", "arrays": [{"offset": 0}]}, [state.store.params.copy()])

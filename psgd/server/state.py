@@ -98,7 +98,11 @@ class ServerState:
             try:
                 norm2 = self.store.check(base_version, examples, grad, offset)
                 self._check_staleness(base_version)
-                self.guard.admit(norm2)
+                restarts = self.guard.restarts
+                self.guard.admit(norm2, worker_id, self.members.connected)
+                if self.guard.restarts != restarts:
+                    log.warning("outlier guard: every connected worker's pushes were refused, again and again: "
+                                "the run's gradients grew; warming up again")
             except ProtocolError as exc:
                 record.refused += 1
                 if exc.code == "outlier":
@@ -261,6 +265,7 @@ class ServerState:
             return {"type": "ok"}, []
         if kind == "set_params":
             self.store.replace(msg.arrays[0], msg.offset(0))
+            self.guard.restart()  # the norms seen belong to the weights just replaced
             self.phase.coordinated = True
             return {"type": "ok"}, []
         if kind == "describe":
