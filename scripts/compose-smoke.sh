@@ -93,7 +93,11 @@ run_cluster() {
     local status=$?
     set -e
     tail -8 "$WORK/up.log"
-    [ "$status" = 0 ] || fail "docker compose up ($what) exited with $status"
+    if [ "$status" != 0 ]; then
+        "${dc[@]}" logs --no-color --timestamps >"$WORK/logs.txt" 2>&1
+        tail -60 "$WORK/logs.txt" >&2
+        fail "docker compose up ($what) exited with $status"
+    fi
     "${dc[@]}" cp coordinator:/runs/latest/summary.json "$WORK/summary.json" >/dev/null 2>&1
     "$PYTHON" - "$WORK/summary.json" <<'PY'
 import json, sys
