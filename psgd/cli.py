@@ -540,7 +540,8 @@ def coordinator(connect, curve_key, curve_server_key, model, **overrides):
 @cli.command()
 @env_option("--connect", default="tcp://127.0.0.1:5555", help="The server's endpoint (K shards: all K, comma-separated).")
 @env_option("--json/--text", "as_json", default=False, help="Print the statistics as JSON.")
-@click.option("--shutdown", is_flag=True, help="Then tell the server(s) to end the run.")
+@click.option("--shutdown", is_flag=True,
+              help="Then tell the server(s) to end the run (with CURVE: needs a control key).")
 @client_curve_options
 def status(connect, as_json, shutdown, curve_key, curve_server_key):
     """Show a running server's statistics: version, examples, staleness, workers."""
