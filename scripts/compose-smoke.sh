@@ -89,7 +89,7 @@ run_cluster() {
     local dc=("$COMPOSE" -p "$PROJECT" "$@")
     say "docker compose up: $what, 2 workers and a coordinator, to 95% on a small network"
     set +e
-    timeout 600 "${dc[@]}" up --no-build --scale worker=2 --exit-code-from coordinator >"$WORK/up.log" 2>&1
+    timeout 600 "${dc[@]}" up --no-build --scale worker=2 --exit-code-from coordinator --abort-on-container-failure >"$WORK/up.log" 2>&1
     local status=$?
     set -e
     tail -8 "$WORK/up.log"
