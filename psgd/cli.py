@@ -159,6 +159,11 @@ def training_options(f):
         env_option("--max-staleness", type=int, default=None,
                    help="Refuse a push staler than this (its worker pulls fresh weights). "
                         "Default: 4 x connected workers + 16; 0: no bound."),
+        env_option("--outlier-k", type=float, default=_DEFAULT.outlier_k,
+                   help="Refuse a push whose gradient norm exceeds k x the median of the last "
+                        "--outlier-window accepted pushes (after a warm-up of 20); 0: no guard."),
+        env_option("--outlier-window", type=int, default=_DEFAULT.outlier_window,
+                   help="Accepted pushes the outlier guard's median runs over."),
         env_option("--on-divergence", type=click.Choice(["stop", "rollback"]), default=_DEFAULT.on_divergence,
                    help="A diverged run stops with an error, or rolls every server back to the last validated "
                         "weights and goes on at a lower rate."),
@@ -227,7 +232,7 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
                             pick("warmup", base.schedule.warmup))
     fields = ["data", "data_dir", "batch_size", "epochs", "seed", "validation", "dropout", "augment",
               "target_accuracy", "evals_per_epoch", "out_dir", "workers", "servers", "curve", "n_fetch", "n_push", "overlap", "transport",
-              "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "max_staleness", "on_divergence",
+              "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "max_staleness", "outlier_k", "outlier_window", "on_divergence",
               "rollback_factor", "max_rollbacks", "slow_worker", "max_updates", "push_codec", "pull_codec", "topk_fraction",
               "algorithm", "local_steps", "inner_optimizer", "outer_lr", "outer_momentum", "outer_every", "dynamic_local_steps",
               "max_seconds"]
@@ -446,7 +451,12 @@ def fetch(data_dir, mirrors):
 
 @cli.command()
 @training_options
-@env_option("--bind", default="tcp://*:5555", help="ZeroMQ endpoint to listen on (port 0: any free port).")
+@env_option("--bind", default=None, show_default=False,
+            help="ZeroMQ endpoint to listen on (port 0: any free port). [default: tcp://*:5555 with CURVE keys, "
+                 "else tcp://127.0.0.1:5555]")
+@env_option("--insecure", is_flag=True, default=False,
+            help="Allow listening on a non-loopback address without CURVE: anyone who reaches the port can then "
+                 "change the weights or end the run.")
 @env_option("--shard", "server_shard", type=int, default=0, help="Which range of the parameters this server holds.")
 @env_option("--num-shards", type=int, default=1, help="How many server shards split the parameters.")
 @env_option("--data-shards", type=int, default=1, help="Data shards to hand out to workers (usually the worker count).")
@@ -463,27 +473,37 @@ def fetch(data_dir, mirrors):
 @env_option("--curve-secret-key", type=click.Path(dir_okay=False, exists=True), default=None,
             help="CURVE: encrypt and authenticate with this secret key file (from psgd keygen).")
 @env_option("--curve-allow", type=click.Path(file_okay=False, exists=True), default=None,
-            help="CURVE: the folder of public keys (*.key) of the clients to accept; all others get nothing.")
-def server(ctx, bind, server_shard, num_shards, data_shards, shared_memory, ready_file, checkpoint_dir,
+            help="CURVE: the folder of public keys (*.key) of the clients to accept, as workers; those in its "
+                 "control/ subfolder may also steer the run (set_lr, pause, resume, shutdown, describe). All "
+                 "others get nothing.")
+def server(ctx, bind, insecure, server_shard, num_shards, data_shards, shared_memory, ready_file, checkpoint_dir,
            checkpoint_every, checkpoint_every_updates, resume, curve_secret_key, curve_allow, **kw):
     """Run a parameter server: hold the weights, apply every push the moment it arrives.
 
     --max-updates and --max-seconds stop it by itself. A coordinator that watches it still
     gets the final weights: the server then waits (up to 30 s) for its shutdown."""
+    from .server.exposure import resolve_bind
     from .server.loop import Server, ServerOptions
-    from .wire.transport import server_keys
+    from .wire.transport import allowed_roles, server_keys
+    from .wire.protocol import CONTROL
     kw.update(workers=0)
     config = build_config(ctx, **kw)
+    keys = server_keys(curve_secret_key, curve_allow)
+    bind, warning = resolve_bind(bind, keys is not None, insecure)
+    if warning:
+        click.echo(warning, err=True)
     srv = Server(config, ServerOptions(bind, data_shards, shared_memory, ready_file, config.max_updates,
                                        config.max_seconds, checkpoint_dir, checkpoint_every, resume,
-                                       server_shard, num_shards, server_keys(curve_secret_key, curve_allow),
-                                       checkpoint_every_updates))
+                                       server_shard, num_shards, keys,
+                                       checkpoint_every_updates, insecure))
     st = srv.state.store
     click.echo(f"psgd server listening on {srv.endpoint} ({config.model.sizes}; shard {st.shard} of "
                f"{st.num_server_shards}: parameters [{st.lo}, {st.hi}))")
-    if curve_allow:
-        n = len(list(Path(curve_allow).glob("*.key")))
-        click.echo(f"CURVE: accepting {n} client key{'s' if n != 1 else ''} from {curve_allow}; others get nothing")
+    if keys is not None:
+        roles = list(allowed_roles(curve_allow).values())
+        n, n_control = len(roles), roles.count(CONTROL)
+        click.echo(f"CURVE: accepting {n} client key{'s' if n != 1 else ''} from {curve_allow} "
+                   f"({n_control} control, {n - n_control} worker); others get nothing")
     stats = srv.run()
     click.echo(f"server stopped at version {stats['version']}; errors {stats['errors'] or 'none'}")
 
@@ -586,7 +606,8 @@ def coordinator(connect, curve_key, curve_server_key, model, **overrides):
 @cli.command()
 @env_option("--connect", default="tcp://127.0.0.1:5555", help="The server's endpoint (K shards: all K, comma-separated).")
 @env_option("--json/--text", "as_json", default=False, help="Print the statistics as JSON.")
-@click.option("--shutdown", is_flag=True, help="Then tell the server(s) to end the run.")
+@click.option("--shutdown", is_flag=True,
+              help="Then tell the server(s) to end the run (with CURVE: needs a control key).")
 @client_curve_options
 def status(connect, as_json, shutdown, curve_key, curve_server_key):
     """Show a running server's statistics: version, examples, staleness, workers."""
@@ -606,10 +627,22 @@ def status(connect, as_json, shutdown, curve_key, curve_server_key):
     hist = StalenessHistogram.from_dict(stats["staleness"]).summary()
     click.echo(f"version {stats['version']}, {stats['examples']} examples, lr {stats['lr']:.4g}, "
                f"staleness mean {hist['mean']:.2f} max {hist['max']}, errors {stats['errors'] or 'none'}")
+    guard = stats.get("outlier_guard") or {}
+    if guard.get("on"):
+        median = guard.get("median_norm")
+        click.echo(f"outlier guard: refuses a gradient norm above {guard['k']:g} x the median "
+                   + (f"{median:.4g}" if median is not None else "(none yet)")
+                   + f" of the last {guard['window']} accepted pushes"
+                   + ("" if guard.get("judging") else f" (warming up: judges after {guard['warmup']})"))
+    else:
+        click.echo("outlier guard: off")
     for w in stats["workers"].values():
         state = "live" if w["connected"] else ("lease ran out" if w["expired"] else "gone")
+        outliers = w.get("outliers", 0)
         click.echo(f"  {w['name']}: {state}, {w['transport']}, data shards {w['data_shards']}, {w['pushes']} pushes, "
-                   f"{w['examples_per_s']:.0f} examples/s")
+                   f"{w['examples_per_s']:.0f} examples/s"
+                   + (f", {outliers} pushes refused as outliers" if outliers else "")
+                   + (" FLAGGED" if w.get("flagged") else ""))
     if shutdown:
         click.echo("told the server to end the run")
 
@@ -618,13 +651,26 @@ def status(connect, as_json, shutdown, curve_key, curve_server_key):
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--name", "names", multiple=True, default=["server"], show_default=True,
               help="Key pairs to write (repeatable): FOLDER/NAME.key (public) and FOLDER/NAME.key_secret.")
-def keygen(folder, names):
+@click.option("--cluster", is_flag=True,
+              help="Instead, a whole cluster's keys, keeping any already there: server.key(_secret), "
+                   "worker.key_secret, control.key_secret, and the server's allowed folder allowed/ (worker.key; "
+                   "control/control.key).")
+def keygen(folder, names, cluster):
     """Write CURVE key pairs for encrypted, authenticated traffic.
 
     Give the server its NAME.key_secret (--curve-secret-key) and a folder holding the public
-    .key files of the clients it accepts (--curve-allow); give each worker and coordinator
-    its own .key_secret (--curve-key) and the server's .key (--curve-server-key)."""
-    from .wire.transport import write_keypair
+    .key files of the clients it accepts (--curve-allow): workers' keys in the folder itself,
+    control keys (coordinator, psgd status --shutdown) in its control/ subfolder. Give each
+    worker and coordinator its own .key_secret (--curve-key) and the server's .key
+    (--curve-server-key). --cluster lays all of that out in FOLDER."""
+    from .wire.transport import write_cluster_keys, write_keypair
+    if cluster:
+        k = write_cluster_keys(folder)
+        click.echo(f"CURVE keys in {folder}:\n"
+                   f"  server:      --curve-secret-key {k['server_secret']} --curve-allow {k['allowed']}\n"
+                   f"  workers:     --curve-key {k['worker_secret']} --curve-server-key {k['server_public']}\n"
+                   f"  coordinator: --curve-key {k['control_secret']} --curve-server-key {k['server_public']}")
+        return
     for name in names:
         public, secret = write_keypair(folder, name)
         click.echo(f"{public} (public) and {secret} (secret, mode 600)")

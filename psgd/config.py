@@ -93,6 +93,10 @@ class TrainConfig:
     # None: 4 x the connected workers + 16 (async staleness runs about the worker count, so
     # only a worker that was away, or stuck, meets it); 0: no bound.
     max_staleness: int | None = None
+    # The outlier guard (psgd.server.guard): a push whose gradient norm exceeds outlier_k x
+    # the median of the last outlier_window accepted pushes is refused (outlier); 0: off.
+    outlier_k: float = 10.0
+    outlier_window: int = 100
     # A diverged run (non-finite validation loss, or gradients refused as NaN/Inf): "stop"
     # with an error, or "rollback": every server takes back the last validated weights,
     # the rate is multiplied by rollback_factor, and the run goes on, at most max_rollbacks
@@ -147,6 +151,8 @@ class TrainConfig:
             (self.ssp_bound >= 0, "the ssp bound must be >= 0"),
             (self.lease_s > 0, "the lease must be > 0 seconds"),
             (self.max_staleness is None or self.max_staleness >= 0, "max staleness must be >= 0 (0: no bound)"),
+            (self.outlier_k == 0 or self.outlier_k >= 1, "the outlier bound k must be >= 1 (0: no guard)"),
+            (self.outlier_window >= 1, "the outlier window must be >= 1 push"),
             (self.on_divergence in ON_DIVERGENCE, f"on-divergence must be one of {', '.join(ON_DIVERGENCE)}"),
             (0 < self.rollback_factor < 1, "the rollback factor must be in (0, 1)"),
             (self.max_rollbacks >= 0, "max rollbacks must be >= 0"),

@@ -186,16 +186,15 @@ def _wait_ready(server: Child, ready_file: Path) -> str:
 
 
 def _make_keys(keydir: Path):
-    """CURVE keys for one local run: the server's pair, and one client pair (in the folder
-    of allowed keys) shared by the workers and the coordinator."""
-    from .wire.transport import client_keys, write_keypair
-    server_public, server_secret = write_keypair(keydir, "server")
-    client_public, client_secret = write_keypair(keydir / "allowed", "client")
-    secret_copy = keydir / "client.key_secret"  # the allowed folder holds public keys only
-    client_secret.rename(secret_copy)
-    return (["--curve-secret-key", str(server_secret), "--curve-allow", str(keydir / "allowed")],
-            ["--curve-key", str(secret_copy), "--curve-server-key", str(server_public)],
-            client_keys(secret_copy, server_public))
+    """CURVE keys for one local run (psgd.wire.transport.write_cluster_keys): the workers
+    share the worker key, and the coordinator has the control key, the only one that may
+    steer the run. Returns the server's options, the workers' options and the
+    coordinator's keys."""
+    from .wire.transport import client_keys, write_cluster_keys
+    k = write_cluster_keys(keydir)
+    return (["--curve-secret-key", str(k["server_secret"]), "--curve-allow", str(k["allowed"])],
+            ["--curve-key", str(k["worker_secret"]), "--curve-server-key", str(k["server_public"])],
+            client_keys(k["control_secret"], k["server_public"]))
 
 
 CHECKPOINT_EVERY_S = 5.0  # the local server's checkpoints, when the run has a directory

@@ -61,6 +61,9 @@ class StalenessHistogram:
         return cls(int(d["cap"]), [int(c) for c in d["counts"]], int(d["max"]))
 
 
+FLAG_AFTER_OUTLIERS = 3  # a worker refused as an outlier this often is flagged in status and report
+
+
 @dataclass
 class WorkerRecord:
     """What the server knows of one worker."""
@@ -74,6 +77,7 @@ class WorkerRecord:
     pushes: int = 0
     examples: int = 0
     refused: int = 0
+    outliers: int = 0  # pushes the outlier guard refused; FLAG_AFTER_OUTLIERS of them flag the worker
     staleness: StalenessHistogram = field(default_factory=StalenessHistogram)
     connected: bool = True  # False once it said bye, hung up, or its lease ran out
     expired: bool = False  # its lease ran out: a push from it is refused until it says hello again
@@ -88,11 +92,17 @@ class WorkerRecord:
     bytes_pushed: int = 0
     bytes_pulled: int = 0
 
+    @property
+    def flagged(self) -> bool:
+        """Refused as an outlier again and again: a faulty (or hostile) worker."""
+        return self.outliers >= FLAG_AFTER_OUTLIERS
+
     def to_dict(self, now: float) -> dict:
         alive_for = max(now - self.joined, 1e-9)
         return {"worker_id": self.worker_id, "name": self.name, "data_shards": list(self.data_shards),
                 "data_generation": self.data_generation, "transport": self.transport,
                 "pushes": self.pushes, "examples": self.examples, "refused": self.refused,
+                "outliers": self.outliers, "flagged": self.flagged,
                 "examples_per_s": self.examples / alive_for, "last_seen_s_ago": now - self.last_seen,
                 "connected": self.connected, "expired": self.expired, "staleness": self.staleness.to_dict(),
                 "push_codec": self.push_codec, "pull_codec": self.pull_codec,

@@ -2,8 +2,9 @@
 # Really run the docker-compose cluster: start a Docker engine of our own, build a Debian
 # base image offline (debootstrap + docker import: no registry is needed), build
 # deploy/Dockerfile on it from a local wheelhouse, bring the compose cluster up for a short
-# MNIST run (one server, then two server shards), check that it reached its target, and
-# that `compose down` left nothing.
+# MNIST run (one server, then two server shards), with CURVE keys made at start by the
+# compose file's keys service, check that it reached its target, and that `compose down`
+# left nothing.
 #
 #   sudo bash scripts/compose-smoke.sh        (CI runs it from .ci/run)
 #
@@ -88,11 +89,15 @@ run_cluster() {
     local dc=("$COMPOSE" -p "$PROJECT" "$@")
     say "docker compose up: $what, 2 workers and a coordinator, to 95% on a small network"
     set +e
-    timeout 600 "${dc[@]}" up --no-build --scale worker=2 --exit-code-from coordinator >"$WORK/up.log" 2>&1
+    timeout 600 "${dc[@]}" up --no-build --scale worker=2 --exit-code-from coordinator --abort-on-container-failure >"$WORK/up.log" 2>&1
     local status=$?
     set -e
     tail -8 "$WORK/up.log"
-    [ "$status" = 0 ] || fail "docker compose up ($what) exited with $status"
+    if [ "$status" != 0 ]; then
+        "${dc[@]}" logs --no-color --timestamps >"$WORK/logs.txt" 2>&1
+        tail -60 "$WORK/logs.txt" >&2
+        fail "docker compose up ($what) exited with $status"
+    fi
     "${dc[@]}" cp coordinator:/runs/latest/summary.json "$WORK/summary.json" >/dev/null 2>&1
     "$PYTHON" - "$WORK/summary.json" <<'PY'
 import json, sys
@@ -103,6 +108,11 @@ assert s["stop_reason"] == "target accuracy", s["stop_reason"]
 assert s["test_accuracy"] >= 0.93, s["test_accuracy"]
 assert len(s["per_worker"]) == 2, s["per_worker"]
 PY
+    # Secure by default: the keys service made the keys, and the server took only those.
+    "${dc[@]}" logs server >"$WORK/server.log" 2>&1
+    grep -q "CURVE: accepting 2 client keys" "$WORK/server.log" \
+        || { tail -5 "$WORK/server.log" >&2; fail "the server ($what) did not run with CURVE keys"; }
+    say "the server ran with CURVE: $(grep -o 'CURVE: accepting [^;]*' "$WORK/server.log" | head -n 1)"
     say "docker compose down"
     "${dc[@]}" down -v --remove-orphans >/dev/null 2>&1
     local left

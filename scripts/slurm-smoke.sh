@@ -2,7 +2,7 @@
 # Really run deploy/slurm/psgd.sbatch on a single-node Slurm started here by hand: munged,
 # slurmctld and slurmd with a minimal slurm.conf (root as SlurmUser, proctrack/linuxproc,
 # task/none, no accounting, select/cons_tres), then `sbatch --wait` a short MNIST job and
-# check that it reached its target.
+# check that it reached its target, with CURVE keys made in the job's directory.
 #
 #   sudo bash scripts/slurm-smoke.sh        (CI runs it from .ci/run)
 #
@@ -115,8 +115,17 @@ print(f"slurm-smoke: stopped on {s['stop_reason']}, test accuracy {s['test_accur
 assert s["stop_reason"] == "target accuracy", s["stop_reason"]
 assert s["test_accuracy"] >= 0.93 and len(s["per_worker"]) == 2
 PY
-    local logs
-    logs="$(ls "$(dirname "$summary")/logs" | tr '\n' ' ')"
+    local logs run
+    run="$(dirname "$summary")"
+    # Secure by default: the job made its keys in its own directory, and every shard took only those.
+    [ -f "$run/keys/server.key_secret" ] && [ "$(stat -c %a "$run/keys/server.key_secret")" = 600 ] \
+        || fail "no CURVE keys (mode 600) in $run/keys"
+    for ((k = 0; k < servers; k++)); do
+        grep -q "CURVE: accepting 2 client keys" "$run/logs/server-$k.log" \
+            || fail "server shard $k did not run with CURVE keys: $(tail -3 "$run/logs/server-$k.log")"
+    done
+    say "every server shard ran with CURVE keys made in the job's directory"
+    logs="$(ls "$run/logs" | tr '\n' ' ')"
     echo "slurm-smoke: logs: $logs"
     for ((k = 0; k < servers; k++)); do
         [[ " $logs " == *" server-$k.log "* ]] || fail "no log of server shard $k"

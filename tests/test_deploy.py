@@ -40,15 +40,46 @@ def test_the_compose_file_is_valid_and_runs_a_server_workers_and_a_coordinator()
                          capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "PSGD_DATA": "/srv/mnist"})
     assert out.returncode == 0, out.stderr
     services = json.loads(out.stdout)["services"]
-    assert set(services) == {"server", "worker", "coordinator"}
+    assert set(services) == {"keys", "server", "worker", "coordinator"}
     assert services["worker"]["command"][:3] == ["worker", "--connect", "tcp://server:5555"]
     assert services["coordinator"]["command"][:3] == ["coordinator", "--connect", "tcp://server:5555"]
     assert services["server"]["command"][:3] == ["server", "--bind", "tcp://*:5555"]
     mounts = {s: {v["target"]: v for v in services[s]["volumes"]} for s in services}
     assert mounts["server"]["/checkpoints"]["type"] == "volume" and mounts["coordinator"]["/runs"]["type"] == "volume"
-    assert all(m["/data"]["source"] == "/srv/mnist" and m["/data"]["read_only"] for m in mounts.values())
+    assert all(m["/data"]["source"] == "/srv/mnist" and m["/data"]["read_only"]
+               for s, m in mounts.items() if s != "keys")
     for service in services.values():
         assert set(service["environment"]) <= psgd_env_vars(), "a PSGD_* variable no psgd command reads"
+
+
+CURVE_ARGS = {"server": ["--curve-secret-key", "/keys/server.key_secret", "--curve-allow", "/keys/allowed"],
+              "worker": ["--curve-key", "/keys/worker.key_secret", "--curve-server-key", "/keys/server.key"],
+              "coordinator": ["--curve-key", "/keys/control.key_secret", "--curve-server-key", "/keys/server.key"]}
+
+
+def _has(command, args):
+    return any(command[i:i + len(args)] == args for i in range(len(command)))
+
+
+@pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.shards.yml"]])
+def test_the_compose_cluster_runs_with_curve_keys_made_at_start(files):
+    """Secure by default: a keys service makes the keys first; the server accepts only
+    them; the workers use the worker key, the coordinator the control key."""
+    out = subprocess.run([compose_binary(), *[a for f in files for a in ("-f", str(DEPLOY / f))], "config",
+                          "--format", "json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    services = json.loads(out.stdout)["services"]
+    assert services["keys"]["command"] == ["keygen", "/keys", "--cluster"]
+    for name, service in services.items():
+        if name == "keys":
+            continue
+        role = "server" if name.startswith("server") else name
+        assert _has(service["command"], CURVE_ARGS[role]) and "--insecure" not in service["command"], name
+        keys = {v["target"]: v for v in service["volumes"]}["/keys"]
+        assert keys["source"] == "keys" and keys["read_only"], name
+    for name in ("server", "server-1"):
+        if name in services:
+            assert services[name]["depends_on"]["keys"]["condition"] == "service_completed_successfully"
 
 
 def test_the_kubernetes_manifests_validate_strictly():
@@ -99,7 +130,7 @@ def test_the_two_shard_compose_override_connects_everyone_to_both_shards():
                          timeout=60)
     assert out.returncode == 0, out.stderr
     services = json.loads(out.stdout)["services"]
-    assert set(services) == {"server", "server-1", "worker", "coordinator"}
+    assert set(services) == {"keys", "server", "server-1", "worker", "coordinator"}
     for k, name in enumerate(["server", "server-1"]):
         command = services[name]["command"]
         assert command[command.index("--shard") + 1] == str(k) and command[command.index("--num-shards") + 1] == "2"
@@ -107,3 +138,30 @@ def test_the_two_shard_compose_override_connects_everyone_to_both_shards():
     for name in ("worker", "coordinator"):
         assert "tcp://server:5555,tcp://server-1:5555" in services[name]["command"]
     assert services["server-1"]["environment"] == services["server"]["environment"]
+
+
+def test_the_kubernetes_pods_run_with_curve_each_with_the_keys_of_its_role():
+    docs = [d for f in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs
+            if d["kind"] in ("StatefulSet", "Deployment", "Job")}
+    wanted = {"psgd-server": ("server", {"server.key_secret", "worker.key", "control.key"}),
+              "psgd-worker": ("worker", {"worker.key_secret", "server.key"}),
+              "psgd-coordinator": ("coordinator", {"control.key_secret", "server.key"})}
+    for name, (role, secret_keys) in wanted.items():
+        spec = pods[name]
+        args = spec["containers"][0]["args"]
+        assert _has(args, CURVE_ARGS[role]) and "--insecure" not in args, name
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["secret"]["secret"]["secretName"] == "psgd-keys"
+        assert {i["key"] for i in volumes["secret"]["secret"]["items"]} == secret_keys, name  # its role's keys only
+        init = {c["name"]: c for c in spec["initContainers"]}["keys"]
+        assert "chmod 600 /keys/*.key_secret" in init["command"][-1]
+    assert "psgd keygen psgd-keys --cluster" in (DEPLOY / "k8s" / "configmap.yaml").read_text()
+
+
+def test_the_slurm_script_makes_keys_in_the_job_directory_unless_told_insecure():
+    text = (DEPLOY / "slurm" / "psgd.sbatch").read_text()
+    assert 'keygen "$KEYS" --cluster' in text and 'KEYS="${PSGD_CURVE_DIR:-$RUN_DIR/keys}"' in text
+    assert 'worker_curve=(--curve-key "$KEYS/worker.key_secret"' in text
+    assert 'coordinator_curve=(--curve-key "$KEYS/control.key_secret"' in text
+    assert 'server_curve=(--insecure)' in text and '"${PSGD_INSECURE:-}" = 1' in text

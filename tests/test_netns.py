@@ -43,7 +43,7 @@ class Job:
         self.procs, self.net = procs, net
         self.endpoint = f"tcp://{net.address('server')}:{PORT}"
         assert net.reachable("w1", "server") and net.reachable("w2", "server")
-        self.server = procs.start("server", "--bind", f"tcp://*:{PORT}", "--data-shards", "2",
+        self.server = procs.start("server", "--bind", f"tcp://*:{PORT}", "--insecure", "--data-shards", "2",
                                   "--layers", "784,64,10", "--epochs", "1000", "--no-shm", *server_args,
                                   log="server", prefix=net.exec_prefix("server"))
         self.workers = {name: procs.start("worker", "--connect", self.endpoint, "--name", name, "--transport", "zmq",

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import TrainConfig, server_update
 from ..errors import PsgdError, TransportError
-from ..metrics import StalenessHistogram
+from ..metrics import FLAG_AFTER_OUTLIERS, StalenessHistogram
 from .report import traffic_line
 from ..model.interface import build_model
 from ..data.prepared import PreparedData
@@ -345,6 +345,11 @@ class Coordinator:
         ]
         if c.compresses:
             summary["report"].append(traffic_line(summary["traffic"]))
+        flagged = sorted(n for n, w in workers.items() if w["flagged"])
+        summary["flagged_workers"] = flagged
+        if flagged:
+            summary["report"].append("flagged (pushes refused again and again as outliers): " + ", ".join(
+                f"{n} ({workers[n]['outliers']} refused)" for n in flagged))
         if summary["checkpoint_failures"]:
             summary["report"].append(f"{summary['checkpoint_failures']} checkpoint writes failed on the servers "
                                      "(see their logs); training went on")
@@ -363,9 +368,12 @@ def per_worker(records) -> dict[str, dict]:
                                  "examples_per_s")}
         row.update({k: w.get(k, d) for k, d in (("push_codec", "none"), ("pull_codec", "none"),
                                                 ("bytes_pushed", 0), ("bytes_pulled", 0))})
+        row["outliers"] = w.get("outliers", 0)
+        row["flagged"] = bool(w.get("flagged"))
         if name in out:
-            for k in ("pushes", "examples", "refused", "bytes_pushed", "bytes_pulled"):
+            for k in ("pushes", "examples", "refused", "outliers", "bytes_pushed", "bytes_pulled"):
                 row[k] += out[name][k]
+            row["flagged"] = row["flagged"] or out[name]["flagged"] or row["outliers"] >= FLAG_AFTER_OUTLIERS
             row["records"] = out[name]["records"] + 1
             hists[name].merge(hist)
         else:

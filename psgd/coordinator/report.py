@@ -106,10 +106,15 @@ def text_report(run: Run) -> list[str]:
         for name, w in sorted(per_worker.items()):
             lines.append(f"  {name:<12} {w['pushes']:>7} {w['examples']:>9} {w['examples_per_s']:>8.0f} "
                          f"{w['staleness']['mean']:>9.2f}  {w['transport']}"
-                         + ("  STRAGGLER" if name in flagged else "") + ("" if w["connected"] else "  (gone)")
+                         + ("  STRAGGLER" if name in flagged else "")
+                         + (f"  {w['outliers']} OUTLIERS refused" if w.get("outliers") else "")
+                         + ("  FLAGGED" if w.get("flagged") else "") + ("" if w["connected"] else "  (gone)")
                          + (f"  (joined {w['records']} times)" if w.get("records", 1) > 1 else "")
                          + (f"  {w['push_codec']}/{w['pull_codec']} {w['bytes_pushed'] / 1e6:.2f}/"
                             f"{w['bytes_pulled'] / 1e6:.2f} MB pushed/pulled" if "bytes_pushed" in w else ""))
+    if s.get("flagged_workers"):
+        lines.append("  flagged workers (gradients refused again and again by the outlier guard): "
+                     + ", ".join(s["flagged_workers"]))
     for failure in s.get("failures", []):
         lines.append(f"  failed: {failure}")
     return lines

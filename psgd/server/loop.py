@@ -27,6 +27,7 @@ from ..model.interface import build_model
 from ..wire import doorbell, shm
 from ..wire.protocol import SERVER_TAKES, decode, encode
 from ..wire.transport import POLL_INTERVAL_MS, Poller, ServerKeys, ServerSocket, max_message_bytes
+from .exposure import resolve_bind
 from .phase import Phase
 from .state import APPLIED, HELD, REFUSED, SHUTDOWN, ServerState
 
@@ -37,7 +38,7 @@ _DOORBELL_STATUS = {SHUTDOWN: doorbell.ACK_SHUTDOWN}
 
 @dataclass(frozen=True)
 class ServerOptions:
-    bind: str = "tcp://*:5555"
+    bind: str | None = None  # None: all interfaces with CURVE keys, else loopback (psgd.server.exposure)
     data_shards: int = 1  # data shards handed to workers (usually the number of workers)
     shared_memory: bool = True  # offer the fast path to workers on this machine
     ready_file: str | None = None  # written (atomically) with the endpoint once listening
@@ -50,11 +51,13 @@ class ServerOptions:
     num_shards: int = 1
     keys: ServerKeys | None = None  # CURVE: encrypt, and accept only the allowed clients' keys
     checkpoint_every_updates: int | None = None  # also checkpoint after this many updates
+    insecure: bool = False  # allow a non-loopback bind without CURVE (the caller warns)
 
 
 class Server:
     def __init__(self, config: TrainConfig, options: ServerOptions):
         self.options = options
+        bind, _ = resolve_bind(options.bind, options.keys is not None, options.insecure)  # first: nothing to undo
         self.weights_seg = None
         writer = None
         params = None
@@ -71,7 +74,7 @@ class Server:
         self._last_checkpoint = (time.monotonic(), 0)  # version 0 is the seed: nothing to keep
         if options.resume:
             self._resume()
-        self.sock = ServerSocket(options.bind, max_message_bytes(hi - lo, net.dtype.itemsize), keys=options.keys)
+        self.sock = ServerSocket(bind, max_message_bytes(hi - lo, net.dtype.itemsize), keys=options.keys)
         self.poller = Poller()
         self.poller.register(self.sock.socket)
         self.listener = None
@@ -186,21 +189,22 @@ class Server:
             header, arrays = self.state.refuse(exc)
             self._send(identity, header, arrays, exc.seq or 0)  # a readable header's seq: the client can match it
             return
+        role = self.sock.role(frames)  # the key's, stamped by the authenticator: not the sender's claim
         if self.state.phase.paused and _from_worker(msg):
-            self._held.append((identity, msg))  # answered on resume
+            self._held.append((identity, msg, role))  # answered on resume
             return
-        self._reply(identity, msg)
+        self._reply(identity, msg, role)
 
     def _release_held(self):
         held, self._held = self._held, []
-        for identity, msg in held:
-            self._reply(identity, msg)
+        for identity, msg, role in held:
+            self._reply(identity, msg, role)
         for fd in self._held_fds:
             self.poller.register(fd)
         self._held_fds = []
 
-    def _reply(self, identity, msg):
-        result = self.state.handle(msg)
+    def _reply(self, identity, msg, role):
+        result = self.state.handle(msg, role)
         if result is None:  # a push the consistency model holds: answered by _deliver
             self.pending[msg["worker_id"]] = (identity, msg["seq"], msg.get("want_params") is True)
         else:
@@ -210,6 +214,8 @@ class Server:
                 if self.weights_seg is not None and msg["transport"] != "zmq" and not self.state.config.wire_only:
                     header["local"] = {"weights": self.weights_seg.name, "doorbell": self.listener.path,
                                        "nonce": int(self.weights_seg.header[shm.NONCE])}
+            elif header["type"] == "error" and header["code"] == "forbidden":
+                log.warning(f"refused a {msg.type} from {msg.get('sender')!r}: {header['code']}: {header['message']}")
             elif header["type"] == "error":
                 log.debug(f"refused a {msg.type} from {msg.get('sender')!r}: {header['code']}: {header['message']}")
             elif msg.type in ("pause", "resume", "set_lr", "set_params", "shutdown", "bye"):

@@ -5,7 +5,8 @@
 - ``store`` (psgd.server.store): weights, optimizer, version, staleness rule;
 - ``members`` (psgd.server.membership): workers, leases, data shards;
 - ``gate`` (psgd.server.consistency): when a push is applied and its worker answered;
-- ``phase`` (psgd.server.phase): running, paused, draining, stopped.
+- ``phase`` (psgd.server.phase): running, paused, draining, stopped;
+- ``guard`` (psgd.server.guard): refuses a push whose gradient is an outlier.
 
 **One door.** Every push, whichever way it came (ZeroMQ, shared memory, a test),
 enters through :meth:`ServerState.push`: it is checked once and gets a :class:`Decision`
@@ -18,6 +19,7 @@ Every other message (ZeroMQ only) goes through :meth:`handle`, ``message -> repl
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -26,14 +28,17 @@ import numpy as np
 
 from ..config import TrainConfig, inner_optimizer
 from ..errors import ProtocolError
-from ..metrics import WorkerRecord
+from ..metrics import FLAG_AFTER_OUTLIERS, WorkerRecord
 from ..model.interface import fingerprint
-from ..wire.protocol import Message, error, page_records
+from ..wire.protocol import CONTROL, CONTROL_MESSAGES, Message, error, page_records
 from .consistency import APPLY, APPLY_HOLD, make_gate
+from .guard import OutlierGuard
 from .membership import Membership
 from .phase import RunPhase
 from .store import ParameterStore
 from .traffic import Traffic
+
+log = logging.getLogger(__name__)
 
 APPLIED, HELD, REFUSED, SHUTDOWN = "applied", "held", "refused", "shutdown"
 
@@ -68,6 +73,7 @@ class ServerState:
         self.members = Membership(config.lease_s, num_data_shards, clock)
         self.phase = RunPhase(clock)
         self.gate = make_gate(config, self.store.size, self.store.dtype)
+        self.guard = OutlierGuard(config.outlier_k, config.outlier_window)
         self.errors: Counter = Counter()
         self.bytes_in = self.bytes_out = 0
         self.traffic = Traffic(config, self.store.size, self.store.dtype)  # codecs, and bytes by codec
@@ -92,10 +98,20 @@ class ServerState:
             if seq and record.last_push == seq and record.last_ack is not None:
                 return Decision(APPLIED, *record.last_ack)
             try:
-                self.store.check(base_version, examples, grad, offset)
+                norm2 = self.store.check(base_version, examples, grad, offset)
                 self._check_staleness(base_version)
-            except ProtocolError:
+                restarts = self.guard.restarts
+                self.guard.admit(norm2, worker_id, self.members.connected)
+                if self.guard.restarts != restarts:
+                    log.warning("outlier guard: every connected worker's pushes were refused, again and again: "
+                                "the run's gradients grew; warming up again")
+            except ProtocolError as exc:
                 record.refused += 1
+                if exc.code == "outlier":
+                    record.outliers += 1
+                    if record.outliers == FLAG_AFTER_OUTLIERS:
+                        log.warning(f"worker {record.worker_id} ({record.name}) flagged: {record.outliers} pushes "
+                                    f"refused as outliers ({exc.detail})")
                 raise
         except ProtocolError as exc:
             self.errors[exc.code] += 1
@@ -189,11 +205,15 @@ class ServerState:
 
     # --- messages -----------------------------------------------------------------------
 
-    def handle(self, msg: Message) -> tuple[dict, list] | None:
+    def handle(self, msg: Message, role: str = CONTROL) -> tuple[dict, list] | None:
         """The reply (header, arrays) to a decoded message, or None for a push whose ack
         the consistency model holds. Never raises for bad input: a refusal is an
-        ``error`` reply, counted by its code."""
+        ``error`` reply, counted by its code. ``role``: the sender's key's (psgd.wire.
+        protocol: WORKER or CONTROL; a plaintext server has no keys, and no roles)."""
         try:
+            if role != CONTROL and msg.type in CONTROL_MESSAGES:
+                raise ProtocolError("forbidden", f"a {role} key may not send {msg.type!r}: only a control key "
+                                                 "(one in the server's allowed control/ folder) may")
             return self._dispatch(msg)
         except ProtocolError as exc:
             return self.refuse(exc)
@@ -248,6 +268,7 @@ class ServerState:
             return {"type": "ok"}, []
         if kind == "set_params":
             self.store.replace(msg.arrays[0], msg.offset(0))
+            self.guard.restart()  # the norms seen belong to the weights just replaced
             self.phase.coordinated = True
             return {"type": "ok"}, []
         if kind == "describe":
@@ -351,6 +372,7 @@ class ServerState:
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "staleness_rule": self.config.staleness_rule,
             "max_staleness": self.staleness_bound(), "workers_connected": self.members.connected, "workers_known": len(self.members.workers),
             "checkpoint": dict(self.checkpoint_status), "traffic": self.traffic.stats(),
+            "outlier_guard": self.guard.to_dict(),
             "cpu_s": time.process_time(),  # this server process's CPU time: its cost per push, measured
         }
 

@@ -91,9 +91,11 @@ class ParameterStore:
             return self.lr() / max(staleness, 1)
         return self.lr()
 
-    def check(self, base_version, examples, grad: np.ndarray, offset: int | None = None) -> None:
+    def check(self, base_version, examples, grad: np.ndarray, offset: int | None = None) -> float:
         """Raise ProtocolError unless ``grad`` is a finite gradient of this range computed
-        from a version the store has reached, for 1..MAX_EXAMPLES_PER_PUSH examples."""
+        from a version the store has reached, for 1..MAX_EXAMPLES_PER_PUSH examples.
+        Returns its squared norm (computed for the finiteness test; the outlier guard
+        reuses it rather than pass over the gradient again)."""
         if grad.dtype != self.dtype:
             raise ProtocolError("bad_array", f"gradient is {grad.dtype}, the model is {self.dtype}")
         offset = self.lo if offset is None else offset
@@ -111,6 +113,7 @@ class ParameterStore:
             norm2 = float(np.dot(grad, grad))  # NaN or Inf anywhere (or an overflowing norm) makes this non-finite
         if not np.isfinite(norm2):
             raise ProtocolError("not_finite", "gradient has NaN or Inf values (or a norm beyond float range)")
+        return norm2
 
     def apply(self, base_version: int, examples: int, grad: np.ndarray) -> tuple[int, int]:
         """Apply one checked gradient now; return ``(new version, staleness)``."""

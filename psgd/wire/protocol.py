@@ -56,6 +56,15 @@ MESSAGE_TYPES = frozenset(SCHEMAS)
 SERVER_TAKES = frozenset({"hello", "heartbeat", "pull", "push", "stats", "set_lr", "set_params", "describe",
                           "pause", "resume", "bye", "shutdown"})
 
+# Who may send what, with CURVE keys (docs/protocol.md, "Roles"): a key in the server's
+# allowed folder is a worker's; one in its control/ subfolder may also steer the run. A
+# worker key that sends a control message is answered ``forbidden`` and nothing changes.
+# Without CURVE there are no keys, hence no roles: whoever reaches the port is control
+# (which is why a plaintext server listens on loopback unless told --insecure).
+WORKER_MESSAGES = frozenset({"hello", "heartbeat", "pull", "push", "bye", "stats"})
+CONTROL_MESSAGES = SERVER_TAKES - WORKER_MESSAGES  # set_lr, set_params, pause, resume, shutdown, describe
+WORKER, CONTROL = "worker", "control"
+
 # Optional fields a server takes, checked here as strictly as the required ones: absent
 # (or nil where the spec allows nil) means the default; anything else of the wrong type
 # is ``bad_field``. "int?" is an int or nil, "shards?" nil or a list of distinct ints >= 0.
@@ -78,7 +87,8 @@ MAX_CODECS = 16  # names a hello may list
 
 # Error codes carried by ``error`` replies (docs/protocol.md lists their meaning).
 ERROR_CODES = ("bad_frames", "bad_header", "bad_version", "bad_type", "bad_field", "bad_array",
-               "bad_range", "not_finite", "future_version", "too_stale", "unknown_worker", "too_many_workers")
+               "bad_range", "not_finite", "future_version", "too_stale", "unknown_worker", "too_many_workers",
+               "forbidden", "outlier")
 
 
 def is_int(value) -> bool:

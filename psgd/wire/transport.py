@@ -9,12 +9,20 @@ within ``REQUEST_TIMEOUT_S`` is sent again on a fresh socket, with growing pause
 With CURVE keys (``psgd keygen``) traffic is encrypted and the server accepts only the
 clients whose public keys lie in its allowed folder: a ZAP handler (pyzmq's
 authenticator thread) checks each connection before any message of it is delivered, so
-an unknown or plaintext client gets nothing and changes nothing.
+an unknown or plaintext client gets nothing and changes nothing. Each allowed key has a
+role (psgd.wire.protocol: WORKER, CONTROL): keys in the allowed folder itself are
+workers', keys in its ``control/`` subfolder may also steer the run. The handler stamps
+the role on every message of the connection (its ZAP User-Id), and the server reads it
+from there: a client cannot claim a role its key does not have.
+
+A secret key file that others may read is refused, as ssh refuses one: whoever can read
+it can be that party.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +30,17 @@ from pathlib import Path
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from ..errors import ConfigError, ProtocolError, TransportError
-from .protocol import MAX_HEADER_BYTES, MAX_REPLY_HEADER_BYTES, Message, decode, encode
+from .protocol import CONTROL, MAX_HEADER_BYTES, MAX_REPLY_HEADER_BYTES, WORKER, Message, decode, encode
 
 REQUEST_TIMEOUT_S = 5.0  # one try of a request
 SERVER_WAIT_S = 60.0  # all tries of a request, before giving up on the server
 RECONNECT_BACKOFF_S = (0.1, 2.0)  # first pause between tries, and the cap it doubles up to
 LINGER_MS = 0  # an abandoned socket drops what it has not sent
 POLL_INTERVAL_MS = 100  # how often a blocked loop looks at its stop flag
+CONTROL_KEYS_DIR = "control"  # the allowed folder's subfolder of control keys
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,20 @@ class ServerKeys:
     allowed_dir: str
 
 
+def check_secret_key_mode(path) -> None:
+    """Raise TransportError if anyone but the owner may read or write the secret key file."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError as exc:
+        raise TransportError(f"cannot read the CURVE key {path}: {exc.strerror or exc}") from None
+    if mode & 0o077:
+        raise TransportError(f"the secret key {path} has mode {mode:04o}: others may read it, and whoever reads it "
+                             f"can pose as its owner; fix it with: chmod 600 {path}")
+
+
 def _load(path, want_secret: bool) -> tuple[bytes, bytes | None]:
+    if want_secret:
+        check_secret_key_mode(path)
     try:
         public, secret = zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as exc:
@@ -82,12 +105,60 @@ def server_keys(secret_key_file, allowed_dir) -> ServerKeys | None:
     return ServerKeys(public, secret, str(allowed_dir))
 
 
+def allowed_roles(allowed_dir) -> dict[bytes, str]:
+    """The z85 public keys a server accepts, each with its role: the ``*.key`` files of
+    ``allowed_dir`` are workers', those of ``allowed_dir/control/`` control keys (a key in
+    both is control)."""
+    try:
+        roles = {key: WORKER for key in zmq.auth.load_certificates(str(allowed_dir))}
+        control = Path(allowed_dir) / CONTROL_KEYS_DIR
+        if control.is_dir():
+            roles.update({key: CONTROL for key in zmq.auth.load_certificates(str(control))})
+    except (OSError, ValueError) as exc:
+        raise TransportError(f"cannot read the allowed client keys in {allowed_dir}: {exc}") from None
+    return roles
+
+
+class _RoleAuthenticator(ThreadAuthenticator):
+    """pyzmq's ZAP handler, with each allowed key's role as the User-Id of its messages."""
+
+    def __init__(self, context, roles: dict[bytes, str]):
+        super().__init__(context)
+        self.roles = roles
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.roles.get(z85.encode(client_public_key), WORKER)
+
+
 def write_keypair(folder, name: str) -> tuple[Path, Path]:
     """``folder/name.key`` (public: hand it out) and ``folder/name.key_secret`` (keep it)."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     public, secret = zmq.auth.create_certificates(str(folder), name)
     os.chmod(secret, 0o600)
     return Path(public), Path(secret)
+
+
+CLUSTER_KEYS = ("server", "worker", "control")
+
+
+def write_cluster_keys(folder) -> dict[str, Path]:
+    """A whole cluster's keys in one folder, for recipes that make them at start:
+    ``server.key``/``server.key_secret``, ``worker.key_secret`` and ``control.key_secret``
+    (the clients' secret keys), and the server's allowed folder ``allowed/`` with
+    ``worker.key`` in it and ``control.key`` in ``allowed/control/``. Keys already there
+    are kept (a restarted cluster keeps its keys). Returns the paths by use:
+    ``server_secret``, ``server_public``, ``allowed``, ``worker_secret``, ``control_secret``."""
+    folder = Path(folder)
+    allowed = folder / "allowed"
+    if not (folder / "server.key_secret").exists():
+        write_keypair(folder, "server")
+    for name, where in (("worker", allowed), ("control", allowed / CONTROL_KEYS_DIR)):
+        if not (folder / f"{name}.key_secret").exists():
+            _, secret = write_keypair(where, name)
+            secret.rename(folder / secret.name)  # the allowed folder holds public keys only
+    return {"server_secret": folder / "server.key_secret", "server_public": folder / "server.key",
+            "allowed": allowed, "worker_secret": folder / "worker.key_secret",
+            "control_secret": folder / "control.key_secret"}
 
 
 def max_message_bytes(n_params: int, itemsize: int) -> int:
@@ -252,14 +323,17 @@ class ServerSocket:
                  keys: ServerKeys | None = None):
         self.context = context or zmq.Context.instance()
         self.authenticator = None
+        self.keys = keys
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message)  # larger frames drop the connection
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
         if keys is not None:
-            self.authenticator = ThreadAuthenticator(self.context)
+            roles = allowed_roles(keys.allowed_dir)
+            self.authenticator = _RoleAuthenticator(self.context, roles)
             self.authenticator.start()
-            self.authenticator.configure_curve(domain="*", location=keys.allowed_dir)
+            self.authenticator.allow_any = False
+            self.authenticator.certs["*"] = roles  # a key is allowed where its role (non-empty) is found
             self.socket.curve_publickey = keys.public
             self.socket.curve_secretkey = keys.secret
             self.socket.curve_server = True
@@ -278,6 +352,16 @@ class ServerSocket:
         """``(identity, frames)`` of the next message; frames are zero-copy zmq Frames."""
         frames = self.socket.recv_multipart(copy=False)
         return frames[0], frames[1:]
+
+    def role(self, frames) -> str:
+        """The role of the key that sent these frames (from :meth:`recv`): WORKER or
+        CONTROL. Without CURVE there are no keys, hence no roles: CONTROL."""
+        if self.keys is None:
+            return CONTROL
+        try:
+            return CONTROL if frames[0].get("User-Id") == CONTROL else WORKER
+        except (zmq.ZMQError, IndexError):
+            return WORKER
 
     def send(self, identity, frames: list, copy: bool = True) -> None:
         self.socket.send_multipart([identity, *frames], copy=copy)
