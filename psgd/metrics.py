@@ -82,6 +82,7 @@ class WorkerRecord:
     # once known: the same seq again is a retry after a lost ack, answered with it, applied once.
     last_push: int | None = None
     last_ack: tuple[int, int] | None = None
+    timing: dict | None = None  # its latest time totals (psgd.worker.timing), as it reported them
 
     def to_dict(self, now: float) -> dict:
         alive_for = max(now - self.joined, 1e-9)
@@ -89,4 +90,17 @@ class WorkerRecord:
                 "data_generation": self.data_generation, "transport": self.transport,
                 "pushes": self.pushes, "examples": self.examples, "refused": self.refused,
                 "examples_per_s": self.examples / alive_for, "last_seen_s_ago": now - self.last_seen,
-                "connected": self.connected, "expired": self.expired, "staleness": self.staleness.to_dict()}
+                "connected": self.connected, "expired": self.expired, "staleness": self.staleness.to_dict(),
+                "timing": self.timing}
+
+
+def time_shares(timing: dict | None) -> dict | None:
+    """A worker's time totals (docs/protocol.md, "timing") as shares of its wall time (0..1)
+    per phase, plus ``accounted`` (their sum, 1 when the phases tile the wall time). None
+    without a report, or before any time passed."""
+    if not timing or not timing.get("wall"):
+        return None
+    wall = float(timing["wall"])
+    out = {phase: float(seconds) / wall for phase, seconds in timing.items() if phase != "wall"}
+    out["accounted"] = sum(out.values())
+    return out

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..errors import PsgdError, TransportError
-from ..metrics import StalenessHistogram
+from ..metrics import StalenessHistogram, time_shares
 from ..model.interface import build_model
 from ..data.prepared import PreparedData
 from .rundir import RunRecorder
@@ -353,6 +353,9 @@ def per_worker(records) -> dict[str, dict]:
         name, hist = w["name"], StalenessHistogram.from_dict(w["staleness"])
         row = {k: w[k] for k in ("pushes", "examples", "refused", "transport", "connected", "data_shards",
                                  "examples_per_s")}
+        # The worker's totals run across its reconnects: its latest report stands for all.
+        row["timing"] = w.get("timing") or (out[name]["timing"] if name in out else None)
+        row["time_shares"] = time_shares(row["timing"])
         if name in out:
             for k in ("pushes", "examples", "refused"):
                 row[k] += out[name][k]

@@ -8,7 +8,8 @@
 
 Both have ``grads`` (one or two buffers the worker computes into: with two, it computes
 into one while the other's push is in flight), ``pull(params) -> version``,
-``push_begin(slot, base_version, examples, params_or_None)`` (send ``grads[slot]``) and
+``push_begin(slot, base_version, examples, params_or_None, timing=None) -> carried`` (send
+``grads[slot]``, with the worker's time totals where the path can carry them) and
 ``push_end() -> (version, staleness, version of refreshed params or None, data
 generation)``. A buffer must stay untouched from its push_begin to its push_end.
 """
@@ -38,13 +39,17 @@ class ZmqChannel:
         params[...] = reply.arrays[0]
         return reply["version"]
 
-    def push_begin(self, slot: int, base_version: int, examples: int, params: np.ndarray | None) -> None:
-        """Send ``grads[slot]`` (without copying it); :meth:`push_end` waits for the ack
-        (and refreshed ``params``)."""
+    def push_begin(self, slot: int, base_version: int, examples: int, params: np.ndarray | None,
+                   timing: dict | None = None) -> bool:
+        """Send ``grads[slot]`` (without copying it) and ``timing``, the worker's time totals,
+        when given (True: it went); :meth:`push_end` waits for the ack (and refreshed ``params``)."""
         header = {"type": "push", "worker_id": self.worker_id, "base_version": base_version,
                   "examples": examples, "want_params": params is not None}
+        if timing is not None:
+            header["timing"] = timing
         self._params = params
         self.client.send(header, [self.grads[slot]], [self.offset])
+        return timing is not None
 
     def push_end(self) -> tuple[int, int, int | None, int]:
         """(server version, staleness, version of refreshed params or None, data generation)."""
@@ -101,9 +106,12 @@ class ShmChannel:
     def pull(self, params: np.ndarray) -> int:
         return shm.read_consistent(self.weights, params, self.timeout, self.doorbell.alive)
 
-    def push_begin(self, slot: int, base_version: int, examples: int, params: np.ndarray | None) -> None:
+    def push_begin(self, slot: int, base_version: int, examples: int, params: np.ndarray | None,
+                   timing: dict | None = None) -> bool:
+        """The doorbell's 16 bytes carry no timing: False (the client sends it by heartbeat)."""
         self._params = params
         self.doorbell.ring(base_version, examples, slot)
+        return False
 
     def push_end(self):
         version, staleness, generation = self.doorbell.wait_ack()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import msgpack
 import numpy as np
 
@@ -60,7 +62,8 @@ SERVER_TAKES = frozenset({"hello", "heartbeat", "pull", "push", "stats", "set_lr
 # is ``bad_field``. "int?" is an int or nil, "shards?" nil or a list of distinct ints >= 0.
 OPTIONAL: dict[str, dict[str, str]] = {
     "hello": {"data_shards": "shards?"},
-    "push": {"want_params": "bool"},
+    "push": {"want_params": "bool", "timing": "timing"},
+    "heartbeat": {"timing": "timing"},
     "pull": {"worker_id": "int?"},
     "bye": {"worker_id": "int?"},
     "stats": {"workers": "bool", "after": "int?"},
@@ -79,12 +82,28 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-_RULES = {"bool": "a bool", "int?": "an int or nil", "shards?": "nil or a list of distinct ints >= 0"}
+# A worker's running time totals (psgd.worker.timing): "wall" and its phases, each a finite
+# number of seconds in [0, TIMING_MAX_S]; no other key, so the field stays a few dozen bytes.
+TIMING_KEYS = ("wall", "batch", "compute", "sleep", "push", "pull", "other")
+TIMING_MAX_S = 1e9
+
+
+def timing_ok(value) -> bool:
+    if not isinstance(value, dict) or len(value) > len(TIMING_KEYS):
+        return False
+    return all(key in TIMING_KEYS and not isinstance(s, bool) and isinstance(s, (int, float))
+               and math.isfinite(s) and 0 <= s <= TIMING_MAX_S for key, s in value.items())
+
+
+_RULES = {"bool": "a bool", "int?": "an int or nil", "shards?": "nil or a list of distinct ints >= 0",
+          "timing": f"a map of {', '.join(TIMING_KEYS)} to seconds in [0, 1e9]"}
 
 
 def _optional_ok(kind: str, value) -> bool:
     if kind == "bool":
         return isinstance(value, bool)
+    if kind == "timing":
+        return timing_ok(value)
     if value is None:
         return True
     if kind == "int?":
@@ -172,7 +191,7 @@ def decode(frames: list, max_header: int = MAX_HEADER_BYTES, accept: frozenset |
             raise ProtocolError("bad_field", f"{kind}: field {name!r} missing or of the wrong type", seq)
     for name, rule in OPTIONAL.get(kind, {}).items():
         if name in header and not _optional_ok(rule, header[name]):
-            raise ProtocolError("bad_field", f"{kind}: optional field {name!r} is {header[name]!r}, "
+            raise ProtocolError("bad_field", f"{kind}: optional field {name!r} is {header[name]!r:.80}, "
                                              f"not {_RULES[rule]}", seq)
     meta = header.get("arrays", [])
     least, most = ARRAY_COUNTS.get(kind, (0, 0))
