@@ -24,6 +24,7 @@ from ..errors import PsgdError, TransportError
 from ..metrics import StalenessHistogram, time_shares
 from ..model.interface import build_model
 from ..data.prepared import PreparedData
+from .live import LiveRun
 from .rundir import RunRecorder
 from ..wire.client import SHUTDOWN_WAIT_S, ParameterClient
 from ..wire.transport import max_reply_bytes
@@ -57,10 +58,12 @@ class Coordinator:
     a failure of the server ends the run with an error."""
 
     def __init__(self, config: TrainConfig, endpoint: str, data: PreparedData, on_event=None, say=None,
-                 watch=None, append: bool = False, keys=None, stop_requested=None):
+                 watch=None, append: bool = False, keys=None, stop_requested=None, live: LiveRun | None = None):
         """``stop_requested()``, if given, is asked every poll: once true (a first Ctrl-C) the
-        run stops warm, as on a budget: a final evaluation, then the summary."""
+        run stops warm, as on a budget: a final evaluation, then the summary. ``live``
+        (the dashboard's and /metrics' view of the run) is fed as the run goes."""
         self.config = config
+        self.live = live or LiveRun(config=config.to_dict())
         self.stop_requested = stop_requested or (lambda: False)
         self.data = data
         self.net = build_model(config.model)
@@ -85,6 +88,13 @@ class Coordinator:
 
     def run(self) -> dict:
         """Coordinate until a stop condition holds; return the summary (also written to disk)."""
+        try:
+            return self._run()
+        except BaseException as exc:
+            self.live.fail(str(exc) or type(exc).__name__)
+            raise
+
+    def _run(self) -> dict:
         c, d = self.config, self.data
         n_train = len(d.train)
         total = int(c.epochs * n_train)
@@ -104,6 +114,9 @@ class Coordinator:
             while True:
                 self._check_processes()
                 stats = self._stats()
+                self.live.on_stats(stats)
+                if self.live.workers_due():  # the dashboard's worker lanes: paged, about once a second
+                    self.live.on_workers(self.servers.worker_records())
                 self._check_checkpoints(stats)
                 examples, version = stats["examples"], stats["version"]
                 refused_nan = (stats.get("errors") or {}).get("not_finite", 0)
@@ -164,6 +177,9 @@ class Coordinator:
         train_time = (time.perf_counter() - eval_time - t_first) if t_first else 0.0
         test_loss, test_acc = self.net.evaluate(self.params, d.test.X, d.T_test)
         summary = self._summary(stats, n_train, test_loss, test_acc, t0, t_first, train_time, eval_time, stop_reason)
+        self.live.on_workers(stats["workers"])
+        summary["worker_series"] = self.live.lanes()  # so psgd report --serve draws the lanes too
+        self.live.finish(summary, stats)
         return summary
 
     def finish(self, summary: dict) -> dict:
@@ -245,6 +261,7 @@ class Coordinator:
             "worker_examples_per_s": rates, "stragglers": stragglers(rates),
         }
         self.recorder.record(rec)
+        self.live.on_eval(rec)
         return rec
 
     def _refusing_nan(self, stats: dict) -> bool:
