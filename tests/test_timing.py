@@ -37,6 +37,7 @@ def test_laps_charge_the_time_since_the_previous_mark_and_tile_the_wall_time():
     timer.start()  # a second loop (after a reconnect) adds to the totals
     now[0] += 2.0
     timer.lap("pull")
+    now[0] += 1.5  # mid-phase: a report sent now counts up to the last mark
     assert timer.snapshot()["wall"] == 10.0 and timer.snapshot()["pull"] == 2.0
     assert time_shares(None) is None and time_shares({"wall": 0.0}) is None
 

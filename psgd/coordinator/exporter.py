@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from ..wire.protocol import ERROR_CODES, TIMING_KEYS
 from .live import PHASES
@@ -79,7 +80,7 @@ def _staleness(hist: dict | None):
     for bound in STALENESS_BUCKETS:
         if counts:
             total = sum(counts[:min(bound, cap - 1) + 1])
-        buckets.append((str(bound), total))
+        buckets.append((floatToGoString(bound), total))  # le="4.0", as the library writes its own
     all_pushes = sum(counts)
     weighted = sum(i * c for i, c in enumerate(counts))
     buckets.append(("+Inf", all_pushes))

@@ -64,6 +64,8 @@ class StepTimer:
         self.totals[phase] += seconds
 
     def snapshot(self) -> dict:
-        """The running totals as they go on the wire: ``wall`` and each phase, in seconds."""
-        wall = self.wall + (self.clock() - self._started if self._started is not None else 0.0)
+        """The running totals as they go on the wire: ``wall`` and each phase, in seconds, up
+        to the latest mark (a report sent mid-phase, from inside a push, counts that phase
+        next time: the phases always add up to ``wall``)."""
+        wall = self.wall + (self._mark - self._started if self._started is not None else 0.0)
         return {"wall": wall, **self.totals}
