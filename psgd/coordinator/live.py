@@ -44,9 +44,10 @@ class LiveRun:
     def workers_due(self) -> bool:
         return self._workers_at is None or self.clock() - self._workers_at[0] >= WORKERS_EVERY_S
 
-    def on_workers(self, records: dict) -> None:
+    def on_workers(self, records: dict, point: bool = True) -> None:
         """Every per-worker record (``stats["workers"]``): each lane gets a point: examples/s
-        and mean staleness since the previous call."""
+        and mean staleness since the previous call (``point`` False: the totals only, as at
+        the end, when the servers were paused for the final evaluation)."""
         now = self.clock()
         t = now - self.started
         totals: dict[str, list] = {}
@@ -64,7 +65,8 @@ class LiveRun:
         with self.lock:
             for name, (examples, stale_sum, stale_n, connected, timing, pushes, refused) in totals.items():
                 lane = self.workers.setdefault(name, {"series": [], "examples_per_s": 0.0})
-                if previous is not None and name in previous[1]:
+                if point and previous is not None and name in previous[1] and examples > 0:
+                    # (a worker still loading its data has no rate yet: its lane starts at its first push)
                     dt = max(now - previous[0], 1e-9)
                     ex0, ss0, sn0 = previous[1][name]
                     rate = (examples - ex0) / dt
@@ -76,10 +78,11 @@ class LiveRun:
                 lane.update(connected=connected, timing=timing, time_shares=time_shares(timing),
                             pushes=pushes, examples=examples, refused=refused,
                             staleness_mean=stale_sum / stale_n if stale_n else 0.0)
-            rates = {n: lane["examples_per_s"] for n, lane in self.workers.items() if lane.get("connected")}
-            flagged = set(_stragglers(rates)) if previous is not None else set()
-            for name, lane in self.workers.items():
-                lane["straggler"] = name in flagged
+            if point:
+                rates = {n: lane["examples_per_s"] for n, lane in self.workers.items() if lane.get("connected")}
+                flagged = set(_stragglers(rates)) if previous is not None else set()
+                for name, lane in self.workers.items():
+                    lane["straggler"] = name in flagged
         self._workers_at = (now, {n: (r[0], r[1], r[2]) for n, r in totals.items()})
 
     def on_eval(self, rec: dict) -> None:
@@ -92,6 +95,10 @@ class LiveRun:
                 self.stats = stats
             self.summary = summary
             self.phase, self.stop_reason = "finished", summary.get("stop_reason")
+            flagged = set(summary.get("stragglers") or [])
+            for name, w in (summary.get("per_worker") or {}).items():  # the whole run's rates now
+                if name in self.workers:
+                    self.workers[name].update(examples_per_s=w["examples_per_s"], straggler=name in flagged)
 
     def fail(self, why: str) -> None:
         with self.lock:

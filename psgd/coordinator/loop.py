@@ -177,7 +177,7 @@ class Coordinator:
         train_time = (time.perf_counter() - eval_time - t_first) if t_first else 0.0
         test_loss, test_acc = self.net.evaluate(self.params, d.test.X, d.T_test)
         summary = self._summary(stats, n_train, test_loss, test_acc, t0, t_first, train_time, eval_time, stop_reason)
-        self.live.on_workers(stats["workers"])
+        self.live.on_workers(stats["workers"], point=False)
         summary["worker_series"] = self.live.lanes()  # so psgd report --serve draws the lanes too
         self.live.finish(summary, stats)
         return summary
