@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from ..metrics import StalenessHistogram, time_shares
 
 WORKERS_EVERY_S = 1.0  # per-worker records (a paged request to shard 0) at most this often
+RATE_WINDOW = 3  # a lane's examples/s and staleness are over the last this many polls (a push is 1/10 s or more)
 SERIES_POINTS = 600  # a worker lane keeps at most this many points; older ones are thinned by half
 STRAGGLER_FACTOR = 0.5  # as psgd.coordinator.loop: below this fraction of the others' median rate
 
@@ -31,7 +33,8 @@ class LiveRun:
         self.evals: list[dict] = []
         self.workers: dict[str, dict] = {}  # name -> lane
         self.summary: dict | None = None
-        self._workers_at = None  # (time, {name: (examples, staleness sum, staleness count)})
+        # the last RATE_WINDOW + 1 polls: (time, {name: (examples, staleness sum, staleness count)})
+        self._polls: deque = deque(maxlen=RATE_WINDOW + 1)
 
     # --- fed by the coordinator ------------------------------------------------------------
 
@@ -42,7 +45,7 @@ class LiveRun:
                 self.phase = "training"
 
     def workers_due(self) -> bool:
-        return self._workers_at is None or self.clock() - self._workers_at[0] >= WORKERS_EVERY_S
+        return not self._polls or self.clock() - self._polls[-1][0] >= WORKERS_EVERY_S
 
     def on_workers(self, records: dict, point: bool = True) -> None:
         """Every per-worker record (``stats["workers"]``): each lane gets a point: examples/s
@@ -61,7 +64,7 @@ class LiveRun:
             row[4] = w.get("timing") or row[4]
             row[5] += w["pushes"]
             row[6] += w["refused"]
-        previous = self._workers_at
+        previous = self._polls[0] if self._polls else None
         with self.lock:
             for name, (examples, stale_sum, stale_n, connected, timing, pushes, refused) in totals.items():
                 lane = self.workers.setdefault(name, {"series": [], "examples_per_s": 0.0})
@@ -83,7 +86,8 @@ class LiveRun:
                 flagged = set(_stragglers(rates)) if previous is not None else set()
                 for name, lane in self.workers.items():
                     lane["straggler"] = name in flagged
-        self._workers_at = (now, {n: (r[0], r[1], r[2]) for n, r in totals.items()})
+        if point:
+            self._polls.append((now, {n: (r[0], r[1], r[2]) for n, r in totals.items()}))
 
     def on_eval(self, rec: dict) -> None:
         with self.lock:
