@@ -448,13 +448,15 @@ def fetch(data_dir, mirrors):
 @env_option("--checkpoint-every", type=float, default=10.0, help="Seconds between checkpoints.")
 @env_option("--checkpoint-every-updates", type=int, default=None, help="Also checkpoint after this many updates.")
 @env_option("--resume/--no-resume", default=False, help="Start from the newest valid checkpoint.")
+@env_option("--metrics", default=None, metavar="[HOST:]PORT",
+            help="Serve this server's Prometheus /metrics (and its page) here; a bare PORT listens on 127.0.0.1.")
 @click.pass_context
 @env_option("--curve-secret-key", type=click.Path(dir_okay=False, exists=True), default=None,
             help="CURVE: encrypt and authenticate with this secret key file (from psgd keygen).")
 @env_option("--curve-allow", type=click.Path(file_okay=False, exists=True), default=None,
             help="CURVE: the folder of public keys (*.key) of the clients to accept; all others get nothing.")
 def server(ctx, bind, server_shard, num_shards, data_shards, shared_memory, ready_file, checkpoint_dir,
-           checkpoint_every, checkpoint_every_updates, resume, curve_secret_key, curve_allow, **kw):
+           checkpoint_every, checkpoint_every_updates, resume, metrics, curve_secret_key, curve_allow, **kw):
     """Run a parameter server: hold the weights, apply every push the moment it arrives.
 
     --max-updates and --max-seconds stop it by itself. A coordinator that watches it still
@@ -473,7 +475,16 @@ def server(ctx, bind, server_shard, num_shards, data_shards, shared_memory, read
     if curve_allow:
         n = len(list(Path(curve_allow).glob("*.key")))
         click.echo(f"CURVE: accepting {n} client key{'s' if n != 1 else ''} from {curve_allow}; others get nothing")
-    stats = srv.run()
+    board = None
+    if metrics is not None:
+        from .coordinator.dashboard import RunBoard
+        board = RunBoard(metrics, config.to_dict(), f"server shard {st.shard}", click.echo)
+        srv.publish = board.feed_from_server
+    try:
+        stats = srv.run()
+    finally:
+        if board is not None:
+            board.close()
     click.echo(f"server stopped at version {stats['version']}; errors {stats['errors'] or 'none'}")
 
 

@@ -280,3 +280,26 @@ def test_a_live_run_scraped_and_watched_in_a_browser_matches_its_summary(procs, 
         assert len(page["lanes"]) == 3
     report.send_signal(signal.SIGTERM)
     assert report.wait(30) == 0
+
+
+def test_a_server_serves_its_own_metrics_with_an_option(procs, tmp_path):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    data = tmp_path / "small.npz"  # a small data set: the worker starts in a moment
+    np.savez(data, X=rng.standard_normal((600, 20)).astype(np.float32), y=rng.integers(0, 3, 600))
+    server, endpoint = procs.start_server("--data", str(data), "--layers", "20,16,3", "--validation", "100",
+                                          "--data-shards", "1", "--epochs", "100000", "--metrics", "127.0.0.1:0")
+    log = lambda: procs.log("server")  # noqa: E731
+    url = _wait_for("the metrics address", lambda: (re.findall(r"dashboard at (http://\S+/) ", log()) or [None])[0],
+                    30, server, log)
+    worker = procs.start("worker", "--connect", endpoint, "--name", "w0", log="w0",
+                         extra_env={"OPENBLAS_NUM_THREADS": "1"})
+    key = lambda name, **labels: (name, tuple(sorted(labels.items())))  # noqa: E731
+    seen = _wait_for("pushes on the server's /metrics",
+                     lambda: (m := _scrape(url)).get(key("psgd_worker_pushes_total", worker="w0"), 0) > 0 and m,
+                     60, server, log)
+    assert seen[key("psgd_updates_applied_total")] >= seen[key("psgd_push_staleness_count")] > 0
+    assert seen[key("psgd_workers_alive")] == 1
+    server.send_signal(signal.SIGTERM)  # a clean stop: it tells the worker, which ends too
+    assert server.wait(60) == 0, log()
+    assert worker.wait(30) == 0, procs.log("w0")

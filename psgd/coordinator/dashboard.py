@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
@@ -141,10 +142,19 @@ class RunBoard:
             if say is not None:
                 say(f"psgd: dashboard at {self.board.url} (Prometheus metrics at {self.board.url}metrics)")
 
+    def feed_from_server(self, state) -> None:
+        """``psgd server --metrics``: the server loop hands its ServerState (in its own
+        thread) about once a second; what the page and /metrics need is copied out here."""
+        now = state.clock()
+        stats = state.stats()
+        self.live.on_stats(stats)
+        self.live.on_workers({str(w): r.to_dict(now) for w, r in state.members.workers.items()})
+        if stats.get("stopping"):
+            self.live.finish({"stop_reason": stats.get("stop_reason")}, stats)
+
     def hold(self, seconds: float, stop=lambda: False) -> None:
         """Go on serving the finished run for ``seconds`` (a scraper's last look), or until
         ``stop()``."""
-        import time
         end = time.monotonic() + seconds
         while self.board is not None and time.monotonic() < end and not stop():
             time.sleep(min(0.2, max(0.0, end - time.monotonic())))
