@@ -19,7 +19,7 @@ from psgd.model.optim import OptimizerSpec
 from psgd.model.schedules import ScheduleSpec
 from test_worker_core import StateChannel
 
-WIDE = ModelSpec((64, 256, 10), "tanh", "softmax_ce", "float64")  # a step of a millisecond or so
+WIDE = ModelSpec((64, 128, 10), "tanh", "softmax_ce", "float32")  # a step of a fraction of a millisecond
 
 
 def test_laps_charge_the_time_since_the_previous_mark_and_tile_the_wall_time():
@@ -46,7 +46,7 @@ def _config():
     return TrainConfig(model=WIDE, optimizer=OptimizerSpec("sgd"), schedule=ScheduleSpec("constant", 0.05, warmup=0))
 
 
-def _core(slowdown: float, steps: int = 60):
+def _core(slowdown: float, steps: int = 25):
     rng = np.random.default_rng(0)
     X = rng.standard_normal((512, 64))
     y = rng.integers(0, 10, 512)
@@ -58,9 +58,9 @@ def _core(slowdown: float, steps: int = 60):
 
 
 def test_a_worker_s_time_shares_add_up_to_its_wall_time_and_show_a_straggler_s_sleep():
-    state, channel, core = _core(slowdown=3.0)
+    state, channel, core = _core(slowdown=3.0, steps=None)
     t0 = time.perf_counter()
-    core.run(channel)
+    core.run(channel, should_stop=lambda: time.perf_counter() - t0 > 0.5)  # long enough that 5% is 25 ms
     wall = time.perf_counter() - t0  # the test's own clock, not the timer's
     timing = core.timer.snapshot()
     assert set(timing) == set(TIMING_KEYS)
@@ -73,7 +73,7 @@ def test_a_worker_s_time_shares_add_up_to_its_wall_time_and_show_a_straggler_s_s
 
 
 def test_without_the_straggler_option_no_time_is_slept():
-    state, channel, core = _core(slowdown=1.0, steps=20)
+    state, channel, core = _core(slowdown=1.0, steps=10)
     core.run(channel)
     timing = core.timer.snapshot()
     assert timing["sleep"] == 0 and timing["compute"] > 0 and timing["pull"] > 0
@@ -108,3 +108,18 @@ def test_the_server_keeps_the_latest_totals_a_heartbeat_or_push_reports():
                      "timing": later}, [grad])
     reply, _ = state.handle(decode([bytes(f) for f in frames], accept=SERVER_TAKES))
     assert reply["type"] == "ack" and record.timing == later
+
+
+def test_psgd_report_shows_each_worker_s_time_shares():
+    from psgd.coordinator.loop import per_worker
+    from psgd.coordinator.report import time_table
+    state = ServerState(_config())
+    fast, slow = state.members.register("fast", "shm"), state.members.register("slow", "shm")
+    fast.timing = {"wall": 10.0, "batch": 0.5, "compute": 6.0, "push": 3.5}
+    slow.timing = {"wall": 10.0, "batch": 0.1, "compute": 2.0, "sleep": 6.9, "push": 1.0}
+    rows = per_worker(r.to_dict(0.0) for r in state.members.workers.values())
+    assert rows["slow"]["time_shares"]["sleep"] == pytest.approx(0.69)
+    table = time_table(rows)
+    assert "sleep" in table[1] and "compute" in table[1]
+    assert table[2].split()[:5] == ["fast", "5.0%", "60.0%", "0.0%", "35.0%"]
+    assert table[3].split()[:4] == ["slow", "1.0%", "20.0%", "69.0%"]
