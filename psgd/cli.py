@@ -307,11 +307,22 @@ def say_where_the_run_went(out_dir, summary: dict) -> None:
 DASHBOARD_DEFAULT = "127.0.0.1:8050"
 
 
+def _check_address(ctx, param, value):
+    """A bad [HOST:]PORT is said at once, before any data is loaded or process started."""
+    if value is not None:
+        from .coordinator.dashboard import parse_address
+        try:
+            parse_address(value)
+        except PsgdError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def dashboard_options(f):
     f = env_option("--dashboard-hold", type=float, default=0.0,
                    help="Serve the finished run this many seconds more (a last Prometheus scrape).")(f)
     f = env_option("--dashboard", is_flag=False, flag_value=DASHBOARD_DEFAULT, default=None, metavar="[HOST:]PORT",
-                   show_default=False,
+                   show_default=False, callback=_check_address,
                    help=f"Serve a live page of the run and Prometheus /metrics (alone: {DASHBOARD_DEFAULT}; "
                         "a bare PORT listens on 127.0.0.1; port 0: any free one).")(f)
     return f
@@ -448,7 +459,7 @@ def fetch(data_dir, mirrors):
 @env_option("--checkpoint-every", type=float, default=10.0, help="Seconds between checkpoints.")
 @env_option("--checkpoint-every-updates", type=int, default=None, help="Also checkpoint after this many updates.")
 @env_option("--resume/--no-resume", default=False, help="Start from the newest valid checkpoint.")
-@env_option("--metrics", default=None, metavar="[HOST:]PORT",
+@env_option("--metrics", default=None, metavar="[HOST:]PORT", callback=_check_address,
             help="Serve this server's Prometheus /metrics (and its page) here; a bare PORT listens on 127.0.0.1.")
 @click.pass_context
 @env_option("--curve-secret-key", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -645,7 +656,7 @@ def keygen(folder, names):
 @click.option("--plots-dir", type=click.Path(file_okay=False), default=None,
               help="Where PNGs go. Default: RUN/plots for one run, ./comparison.png for several.")
 @click.option("--serve", is_flag=True, help="Show the runs side by side on the dashboard page, until Ctrl-C.")
-@env_option("--address", default=DASHBOARD_DEFAULT, metavar="[HOST:]PORT",
+@env_option("--address", default=DASHBOARD_DEFAULT, metavar="[HOST:]PORT", callback=_check_address,
             help="--serve: where (a bare PORT listens on 127.0.0.1; port 0: any free one).")
 def report(runs, plots, plots_dir, serve, address):
     """Summarise runs: a text report for each and, for several, a side-by-side table; PNG plots."""

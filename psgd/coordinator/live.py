@@ -146,7 +146,7 @@ def _snapshot(name, phase, stop_reason, error, elapsed, stats, evals, workers, s
         "evals": [{k: r.get(k) for k in ("time", "train_time", "updates", "examples", "epoch", "lr", "train_loss",
                                          "val_loss", "val_accuracy", "examples_per_s", "staleness_mean", "stragglers")}
                   for r in evals],
-        "workers": {n: {k: v for k, v in lane.items()} for n, lane in sorted(workers.items())},
+        "workers": {n: dict(lane, series=list(lane.get("series", []))) for n, lane in sorted(workers.items())},
         "config": _config_line(config),
     }
 
