@@ -40,6 +40,7 @@ STRAGGLER_FACTOR = 0.5  # a worker below this fraction of the median rate is a s
 LR_CHANGE = 1e-9  # relative change of the rate worth telling the server
 NAN_STALL_S = 2.0  # no new examples this long while the servers refuse NaN/Inf gradients: diverged
 DIVERGED_FACTOR = 10.0  # rollback: a validation loss this many times the best so far has diverged
+TRAIN_LOSS_SAMPLE = 2000  # training examples the training loss is measured on at each evaluation
 
 
 def stragglers(rates: dict[str, float], factor: float = STRAGGLER_FACTOR) -> list[str]:
@@ -248,13 +249,17 @@ class Coordinator:
                 raise _Diverged(val_loss, stats["version"])
             self._best_val_loss = min(self._best_val_loss, val_loss)
             self._validated = (snap_version, self.params.copy())
+        # The training curve: the same snapshot on a fixed slice of the training set, after
+        # the servers resumed (the workers' own losses are of older weights, mid-dropout).
+        train_loss = self.net.evaluate(self.params, self.data.train.X[:TRAIN_LOSS_SAMPLE],
+                                       self.data.T_train[:TRAIN_LOSS_SAMPLE])[0]
         self.schedule.observe(val_loss if val_acc is None else 1.0 - val_acc)
         self._set_lr(stats["version"])
         hist = StalenessHistogram.from_dict(stats["staleness"]).summary()
         rates = self._worker_rates(stats)
         rec = {
             "time": wall, "train_time": train_time, "epoch": stats["examples"] / n_train,
-            "examples": stats["examples"], "updates": snap_version, "lr": self.lr_sent, "train_loss": None,
+            "examples": stats["examples"], "updates": snap_version, "lr": self.lr_sent, "train_loss": float(train_loss),
             "val_loss": val_loss, "val_accuracy": val_acc, "staleness_mean": hist["mean"],
             "staleness_p99": hist["p99"], "staleness_max": hist["max"],
             "examples_per_s": stats["examples"] / train_time if train_time else 0.0,
