@@ -17,7 +17,7 @@ from psgd.worker.timing import PHASES, StepTimer
 from psgd.config import TrainConfig
 from psgd.model.optim import OptimizerSpec
 from psgd.model.schedules import ScheduleSpec
-from test_worker_core import StateChannel
+from test_worker_core import OverlapStateChannel, StateChannel
 
 WIDE = ModelSpec((64, 128, 10), "tanh", "softmax_ce", "float32")  # a step of a fraction of a millisecond
 
@@ -46,19 +46,20 @@ def _config():
     return TrainConfig(model=WIDE, optimizer=OptimizerSpec("sgd"), schedule=ScheduleSpec("constant", 0.05, warmup=0))
 
 
-def _core(slowdown: float, steps: int = 25):
+def _core(slowdown: float, steps: int = 25, overlap: bool = False):
     rng = np.random.default_rng(0)
     X = rng.standard_normal((512, 64))
     y = rng.integers(0, 10, 512)
     state = ServerState(_config())
-    channel = StateChannel(state)
-    core = WorkerCore(MLP(WIDE), Minibatches(X, y, 64, seed=1), StepSettings(max_steps=steps, slowdown=slowdown),
-                      np.random.default_rng(0))
+    channel = (OverlapStateChannel if overlap else StateChannel)(state)
+    core = WorkerCore(MLP(WIDE), Minibatches(X, y, 64, seed=1),
+                      StepSettings(max_steps=steps, slowdown=slowdown, overlap=overlap), np.random.default_rng(0))
     return state, channel, core
 
 
-def test_a_worker_s_time_shares_add_up_to_its_wall_time_and_show_a_straggler_s_sleep():
-    state, channel, core = _core(slowdown=3.0, steps=None)
+@pytest.mark.parametrize("overlap", [False, True], ids=["push-then-compute", "overlap"])
+def test_a_worker_s_time_shares_add_up_to_its_wall_time_and_show_a_straggler_s_sleep(overlap):
+    state, channel, core = _core(slowdown=3.0, steps=None, overlap=overlap)
     t0 = time.perf_counter()
     core.run(channel, should_stop=lambda: time.perf_counter() - t0 > 0.5)  # long enough that 5% is 25 ms
     wall = time.perf_counter() - t0  # the test's own clock, not the timer's
