@@ -215,7 +215,7 @@ def _wait_for(what, predicate, seconds, proc=None, log=""):
 @pytest.mark.slow
 def test_a_live_run_scraped_and_watched_in_a_browser_matches_its_summary(procs, tmp_path, chromium):
     run = tmp_path / "run"
-    train = procs.start("train", "--workers", "3", "--slow-worker", "4", "--epochs", "0.25", "--evals-per-epoch", "20",
+    train = procs.start("train", "--workers", "2", "--slow-worker", "3", "--epochs", "0.2", "--evals-per-epoch", "25",
                         "--validation", "2000", "--dashboard", "127.0.0.1:0", "--dashboard-hold", "120",
                         "--out", str(run), log="train", extra_env={"OPENBLAS_NUM_THREADS": "1"})
     log = lambda: procs.log("train")  # noqa: E731
@@ -251,7 +251,7 @@ def test_a_live_run_scraped_and_watched_in_a_browser_matches_its_summary(procs, 
     assert final[key("psgd_test_accuracy")] == summary["test_accuracy"]
     for code, n in summary["errors"].items():
         assert final[key("psgd_refused_pushes_total", code=code)] == n
-    assert set(summary["per_worker"]) == {"worker-0", "worker-1", "worker-2"}
+    assert set(summary["per_worker"]) == {"worker-0", "worker-1"}
     for name, w in summary["per_worker"].items():
         assert final[key("psgd_worker_pushes_total", worker=name)] == w["pushes"]
         if w["time_shares"]:
@@ -277,7 +277,7 @@ def test_a_live_run_scraped_and_watched_in_a_browser_matches_its_summary(procs, 
     for name in ("run", "run-copy"):
         page = _page_values(dom, name)
         assert int(page["updates"]) == summary["updates"] and page["phase"] == "finished"
-        assert len(page["lanes"]) == 3
+        assert len(page["lanes"]) == 2
     report.send_signal(signal.SIGTERM)
     assert report.wait(30) == 0
 
