@@ -114,6 +114,10 @@ PY
 
 export PSGD_IMAGE=psgd:smoke PSGD_DATA="$DATA_DIR" PSGD_LAYERS=784,64,10 PSGD_EPOCHS=8 \
     PSGD_TARGET_ACCURACY=0.95 PSGD_DATA_SHARDS=2
+# The coordinator's page and /metrics are published on the host: on a free port here, so
+# that a busy 8050 on the CI machine cannot fail the run.
+PSGD_DASHBOARD_PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+export PSGD_DASHBOARD_PORT
 run_cluster "one server" -f deploy/docker-compose.yml
 run_cluster "two server shards" -f deploy/docker-compose.yml -f deploy/docker-compose.shards.yml
 say "passed: both clusters reached their target and compose down left nothing behind"
