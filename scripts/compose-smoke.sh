@@ -75,7 +75,7 @@ say "base image psgd-base:bookworm has python $PYVER"
 
 # Wheels of the dependencies (and the build backend) for that python: the image build is offline.
 "$PYTHON" -m pip download --quiet --only-binary=:all: --python-version "$PYVER" --platform manylinux2014_x86_64 \
-    --dest deploy/wheels numpy pyzmq msgpack click prometheus-client "setuptools>=64" wheel
+    --dest deploy/wheels numpy pyzmq msgpack click threadpoolctl prometheus-client "setuptools>=64" wheel
 say "building deploy/Dockerfile on it"
 DOCKER_BUILDKIT=0 docker build --quiet -f deploy/Dockerfile --build-arg BASE=psgd-base:bookworm \
     --build-arg PIP_OFFLINE=1 -t psgd:smoke . >/dev/null
