@@ -337,6 +337,30 @@ def say_where_the_run_went(out_dir, summary: dict) -> None:
     sys.exit(1)
 
 
+DASHBOARD_DEFAULT = "127.0.0.1:8050"
+
+
+def _check_address(ctx, param, value):
+    """A bad [HOST:]PORT is said at once, before any data is loaded or process started."""
+    if value is not None:
+        from .coordinator.dashboard import parse_address
+        try:
+            parse_address(value)
+        except PsgdError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def dashboard_options(f):
+    f = env_option("--dashboard-hold", type=float, default=0.0,
+                   help="Serve the finished run this many seconds more (a last Prometheus scrape).")(f)
+    f = env_option("--dashboard", is_flag=False, flag_value=DASHBOARD_DEFAULT, default=None, metavar="[HOST:]PORT",
+                   show_default=False, callback=_check_address,
+                   help=f"Serve a live page of the run and Prometheus /metrics (alone: {DASHBOARD_DEFAULT}; "
+                        "a bare PORT listens on 127.0.0.1; port 0: any free one).")(f)
+    return f
+
+
 def client_curve_options(f):
     f = env_option("--curve-server-key", type=click.Path(dir_okay=False, exists=True), default=None,
                    help="CURVE: the server's public key file (NAME.key from psgd keygen).")(f)
@@ -362,8 +386,9 @@ def client_curve_options(f):
             help="How local workers push: auto (shared memory), shm, or zmq (the network path).")
 @env_option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True), default=None,
             help="Go on with the cluster run in this directory from its newest checkpoint.")
+@dashboard_options
 @click.pass_context
-def train(ctx, resume_dir, **kw):
+def train(ctx, resume_dir, dashboard, dashboard_hold, **kw):
     """Train a network on a local cluster (--workers N) or in this process (--workers 0)."""
     if resume_dir:
         kw["config_file"] = str(Path(resume_dir) / "config.json")
@@ -376,6 +401,8 @@ def train(ctx, resume_dir, **kw):
     if resume_dir and config.workers == 0:
         raise PsgdError("only cluster runs (--workers N) write checkpoints to resume from")
     progress = Progress()
+    if dashboard is not None and config.workers == 0:
+        raise PsgdError("--dashboard watches a cluster run: give --workers N (N >= 1)")
     if config.workers == 0:
         from .launch import WarmThenCold
         from .trainer import train_single
@@ -386,7 +413,8 @@ def train(ctx, resume_dir, **kw):
             interrupt.restore()
     else:
         from .launch import train_cluster
-        summary = train_cluster(config, progress, resume=resume_dir is not None)
+        summary = train_cluster(config, progress, resume=resume_dir is not None, dashboard=dashboard,
+                                dashboard_hold=dashboard_hold)
     print_summary(summary)
     say_where_the_run_went(config.out_dir, summary)
     if summary.get("stop_reason") == "interrupted":
@@ -469,6 +497,8 @@ def fetch(data_dir, mirrors):
 @env_option("--checkpoint-every", type=float, default=10.0, help="Seconds between checkpoints.")
 @env_option("--checkpoint-every-updates", type=int, default=None, help="Also checkpoint after this many updates.")
 @env_option("--resume/--no-resume", default=False, help="Start from the newest valid checkpoint.")
+@env_option("--metrics", default=None, metavar="[HOST:]PORT", callback=_check_address,
+            help="Serve this server's Prometheus /metrics (and its page) here; a bare PORT listens on 127.0.0.1.")
 @click.pass_context
 @env_option("--curve-secret-key", type=click.Path(dir_okay=False, exists=True), default=None,
             help="CURVE: encrypt and authenticate with this secret key file (from psgd keygen).")
@@ -477,7 +507,7 @@ def fetch(data_dir, mirrors):
                  "control/ subfolder may also steer the run (set_lr, pause, resume, shutdown, describe). All "
                  "others get nothing.")
 def server(ctx, bind, insecure, server_shard, num_shards, data_shards, shared_memory, ready_file, checkpoint_dir,
-           checkpoint_every, checkpoint_every_updates, resume, curve_secret_key, curve_allow, **kw):
+           checkpoint_every, checkpoint_every_updates, resume, metrics, curve_secret_key, curve_allow, **kw):
     """Run a parameter server: hold the weights, apply every push the moment it arrives.
 
     --max-updates and --max-seconds stop it by itself. A coordinator that watches it still
@@ -504,7 +534,16 @@ def server(ctx, bind, insecure, server_shard, num_shards, data_shards, shared_me
         n, n_control = len(roles), roles.count(CONTROL)
         click.echo(f"CURVE: accepting {n} client key{'s' if n != 1 else ''} from {curve_allow} "
                    f"({n_control} control, {n - n_control} worker); others get nothing")
-    stats = srv.run()
+    board = None
+    if metrics is not None:
+        from .coordinator.dashboard import RunBoard
+        board = RunBoard(metrics, config.to_dict(), f"server shard {st.shard}", click.echo)
+        srv.publish = board.feed_from_server
+    try:
+        stats = srv.run()
+    finally:
+        if board is not None:
+            board.close()
     click.echo(f"server stopped at version {stats['version']}; errors {stats['errors'] or 'none'}")
 
 
@@ -561,8 +600,9 @@ def worker(ctx, connect, name, transport, shard, data_dir, batch_size, n_fetch, 
 @env_option("--max-updates", type=int, default=None, help="Stop after this many applied updates.")
 @env_option("--max-seconds", type=float, default=None, help="Stop after this many seconds.")
 @env_option("--model", default=None, help="package.module:factory, when the run trains a user's model.")
+@dashboard_options
 @client_curve_options
-def coordinator(connect, curve_key, curve_server_key, model, **overrides):
+def coordinator(connect, curve_key, curve_server_key, model, dashboard, dashboard_hold, **overrides):
     """Watch and steer a running cluster: evaluate, set the learning rate, stop it, write the run.
 
     For K server shards, --connect lists all K endpoints, comma-separated, in shard order."""
@@ -590,15 +630,23 @@ def coordinator(connect, curve_key, curve_server_key, model, **overrides):
     from .launch import WarmThenCold
     interrupt = WarmThenCold()
     data = prepare_data(config)
-    coord = Coordinator(data.config, connect, data, Progress(), keys=keys, stop_requested=interrupt.requested)
+    from .coordinator.dashboard import RunBoard
+    board = RunBoard(dashboard, data.config.to_dict(), Path(config.out_dir).name if config.out_dir else "live",
+                     lambda text: click.echo(text, err=True))
     try:
-        summary = coord.finish(coord.run())
-    except KeyboardInterrupt:  # a second Ctrl-C: leave the servers be
-        raise
-    except BaseException:
+        coord = Coordinator(data.config, connect, data, Progress(), keys=keys, stop_requested=interrupt.requested,
+                            live=board.live)
+        try:
+            summary = coord.finish(coord.run())
+        except KeyboardInterrupt:  # a second Ctrl-C: leave the servers be
+            raise
+        except BaseException:
+            coord.end_run()
+            raise
         coord.end_run()
-        raise
-    coord.end_run()
+        board.hold(dashboard_hold, interrupt.requested)
+    finally:
+        board.close()
     print_summary(summary)
     say_where_the_run_went(config.out_dir, summary)
 
@@ -681,10 +729,16 @@ def keygen(folder, names, cluster):
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots (needs matplotlib).")
 @click.option("--plots-dir", type=click.Path(file_okay=False), default=None,
               help="Where PNGs go. Default: RUN/plots for one run, ./comparison.png for several.")
-def report(runs, plots, plots_dir):
+@click.option("--serve", is_flag=True, help="Show the runs side by side on the dashboard page, until Ctrl-C.")
+@env_option("--address", default=DASHBOARD_DEFAULT, metavar="[HOST:]PORT", callback=_check_address,
+            help="--serve: where (a bare PORT listens on 127.0.0.1; port 0: any free one).")
+def report(runs, plots, plots_dir, serve, address):
     """Summarise runs: a text report for each and, for several, a side-by-side table; PNG plots."""
     from .coordinator import report as rep
     loaded = [rep.Run(Path(r)) for r in runs]
+    if serve:
+        serve_runs(loaded, address)
+        return
     for run in loaded:
         for line in rep.text_report(run):
             click.echo(line)
@@ -704,6 +758,31 @@ def report(runs, plots, plots_dir):
     else:
         written = [rep.plot_comparison(loaded, Path(plots_dir or ".") / "comparison.png")]
     click.echo("plots: " + ", ".join(str(p) for p in written))
+
+
+def serve_runs(loaded, address: str) -> None:
+    """``psgd report --serve``: finished runs on the dashboard page, until a signal."""
+    import signal
+    import time
+    from .coordinator.dashboard import Dashboard, parse_address
+    from .coordinator.live import snapshot_of_run_dir
+    snapshots = []
+    for run in loaded:
+        try:
+            snapshots.append(snapshot_of_run_dir(run.path))
+        except (OSError, ValueError, KeyError) as exc:
+            raise PsgdError(f"{run.path}: cannot show this run ({type(exc).__name__}: {exc})") from None
+    board = Dashboard(lambda: snapshots, parse_address(address))
+    click.echo(f"psgd: {len(snapshots)} run(s) at {board.url} (Ctrl-C to stop)", err=True)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        board.close()
 
 
 class LossyStream:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .wire import shm
 from .config import TrainConfig
+from .coordinator.dashboard import RunBoard
 from .coordinator.loop import Coordinator
 from .errors import PsgdError
 from .data.prepared import prepare_data
@@ -200,23 +201,42 @@ def _make_keys(keydir: Path):
 CHECKPOINT_EVERY_S = 5.0  # the local server's checkpoints, when the run has a directory
 
 
-def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = False) -> dict:
+def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = False,
+                  dashboard: str | None = None, dashboard_hold: float = 0.0) -> dict:
     """Run a local cluster of ``config.workers`` workers with an in-process coordinator;
     returns the run summary (also written to the run directory). With a run directory the
-    server checkpoints into RUN_DIR/checkpoints; ``resume`` starts it from the newest one."""
+    server checkpoints into RUN_DIR/checkpoints; ``resume`` starts it from the newest one.
+    ``dashboard``: [HOST:]PORT to serve the live page and /metrics on, and, once the run
+    is written, for ``dashboard_hold`` seconds more."""
     if resume and not config.out_dir:
         raise PsgdError("resuming needs the run directory")
     terminate_on_signals()
     interrupt = WarmThenCold(say)
     try:
-        return _run_cluster(config, on_event, say, resume, interrupt)
+        return _run_cluster(config, on_event, say, resume, interrupt, dashboard, dashboard_hold)
     finally:
         interrupt.restore()
 
 
-def _run_cluster(config: TrainConfig, on_event, say, resume: bool, interrupt: WarmThenCold) -> dict:
+def _run_cluster(config: TrainConfig, on_event, say, resume: bool, interrupt: WarmThenCold,
+                 dashboard: str | None = None, dashboard_hold: float = 0.0) -> dict:
     data = prepare_data(config)  # first: a bad option fails here, before any process starts
     config = data.config  # fitted to the data: every process gets the same concrete settings
+    board = RunBoard(dashboard, config.to_dict(), Path(config.out_dir).name if config.out_dir else "live",
+                     say or _say)
+    try:
+        summary = _run_cluster_served(config, data, on_event, say, resume, interrupt, board.live)
+        board.hold(dashboard_hold, interrupt.requested)
+        return summary
+    finally:
+        board.close()
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _run_cluster_served(config, data, on_event, say, resume: bool, interrupt: WarmThenCold, live) -> dict:
     # Each process's output goes to RUN_DIR/logs (kept: it says why a process failed).
     keep_logs = config.out_dir is not None
     if keep_logs:
@@ -272,7 +292,7 @@ def _run_cluster(config: TrainConfig, on_event, say, resume: bool, interrupt: Wa
             return failed
 
         coordinator = Coordinator(config, endpoint, data, on_event, say, watch, append=resume, keys=client_keys,
-                                  stop_requested=interrupt.requested)
+                                  stop_requested=interrupt.requested, live=live)
         try:
             summary = coordinator.run()
         except KeyboardInterrupt:  # a cold stop: no time for shutdown messages; SIGTERM below

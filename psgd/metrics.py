@@ -91,6 +91,7 @@ class WorkerRecord:
     pull_codec: str = "none"
     bytes_pushed: int = 0
     bytes_pulled: int = 0
+    timing: dict | None = None  # its latest time totals (psgd.worker.timing), as it reported them
 
     @property
     def flagged(self) -> bool:
@@ -106,4 +107,17 @@ class WorkerRecord:
                 "examples_per_s": self.examples / alive_for, "last_seen_s_ago": now - self.last_seen,
                 "connected": self.connected, "expired": self.expired, "staleness": self.staleness.to_dict(),
                 "push_codec": self.push_codec, "pull_codec": self.pull_codec,
-                "bytes_pushed": self.bytes_pushed, "bytes_pulled": self.bytes_pulled}
+                "bytes_pushed": self.bytes_pushed, "bytes_pulled": self.bytes_pulled,
+                "timing": self.timing}
+
+
+def time_shares(timing: dict | None) -> dict | None:
+    """A worker's time totals (docs/protocol.md, "timing") as shares of its wall time (0..1)
+    per phase, plus ``accounted`` (their sum, 1 when the phases tile the wall time). None
+    without a report, or before any time passed."""
+    if not timing or not timing.get("wall"):
+        return None
+    wall = float(timing["wall"])
+    out = {phase: float(seconds) / wall for phase, seconds in timing.items() if phase != "wall"}
+    out["accounted"] = sum(out.values())
+    return out

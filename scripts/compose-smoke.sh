@@ -76,7 +76,7 @@ say "base image psgd-base:bookworm has python $PYVER"
 
 # Wheels of the dependencies (and the build backend) for that python: the image build is offline.
 "$PYTHON" -m pip download --quiet --only-binary=:all: --python-version "$PYVER" --platform manylinux2014_x86_64 \
-    --dest deploy/wheels numpy pyzmq msgpack click "setuptools>=64" wheel
+    --dest deploy/wheels numpy pyzmq msgpack click threadpoolctl prometheus-client "setuptools>=64" wheel
 say "building deploy/Dockerfile on it"
 DOCKER_BUILDKIT=0 docker build --quiet -f deploy/Dockerfile --build-arg BASE=psgd-base:bookworm \
     --build-arg PIP_OFFLINE=1 -t psgd:smoke . >/dev/null
@@ -124,6 +124,10 @@ PY
 
 export PSGD_IMAGE=psgd:smoke PSGD_DATA="$DATA_DIR" PSGD_LAYERS=784,64,10 PSGD_EPOCHS=8 \
     PSGD_TARGET_ACCURACY=0.95 PSGD_DATA_SHARDS=2
+# The coordinator's page and /metrics are published on the host: on a free port here, so
+# that a busy 8050 on the CI machine cannot fail the run.
+PSGD_DASHBOARD_PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+export PSGD_DASHBOARD_PORT
 run_cluster "one server" -f deploy/docker-compose.yml
 run_cluster "two server shards" -f deploy/docker-compose.yml -f deploy/docker-compose.shards.yml
 say "passed: both clusters reached their target and compose down left nothing behind"

@@ -21,10 +21,11 @@ import numpy as np
 
 from ..config import TrainConfig, server_update
 from ..errors import PsgdError, TransportError
-from ..metrics import FLAG_AFTER_OUTLIERS, StalenessHistogram
+from ..metrics import FLAG_AFTER_OUTLIERS, StalenessHistogram, time_shares
 from .report import traffic_line
 from ..model.interface import build_model
 from ..data.prepared import PreparedData
+from .live import LiveRun
 from .rundir import RunRecorder
 from ..wire.client import SHUTDOWN_WAIT_S, ParameterClient
 from ..wire.transport import max_reply_bytes
@@ -40,6 +41,7 @@ STRAGGLER_FACTOR = 0.5  # a worker below this fraction of the median rate is a s
 LR_CHANGE = 1e-9  # relative change of the rate worth telling the server
 NAN_STALL_S = 2.0  # no new examples this long while the servers refuse NaN/Inf gradients: diverged
 DIVERGED_FACTOR = 10.0  # rollback: a validation loss this many times the best so far has diverged
+TRAIN_LOSS_SAMPLE = 2000  # training examples the training loss is measured on at each evaluation
 
 
 def stragglers(rates: dict[str, float], factor: float = STRAGGLER_FACTOR) -> list[str]:
@@ -58,10 +60,12 @@ class Coordinator:
     a failure of the server ends the run with an error."""
 
     def __init__(self, config: TrainConfig, endpoint: str, data: PreparedData, on_event=None, say=None,
-                 watch=None, append: bool = False, keys=None, stop_requested=None):
+                 watch=None, append: bool = False, keys=None, stop_requested=None, live: LiveRun | None = None):
         """``stop_requested()``, if given, is asked every poll: once true (a first Ctrl-C) the
-        run stops warm, as on a budget: a final evaluation, then the summary."""
+        run stops warm, as on a budget: a final evaluation, then the summary. ``live``
+        (the dashboard's and /metrics' view of the run) is fed as the run goes."""
         self.config = config
+        self.live = live or LiveRun(config=config.to_dict())
         self.stop_requested = stop_requested or (lambda: False)
         self.data = data
         self.net = build_model(config.model)
@@ -86,6 +90,13 @@ class Coordinator:
 
     def run(self) -> dict:
         """Coordinate until a stop condition holds; return the summary (also written to disk)."""
+        try:
+            return self._run()
+        except BaseException as exc:
+            self.live.fail(str(exc) or type(exc).__name__)
+            raise
+
+    def _run(self) -> dict:
         c, d = self.config, self.data
         n_train = len(d.train)
         total = int(c.epochs * n_train)
@@ -105,6 +116,9 @@ class Coordinator:
             while True:
                 self._check_processes()
                 stats = self._stats()
+                self.live.on_stats(stats)
+                if self.live.workers_due():  # the dashboard's worker lanes: paged, about once a second
+                    self.live.on_workers(self.servers.worker_records())
                 self._check_checkpoints(stats)
                 examples, version = stats["examples"], stats["version"]
                 refused_nan = (stats.get("errors") or {}).get("not_finite", 0)
@@ -165,6 +179,9 @@ class Coordinator:
         train_time = (time.perf_counter() - eval_time - t_first) if t_first else 0.0
         test_loss, test_acc = self.net.evaluate(self.params, d.test.X, d.T_test)
         summary = self._summary(stats, n_train, test_loss, test_acc, t0, t_first, train_time, eval_time, stop_reason)
+        self.live.on_workers(stats["workers"], point=False)
+        summary["worker_series"] = self.live.lanes()  # so psgd report --serve draws the lanes too
+        self.live.finish(summary, stats)
         return summary
 
     def finish(self, summary: dict) -> dict:
@@ -233,13 +250,17 @@ class Coordinator:
                 raise _Diverged(val_loss, stats["version"])
             self._best_val_loss = min(self._best_val_loss, val_loss)
             self._validated = (snap_version, self.params.copy())
+        # The training curve: the same snapshot on a fixed slice of the training set, after
+        # the servers resumed (the workers' own losses are of older weights, mid-dropout).
+        train_loss = self.net.evaluate(self.params, self.data.train.X[:TRAIN_LOSS_SAMPLE],
+                                       self.data.T_train[:TRAIN_LOSS_SAMPLE])[0]
         self.schedule.observe(val_loss if val_acc is None else 1.0 - val_acc)
         self._set_lr(stats["version"])
         hist = StalenessHistogram.from_dict(stats["staleness"]).summary()
         rates = self._worker_rates(stats)
         rec = {
             "time": wall, "train_time": train_time, "epoch": stats["examples"] / n_train,
-            "examples": stats["examples"], "updates": snap_version, "lr": self.lr_sent, "train_loss": None,
+            "examples": stats["examples"], "updates": snap_version, "lr": self.lr_sent, "train_loss": float(train_loss),
             "val_loss": val_loss, "val_accuracy": val_acc, "staleness_mean": hist["mean"],
             "staleness_p99": hist["p99"], "staleness_max": hist["max"],
             "examples_per_s": stats["examples"] / train_time if train_time else 0.0,
@@ -249,6 +270,7 @@ class Coordinator:
             "payload_bytes": sum(sum(by_codec.values()) for by_codec in (stats.get("traffic") or {}).values()),
         }
         self.recorder.record(rec)
+        self.live.on_eval(rec)
         return rec
 
     def _refusing_nan(self, stats: dict) -> bool:
@@ -370,6 +392,9 @@ def per_worker(records) -> dict[str, dict]:
                                                 ("bytes_pushed", 0), ("bytes_pulled", 0))})
         row["outliers"] = w.get("outliers", 0)
         row["flagged"] = bool(w.get("flagged"))
+        # The worker's totals run across its reconnects: its latest report stands for all.
+        row["timing"] = w.get("timing") or (out[name]["timing"] if name in out else None)
+        row["time_shares"] = time_shares(row["timing"])
         if name in out:
             for k in ("pushes", "examples", "refused", "outliers", "bytes_pushed", "bytes_pulled"):
                 row[k] += out[name][k]

@@ -115,8 +115,26 @@ def text_report(run: Run) -> list[str]:
     if s.get("flagged_workers"):
         lines.append("  flagged workers (gradients refused again and again by the outlier guard): "
                      + ", ".join(s["flagged_workers"]))
+    lines += time_table(per_worker)
     for failure in s.get("failures", []):
         lines.append(f"  failed: {failure}")
+    return lines
+
+
+TIME_PHASES = ("batch", "compute", "sleep", "push", "pull", "other")  # the worker's (psgd.worker.timing)
+
+
+def time_table(per_worker: dict) -> list[str]:
+    """Where each worker's time went: the share of its wall time per phase, and examples/s."""
+    rows = [(name, w) for name, w in sorted(per_worker.items()) if w.get("time_shares")]
+    if not rows:
+        return []
+    lines = ["  where each worker's time went (share of its wall time):",
+             f"  {'worker':<12} " + " ".join(f"{p:>7}" for p in TIME_PHASES) + f" {'wall s':>7} {'ex/s':>8}"]
+    for name, w in rows:
+        shares = w["time_shares"]
+        lines.append(f"  {name:<12} " + " ".join(f"{shares.get(p, 0.0):>7.1%}" for p in TIME_PHASES)
+                     + f" {w['timing']['wall']:>7.1f} {w['examples_per_s']:>8.0f}")
     return lines
 
 

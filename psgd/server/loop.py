@@ -34,6 +34,7 @@ from .state import APPLIED, HELD, REFUSED, SHUTDOWN, ServerState
 log = logging.getLogger(__name__)
 
 _DOORBELL_STATUS = {SHUTDOWN: doorbell.ACK_SHUTDOWN}
+PUBLISH_EVERY_S = 1.0  # how often Server.publish sees the state
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,10 @@ class Server:
         self._held_fds: list[int] = []  # doorbells not polled while paused
         self._signals = 0
         self._drain_told = False
+        # publish(state), if set, is called from this loop about once a second (psgd server
+        # --metrics reads the state here, in the loop's thread, never from its own)
+        self.publish = None
+        self._published = 0.0
 
     def _resume(self):
         if not self.options.checkpoint_dir:
@@ -148,6 +153,9 @@ class Server:
                 self.state.tick()  # leases run out even when nothing arrives
                 self._deliver()
                 self._maybe_checkpoint()
+                if self.publish is not None and time.monotonic() - self._published >= PUBLISH_EVERY_S:
+                    self._published = time.monotonic()
+                    self.publish(self.state)
                 for ready in self.poller.poll(POLL_INTERVAL_MS):
                     if ready is self.sock.socket:
                         self._serve_zmq()

@@ -231,6 +231,7 @@ class ServerState:
             # a compressed push is decoded here, then enters the one door as any other
             grad = self.traffic.decode_push(self.members.workers.get(worker_id), msg.get("codec", "none"), msg.arrays)
             decision = self.push(worker_id, msg["base_version"], msg["examples"], grad, msg.offset(0), msg["seq"])
+            self._take_timing(worker_id, msg.get("timing"))
             return self.push_reply(worker_id, decision, msg.get("want_params") is True)
         if kind in ("pull", "heartbeat", "hello") and self.phase.stopping:
             if kind != "pull" or msg.get("worker_id") is not None:  # a monitor may still pull
@@ -241,6 +242,7 @@ class ServerState:
             return {"type": "params", "version": self.store.version, **_codec_field(codec)}, frames
         if kind == "heartbeat":
             record = self.members.touch(msg["worker_id"])
+            self._take_timing(record.worker_id, msg.get("timing"))
             return {"type": "assignment", "data_shards": list(record.data_shards),
                     "data_generation": record.data_generation}, []
         if kind == "hello":
@@ -290,6 +292,12 @@ class ServerState:
             self.members.extend_leases(self.phase.resume())
             return {"type": "ok"}, []
         raise ProtocolError("bad_type", f"a server does not take {kind!r} messages")
+
+    def _take_timing(self, worker_id, timing: dict | None) -> None:
+        """A worker's time totals (decode checked their form): kept for its statistics."""
+        record = self.members.workers.get(worker_id) if timing is not None else None
+        if record is not None:
+            record.timing = dict(timing)
 
     def push_reply(self, worker_id, decision: Decision, want_params: bool) -> tuple[dict, list] | None:
         """The ZeroMQ reply to a push's decision (None: held, answered later)."""

@@ -8,7 +8,8 @@
 
 Both have ``grads`` (one or two buffers the worker computes into: with two, it computes
 into one while the other's push is in flight), ``pull(params) -> version``,
-``push_begin(slot, base_version, examples, params_or_None)`` (send ``grads[slot]``) and
+``push_begin(slot, base_version, examples, params_or_None, timing=None) -> carried`` (send
+``grads[slot]``, with the worker's time totals where the path can carry them) and
 ``push_end() -> (version, staleness, version of refreshed params or None, data
 generation)``. A buffer must stay untouched from its push_begin to its push_end.
 """
@@ -51,17 +52,22 @@ class ZmqChannel:
         codecs.decode(reply.get("codec", "none"), reply.arrays, params)
         self.bytes_pulled += codecs.payload_bytes(reply.arrays)
 
-    def push_begin(self, slot: int, base_version: int, examples: int, params: np.ndarray | None) -> None:
-        """Send ``grads[slot]`` (uncompressed: without copying it); :meth:`push_end` waits for
-        the ack (and refreshed ``params``)."""
+    def push_begin(self, slot: int, base_version: int, examples: int, params: np.ndarray | None,
+                   timing: dict | None = None) -> bool:
+        """Send ``grads[slot]`` (uncompressed: without copying it) and ``timing``, the worker's
+        time totals, when given (True: it went); :meth:`push_end` waits for the ack (and
+        refreshed ``params``)."""
         header = {"type": "push", "worker_id": self.worker_id, "base_version": base_version,
                   "examples": examples, "want_params": params is not None}
+        if timing is not None:
+            header["timing"] = timing
         frames = self.encoder.encode(self.grads[slot])
         if self.push_codec != "none":
             header["codec"] = self.push_codec
         self._params = params
         self.bytes_pushed += codecs.payload_bytes(frames)
         self.client.send(header, frames, [self.offset] * len(frames))
+        return timing is not None
 
     def push_end(self) -> tuple[int, int, int | None, int]:
         """(server version, staleness, version of refreshed params or None, data generation)."""
@@ -119,9 +125,12 @@ class ShmChannel:
     def pull(self, params: np.ndarray) -> int:
         return shm.read_consistent(self.weights, params, self.timeout, self.doorbell.alive)
 
-    def push_begin(self, slot: int, base_version: int, examples: int, params: np.ndarray | None) -> None:
+    def push_begin(self, slot: int, base_version: int, examples: int, params: np.ndarray | None,
+                   timing: dict | None = None) -> bool:
+        """The doorbell's 16 bytes carry no timing: False (the client sends it by heartbeat)."""
         self._params = params
         self.doorbell.ring(base_version, examples, slot)
+        return False
 
     def push_end(self):
         version, staleness, generation = self.doorbell.wait_ack()

@@ -36,6 +36,7 @@ DESCRIBE_WAIT_S = 30.0  # a coordinator started before its server waits this lon
 SHUTDOWN_WAIT_S = 5.0  # ending a run: a server that does not answer soon is gone already
 BYE_WAIT_S = 1.0  # a goodbye is a courtesy: a server that does not answer soon is gone anyway
 BYE_REQUEST_TIMEOUT_S = 0.5
+TIMING_EVERY_S = 1.0  # how often a worker's time totals go to the server (a few dozen bytes)
 
 
 @dataclass
@@ -79,6 +80,11 @@ class ParameterClient:
         self.slot = 0  # which of grads the next gradient goes into
         self._in_flight: tuple | None = None  # (params or None,) of a push sent and not yet acked
         self.last_contact = time.monotonic()
+        # A worker's time totals (psgd.worker.timing), sent with shard 0's push every
+        # TIMING_EVERY_S (or by heartbeat where the push is a doorbell) and with every heartbeat.
+        self.timing_source = None  # () -> dict, or None: send none
+        self._timing_sent = 0.0
+        self._timing_by_heartbeat = False  # the push in flight could not carry them
 
     @property
     def joined(self) -> bool:
@@ -266,13 +272,17 @@ class ParameterClient:
         """Send :attr:`grad` to every shard and return at once; :attr:`grad` is then the
         other buffer (with two), free to compute into while this one travels. Leave
         ``params`` alone until :meth:`push_end`, which fetches the fresh weights into it."""
-        for link in self.links:
+        timing = self._timing_due()
+        carried = False
+        for k, link in enumerate(self.links):
             if link.copy_in:
                 link.channel.grads[self.slot][...] = self.grad[link.lo:link.hi]
-            link.channel.push_begin(self.slot, link.window_base, examples,
-                                    params[link.lo:link.hi] if params is not None else None)
+            carried |= link.channel.push_begin(self.slot, link.window_base, examples,
+                                               params[link.lo:link.hi] if params is not None else None,
+                                               timing if k == 0 else None)
             link.window_base = None  # the next gradient's window opens on the weights it is computed from
         self._in_flight = (params,)
+        self._timing_by_heartbeat = timing is not None and not carried
         self.slot = (self.slot + 1) % len(self.grads)
 
     def push_end(self) -> PushResult:
@@ -293,13 +303,26 @@ class ParameterClient:
             if fetched is not None:
                 link.version = fetched
         self.last_contact = time.monotonic()
+        if self._timing_by_heartbeat:
+            self._timing_by_heartbeat = False
+            self.heartbeat(first_only=True)
         return PushResult(staleness, refused, generation, getattr(self.links[0].channel, "local_steps", None))
+
+    def _timing_due(self) -> dict | None:
+        if self.timing_source is None or time.monotonic() - self._timing_sent < TIMING_EVERY_S:
+            return None
+        self._timing_sent = time.monotonic()
+        return self.timing_source()
 
     def heartbeat(self, first_only: bool = False):
         """Tell the shards we are alive; returns shard 0's ``assignment`` reply."""
         first = None
-        for link in self.links[:1] if first_only else self.links:
-            reply = check_reply(link.client.request({"type": "heartbeat", "worker_id": link.worker_id}), "assignment")
+        for k, link in enumerate(self.links[:1] if first_only else self.links):
+            header = {"type": "heartbeat", "worker_id": link.worker_id}
+            if k == 0 and self.timing_source is not None:
+                header["timing"] = self.timing_source()
+                self._timing_sent = time.monotonic()
+            reply = check_reply(link.client.request(header), "assignment")
             first = first or reply
         self.last_contact = time.monotonic()
         return first

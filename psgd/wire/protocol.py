@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import msgpack
 import numpy as np
 
@@ -70,7 +72,8 @@ WORKER, CONTROL = "worker", "control"
 # is ``bad_field``. "int?" is an int or nil, "shards?" nil or a list of distinct ints >= 0.
 OPTIONAL: dict[str, dict[str, str]] = {
     "hello": {"data_shards": "shards?", "codecs": "codecs"},
-    "push": {"want_params": "bool", "codec": "codec"},
+    "push": {"want_params": "bool", "codec": "codec", "timing": "timing"},
+    "heartbeat": {"timing": "timing"},
     "params": {"codec": "codec"},
     "ack": {"codec": "codec", "local_steps": "int?"},
     "pull": {"worker_id": "int?"},
@@ -96,8 +99,22 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# A worker's running time totals (psgd.worker.timing): "wall" and its phases, each a finite
+# number of seconds in [0, TIMING_MAX_S]; no other key, so the field stays a few dozen bytes.
+TIMING_KEYS = ("wall", "batch", "compute", "sleep", "push", "pull", "other")
+TIMING_MAX_S = 1e9
+
+
+def timing_ok(value) -> bool:
+    if not isinstance(value, dict) or len(value) > len(TIMING_KEYS):
+        return False
+    return all(key in TIMING_KEYS and not isinstance(s, bool) and isinstance(s, (int, float))
+               and math.isfinite(s) and 0 <= s <= TIMING_MAX_S for key, s in value.items())
+
+
 _RULES = {"bool": "a bool", "int?": "an int or nil", "shards?": "nil or a list of distinct ints >= 0",
-          "codec": f"one of {', '.join(CODECS)}", "codecs": f"a list of at most {MAX_CODECS} strings"}
+          "codec": f"one of {', '.join(CODECS)}", "codecs": f"a list of at most {MAX_CODECS} strings",
+          "timing": f"a map of {', '.join(TIMING_KEYS)} to seconds in [0, 1e9]"}
 
 
 def _optional_ok(kind: str, value) -> bool:
@@ -107,6 +124,8 @@ def _optional_ok(kind: str, value) -> bool:
         return isinstance(value, str) and value in CODECS
     if kind == "codecs":  # names this end cannot decode are the other end's to ignore
         return isinstance(value, list) and len(value) <= MAX_CODECS and all(isinstance(c, str) for c in value)
+    if kind == "timing":
+        return timing_ok(value)
     if value is None:
         return True
     if kind == "int?":
@@ -194,7 +213,7 @@ def decode(frames: list, max_header: int = MAX_HEADER_BYTES, accept: frozenset |
             raise ProtocolError("bad_field", f"{kind}: field {name!r} missing or of the wrong type", seq)
     for name, rule in OPTIONAL.get(kind, {}).items():
         if name in header and not _optional_ok(rule, header[name]):
-            raise ProtocolError("bad_field", f"{kind}: optional field {name!r} is {header[name]!r}, "
+            raise ProtocolError("bad_field", f"{kind}: optional field {name!r} is {header[name]!r:.80}, "
                                              f"not {_RULES[rule]}", seq)
     meta = header.get("arrays", [])
     least, most = ARRAY_COUNTS.get(kind, (0, 0))

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .timing import StepTimer
+
 
 @dataclass(frozen=True)
 class StepSettings:
@@ -59,18 +61,22 @@ class WorkerCore:
         self.local_grad = np.empty(net.n_params, net.dtype) if settings.n_push > 1 else None
         self.stats = stats if stats is not None else new_stats()
         self.data_generation = 0
+        self.timer = StepTimer()  # where the time goes, across reconnects like stats
 
     def run(self, channel, should_stop=lambda: False, on_assignment=None) -> None:
         """Train through ``channel`` until ``should_stop()``, ``max_steps``, or an exception
         from the channel (ShutdownRequested, TransportError) ends it. ``on_assignment(reply)``
         is called when the server moved this worker's data shards."""
-        s, st = self.settings, self.stats
+        s, st, lap = self.settings, self.stats, self.timer.lap
+        self.timer.start()
         channel.pull(self.params)
+        lap("pull")
         window_examples = 0
         in_flight = None  # (examples, fetch) of the push travelling while this step computes
         while not should_stop() and (s.max_steps is None or st["steps"] < s.max_steps):
             t0 = time.perf_counter()
             x, t = next(self.batches)
+            lap("batch")
             first = not channel.window_open
             if self.local_grad is None:
                 self.net.loss_and_grad(self.params, x, t, channel.grad, s.dropout, self.rng)
@@ -87,12 +93,15 @@ class WorkerCore:
             st["steps"] += 1
             t1 = time.perf_counter()
             st["compute_s"] += t1 - t0
+            lap("compute")
             if s.slowdown > 1:  # a straggler on demand, to study one on a single machine
                 time.sleep((s.slowdown - 1) * (t1 - t0))
                 t1 = time.perf_counter()
+                lap("sleep")
             if in_flight is not None:  # this step's compute hid its flight: now its ack
                 self._after_push(channel, channel.push_end(), *in_flight, on_assignment)
                 in_flight = None
+                lap("push")
             fetch = st["steps"] % s.n_fetch == 0
             if st["steps"] % s.n_push == 0:
                 params = self.params if fetch else None
@@ -102,14 +111,19 @@ class WorkerCore:
                 else:
                     self._after_push(channel, channel.push(window_examples, params), window_examples, fetch,
                                      on_assignment)
+                lap("push")
                 window_examples = 0
             elif fetch:
                 channel.pull(self.params)
+                lap("pull")
             elif time.monotonic() - channel.last_contact > s.heartbeat_every_s:
                 self._check_assignment(channel, on_assignment, first_only=False)
             st["comm_s"] += time.perf_counter() - t1
+            lap("other")
         if in_flight is not None:  # the last push's ack: counted, and nothing left in flight
             self._after_push(channel, channel.push_end(), *in_flight, on_assignment)
+            lap("push")
+        self.timer.stop()
 
     def _after_push(self, channel, result, examples: int, fetched: bool, on_assignment) -> None:
         self._count_push(result, examples)

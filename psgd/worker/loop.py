@@ -130,6 +130,7 @@ class Worker:
                                     max_steps=o.max_steps, heartbeat_every_s=float(run.get("lease_s", 10.0)) / 3,
                                     overlap=o.overlap if o.overlap is not None else run.get("overlap") is True)
             self.core = make_core(net, settings, run, self.stats)
+            self.channel.timing_source = self.core.timer.snapshot
             self._model_key = key
         else:
             check_welcome(self.core.net, spec, welcome["model"], welcome["layout"])
