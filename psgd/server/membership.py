@@ -22,10 +22,13 @@ LEASE_CHECK_S = 0.05  # how often the loop looks for expired leases
 
 
 class Membership:
+    max_workers = MAX_WORKERS  # class attributes, so that an in-process simulator may lift them
+    max_data_shards = MAX_DATA_SHARDS
+
     def __init__(self, lease_s: float, num_data_shards: int = 1, clock=time.monotonic):
         self.lease_s = lease_s
-        if num_data_shards > MAX_DATA_SHARDS:
-            raise ConfigError(f"at most {MAX_DATA_SHARDS} data shards, not {num_data_shards}")
+        if num_data_shards > self.max_data_shards:
+            raise ConfigError(f"at most {self.max_data_shards} data shards, not {num_data_shards}")
         self.num_data_shards = max(1, num_data_shards)
         self.clock = clock
         self.workers: dict[int, WorkerRecord] = {}  # by ascending id (ids only grow): stats pages rely on it
@@ -41,8 +44,8 @@ class Membership:
         coming back asks for those it had), else a shard nobody trains on, else the least
         used one. A shard it takes back from a worker that adopted it leaves that worker.
         ``wanted`` must already be valid (distinct shard numbers in range)."""
-        if self.connected >= MAX_WORKERS:
-            raise ProtocolError("too_many_workers", f"{MAX_WORKERS} workers are connected already")
+        if self.connected >= self.max_workers:
+            raise ProtocolError("too_many_workers", f"{self.max_workers} workers are connected already")
         live = [r for r in self.workers.values() if r.connected]
         worker_id = self._next_worker_id
         self._next_worker_id += 1
