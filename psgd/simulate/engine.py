@@ -142,6 +142,9 @@ class Simulator:
                               f"{config.n_push}): a fetch inside a push window is not modelled")
         if spec.worker_compute and len(spec.worker_compute) != n:
             raise ConfigError(f"{len(spec.worker_compute)} per-worker compute times for {n} workers")
+        if n > len(data.train):
+            raise ConfigError(f"{n} workers for {len(data.train)} training examples: every worker's data shard "
+                              "needs at least one example")
         self.net = build_model(config.model)  # the workers' model (they share it: one computes at a time)
         copies = 1 if config.consistency == "sync" else n
         need_mb = copies * self.net.n_params * self.net.dtype.itemsize / 2**20
@@ -151,8 +154,8 @@ class Simulator:
                               f"{spec.memory_limit_mb:.0f} MB; use a smaller model, fewer workers or a higher limit")
         self.now = 0.0
         # The server's own state, on the simulator's clock; the launcher gives each worker a data shard.
-        self.state = ServerState(config, num_data_shards=n, clock=lambda: self.now, max_updates=config.max_updates)
-        self.state.members = _SimMembership(config.lease_s, n, lambda: self.now)
+        self.state = ServerState(config, num_data_shards=1, clock=lambda: self.now, max_updates=config.max_updates)
+        self.state.members = _SimMembership(config.lease_s, n, lambda: self.now)  # N data shards, limits lifted
         self.store = self.state.store
         self.recorder = RunRecorder(config, on_event, say=self.say)
         self.schedule = config.schedule.build()
