@@ -351,10 +351,12 @@ def train(ctx, resume_dir, **kw):
             help="How many times slower a straggler computes.")
 @env_option("--mtbf", type=float, default=None, help="A worker dies after an exponential time of this mean (virtual s).")
 @env_option("--downtime", default="1s", show_default=True, help="... and comes back after this long.")
+@env_option("--cores", type=int, default=0, help="CPU cores the workers share (0: one each).")
 @env_option("--memory-limit-mb", type=float, default=4096.0, show_default=True,
             help="Refuse a run whose in-flight weight copies could exceed this.")
 @click.pass_context
-def simulate(ctx, compute, delay, server_time, stragglers, straggler_factor, mtbf, downtime, memory_limit_mb, **kw):
+def simulate(ctx, compute, delay, server_time, stragglers, straggler_factor, mtbf, downtime, cores, memory_limit_mb,
+             **kw):
     """Simulate N workers on virtual time: real gradients, the server's own rules, one process.
 
     Writes the same run directory as psgd train (times in it are virtual seconds), so
@@ -363,8 +365,9 @@ def simulate(ctx, compute, delay, server_time, stragglers, straggler_factor, mtb
     from .simulate import Dist, SimSpec
     from .simulate import simulate as run_simulation
     config = build_config(ctx, **kw)
-    spec = SimSpec(Dist.parse(compute), Dist.parse(delay), Dist.parse(server_time), stragglers, straggler_factor,
-                   mtbf, Dist.parse(downtime), memory_limit_mb=memory_limit_mb)
+    spec = SimSpec(compute=Dist.parse(compute), delay=Dist.parse(delay), server=Dist.parse(server_time),
+                   stragglers=stragglers, straggler_factor=straggler_factor, mtbf_s=mtbf, downtime=Dist.parse(downtime),
+                   cores=cores, memory_limit_mb=memory_limit_mb)
     summary = run_simulation(config, spec, Progress())
     print_summary(summary)
     say_where_the_run_went(config.out_dir, summary)

@@ -21,6 +21,7 @@ from psgd.metrics import StalenessHistogram
 from psgd.model.network import ModelSpec
 from psgd.model.optim import OptimizerSpec
 from psgd.simulate import Dist, EventQueue, SimSpec, Simulator, simulate, staleness_tv
+from psgd.simulate.calibrate import measured_spec
 from psgd.simulate.engine import shards_of
 
 
@@ -155,7 +156,7 @@ def test_dead_workers_data_is_handed_over_over_zmq_leases(blobs):
 
 def test_ten_thousand_workers_fit(tmp_path):
     """10,000 workers (a real server refuses beyond 4,096) of a small model: runs and says so."""
-    cfg = config(make_blobs(tmp_path, 25_000), workers=10_000, batch_size=4, epochs=0.2, model=ModelSpec((12, 4, 3)))
+    cfg = config(make_blobs(tmp_path, 25_000), workers=10_000, batch_size=4, epochs=0.1, model=ModelSpec((12, 4, 3)))
     sim, summary = run(cfg, SimSpec(compute=Dist("exponential", 0.002)))
     assert summary["updates"] > 100 and len(summary["per_worker"]) > 100
     assert any("4096 workers" in line for line in summary["report"])
@@ -197,3 +198,30 @@ def test_staleness_tv():
     for v in (5, 6):
         b.add(v)
     assert staleness_tv(a, b) == 1
+
+
+def test_shared_cores_lower_staleness(blobs):
+    """8 workers on 2 cores compute two at a time and read their weights when they get one:
+    fewer pushes land between a worker's read and its push than with a core each."""
+    spec = SimSpec(compute=Dist("constant", 0.002), delay=Dist("constant", 1e-5))
+    _, own = run(config(blobs), spec)
+    _, shared = run(config(blobs), SimSpec(compute=spec.compute, delay=spec.delay, cores=2))
+    assert shared["staleness"]["mean"] < own["staleness"]["mean"] - 0.5
+    assert shared["train_time"] > 3 * own["train_time"]  # and the run takes 4 times as long
+
+
+def test_measured_spec_reads_a_clusters_logs(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for i, (joined, steps, compute, comm) in enumerate((("10:00:01.500", 100, 0.2, 0.6), ("10:00:00.250", 50, 0.2, 0.2))):
+        (logs / f"worker-{i}.log").write_text(
+            f"{joined} worker INFO worker-{i} joined 1 server shard(s) at version 0: data shards [{i}] of 2\n"
+            f"worker done: {steps} steps, {steps - 1} pushes, 999 examples, mean staleness 0.5, "
+            f"compute {compute} s, communication {comm} s, 0 reconnects\n")
+    spec = measured_spec(tmp_path, sigma=0.2, before_apply=0.25)
+    assert spec.worker_compute == pytest.approx((0.002, 0.004))
+    assert spec.worker_start == pytest.approx((1.25, 0.0))
+    trip = (0.6 / 99 + 0.2 / 49) / 2
+    assert spec.delay.mean == pytest.approx(trip / 4) and spec.reply_delay.mean == pytest.approx(trip * 3 / 4)
+    with pytest.raises(Exception, match="no worker logs"):
+        measured_spec(tmp_path / "nothing")

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -48,7 +49,6 @@ from ..errors import ConfigError
 from ..metrics import StalenessHistogram
 from ..model.interface import build_model
 from ..data.minibatches import Minibatches
-from ..data.augment import DistortionSpec
 from ..data.prepared import PreparedData
 from ..coordinator.loop import per_worker, stragglers
 from ..coordinator.rundir import RunRecorder
@@ -66,13 +66,20 @@ class SimSpec:
     """How long things take, in virtual seconds, and how workers fail."""
 
     compute: Dist = field(default_factory=lambda: Dist("lognormal", 0.002, 0.3))  # one step (one minibatch)
-    delay: Dist = field(default_factory=lambda: Dist("constant", 0.0001))  # one message, either way
+    delay: Dist = field(default_factory=lambda: Dist("constant", 0.0001))  # one message to the server
+    reply_delay: Dist | None = None  # one reply (an ack, weights) back to a worker; None: as delay
     server: Dist = field(default_factory=lambda: Dist("constant", 0.0))  # the server's work on one push
     stragglers: int = 0  # the last this many workers compute straggler_factor times slower
     straggler_factor: float = 4.0
     mtbf_s: float | None = None  # a worker dies after an exponential time of this mean, None: never
     downtime: Dist = field(default_factory=lambda: Dist("constant", 1.0))  # ... and comes back after this
     worker_compute: tuple[float, ...] = ()  # per-worker mean compute (s) measured elsewhere; overrides compute's mean
+    worker_start: tuple[float, ...] = ()  # per-worker start (s; a real cluster's workers join over a second or so)
+    # CPU cores the workers share (0: one each). A local cluster with more workers than
+    # cores computes a few at a time, and a worker reads its weights (shared memory) only
+    # once it has a core: fewer pushes land between its read and its push.
+    cores: int = 0
+    timing_seed: int = 0  # draws the timings (the run's seed draws the weights and the data)
     memory_limit_mb: float = 4096.0  # the weight copies in flight may not exceed this (worst case)
 
     def __post_init__(self):
@@ -80,14 +87,17 @@ class SimSpec:
             raise ConfigError("stragglers must be >= 0 and the straggler factor >= 1")
         if self.mtbf_s is not None and not self.mtbf_s > 0:
             raise ConfigError("the mean time between failures must be > 0 seconds")
-        if any(not (c >= 0) for c in self.worker_compute):
-            raise ConfigError("per-worker compute times must be >= 0 seconds")
+        if any(not (c >= 0) for c in self.worker_compute + self.worker_start):
+            raise ConfigError("per-worker compute and start times must be >= 0 seconds")
+        if self.cores < 0:
+            raise ConfigError("cores must be >= 0 (0: one per worker)")
         if not self.memory_limit_mb > 0:
             raise ConfigError("the memory limit must be > 0 MB")
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["worker_compute"] = list(self.worker_compute)
+        d["worker_compute"], d["worker_start"] = list(self.worker_compute), list(self.worker_start)
+        d["reply_delay"] = self.reply_delay.to_dict() if self.reply_delay is not None else None
         return d
 
 
@@ -103,7 +113,7 @@ class _Worker:
     """One simulated worker process: its data, its timing, what it holds."""
 
     __slots__ = ("index", "name", "shards", "worker_id", "batches", "rng", "timing", "compute", "generation",
-                 "alive", "snap", "snap_version", "steps", "data_generation", "reassignments", "done")
+                 "alive", "snap", "snap_version", "steps", "data_generation", "reassignments", "done", "on_cpu")
 
     def __init__(self, index: int, compute: Dist, timing_rng):
         self.index, self.name, self.shards = index, f"worker-{index}", [index]
@@ -115,6 +125,7 @@ class _Worker:
         self.snap, self.snap_version = None, -1  # None: the server's live weights (if snap_version is current)
         self.steps = 0
         self.data_generation = self.reassignments = 0
+        self.on_cpu = False
 
 
 def shards_of(n: int, num_shards: int, seed: int) -> list[np.ndarray]:
@@ -140,8 +151,9 @@ class Simulator:
         if config.n_fetch % config.n_push:
             raise ConfigError(f"the simulator needs n_fetch a multiple of n_push (here {config.n_fetch} and "
                               f"{config.n_push}): a fetch inside a push window is not modelled")
-        if spec.worker_compute and len(spec.worker_compute) != n:
-            raise ConfigError(f"{len(spec.worker_compute)} per-worker compute times for {n} workers")
+        for what, values in (("compute", spec.worker_compute), ("start", spec.worker_start)):
+            if values and len(values) != n:
+                raise ConfigError(f"{len(values)} per-worker {what} times for {n} workers")
         if n > len(data.train):
             raise ConfigError(f"{n} workers for {len(data.train)} training examples: every worker's data shard "
                               "needs at least one example")
@@ -169,9 +181,12 @@ class Simulator:
         self.by_id: dict[int, _Worker] = {}
         self.live_holders: list[_Worker] = []
         self.server_free = 0.0
+        self.reply_delay = spec.reply_delay if spec.reply_delay is not None else spec.delay
+        self.cpu_free = spec.cores  # idle cores (with spec.cores), and workers waiting for one, in order
+        self.cpu_queue: deque = deque()
         self.counts = {"events": 0, "pushes": 0, "refused": 0, "held": 0, "deaths": 0, "returns": 0,
                        "weight_copies": 0, "fetches": 0}
-        self.timers = {"gradient_s": 0.0, "server_s": 0.0, "eval_s": 0.0, "setup_s": 0.0}
+        self.timers = {"gradient_s": 0.0, "server_s": 0.0, "eval_s": 0.0, "setup_s": 0.0, "data_s": 0.0}
         self.params = np.empty(self.net.n_params, self.net.dtype)  # the last evaluated weights
         self._rates_at: tuple[float, dict] | None = None
         self.stop_reason: str | None = None
@@ -194,14 +209,16 @@ class Simulator:
             if i >= c.workers - spec.stragglers:
                 mean *= spec.straggler_factor
             w = _Worker(i, Dist(spec.compute.kind, mean, spec.compute.sigma),
-                        np.random.default_rng([c.seed, TIMING_STREAM, i]))
+                        np.random.default_rng([c.seed, TIMING_STREAM, spec.timing_seed, i]))
             self.workers.append(w)
+            self.now = spec.worker_start[i] if spec.worker_start else 0.0
             self._join(w)
             self.queue.schedule(self._after(w, spec.delay, 2), "pull", i, w.generation)  # hello, then the pull
             self._schedule_death(w)
-        self.timers["setup_s"] = time.perf_counter() - setup0  # the workers' data: not the loop's overhead
+        self.now = 0.0
+        self.timers["setup_s"] = time.perf_counter() - setup0  # the workers' hellos: not the loop's overhead
         handlers = {"ready": self._ready, "arrive": self._arrive, "apply": self._apply, "pull": self._pull,
-                    "read": self._read, "die": self._die, "return": self._return, "tick": self._tick}
+                    "read": self._read, "computed": self._computed, "die": self._die, "return": self._return, "tick": self._tick}
         while self.stop_reason is None:
             if not self.queue:
                 self.stop_reason = "stalled"  # nobody left to push (cannot happen while workers come back)
@@ -232,7 +249,7 @@ class Simulator:
         w.worker_id, w.shards, w.data_generation = record.worker_id, list(record.data_shards), record.data_generation
         self.by_id[w.worker_id] = w
         w.reassignments = 0
-        self._batches_for(w)
+        w.batches = None  # made at its first gradient (10,000 workers' minibatch streams take seconds)
 
     def _batches_for(self, w: _Worker) -> None:
         """As psgd.worker.loop.Worker._batches_for: the shards' rows, seeded the same way."""
@@ -241,8 +258,7 @@ class Simulator:
         seed = c.seed * 1000 + w.shards[0] + 1 + 7919 * w.reassignments
         image_shape = self.data.train.image_shape
         w.batches = Minibatches(self._X_train[rows], self._T_train[rows], c.batch_size, seed,
-                                image_shape if c.augment else None, DistortionSpec.from_dict(c.distort.to_dict()),
-                                image_shape)
+                                image_shape if c.augment else None, c.distort, image_shape)
         w.rng = np.random.default_rng(seed)
 
     def _schedule_death(self, w: _Worker) -> None:
@@ -271,18 +287,48 @@ class Simulator:
     def _pull(self, w: _Worker) -> None:
         """A pull reaches the server: its weights go back with the reply."""
         self._fetch(w)
-        self.queue.schedule(self._after(w, self.spec.delay), "ready", w.index, w.generation)
+        self.queue.schedule(self._after(w, self.reply_delay), "ready", w.index, w.generation)
 
     def _read(self, w: _Worker) -> None:
         """Shared memory: the worker reads the server's weights itself, then computes."""
-        self._fetch(w)
-        self._ready(w)
+        self._want_cpu(w, True)
 
     def _ready(self, w: _Worker) -> None:
-        """n_push steps of compute, then the push travels to the server."""
-        c = self.config
-        t = self.now + sum(w.compute.sample(w.timing) for _ in range(c.n_push)) + self.spec.delay.sample(w.timing)
-        self.queue.schedule(t, "arrive", w.index, w.generation)
+        self._want_cpu(w, False)
+
+    def _want_cpu(self, w: _Worker, read: bool) -> None:
+        if not self.spec.cores:
+            self._compute(w, read)
+        elif self.cpu_free:
+            self.cpu_free -= 1
+            self._compute(w, read)
+        else:
+            self.cpu_queue.append((w, w.generation, read))
+
+    def _compute(self, w: _Worker, read: bool) -> None:
+        """(Read the weights,) n_push steps of compute; then the push travels to the server."""
+        if read:
+            self._fetch(w)
+        t = self.now + sum(w.compute.sample(w.timing) for _ in range(self.config.n_push))
+        if self.spec.cores:
+            w.on_cpu = True
+            self.queue.schedule(t, "computed", w.index, w.generation)
+        else:
+            self.queue.schedule(t + self.spec.delay.sample(w.timing), "arrive", w.index, w.generation)
+
+    def _computed(self, w: _Worker) -> None:
+        self._release_cpu(w)
+        self.queue.schedule(self._after(w, self.spec.delay), "arrive", w.index, w.generation)
+
+    def _release_cpu(self, w: _Worker) -> None:
+        """The worker's core goes to the next worker waiting (of one still alive)."""
+        w.on_cpu = False
+        while self.cpu_queue:
+            nxt, generation, read = self.cpu_queue.popleft()
+            if generation == nxt.generation and not nxt.done:
+                self._compute(nxt, read)
+                return
+        self.cpu_free += 1
 
     def _arrive(self, w: _Worker) -> None:
         service = self.spec.server.sample(w.timing)
@@ -295,6 +341,10 @@ class Simulator:
     def _gradient(self, w: _Worker) -> int:
         """The worker's n_push steps, from the weights it fetched: summed into self.grad."""
         c = self.config
+        if w.batches is None:
+            t0 = time.perf_counter()
+            self._batches_for(w)
+            self.timers["data_s"] += time.perf_counter() - t0
         params = w.snap if w.snap is not None else self.store.params
         if w.snap is None and w.snap_version != self.store.version:
             raise RuntimeError(f"simulator bug: {w.name} holds version {w.snap_version} uncopied at {self.store.version}")
@@ -359,18 +409,20 @@ class Simulator:
             w.data_generation = record.data_generation
             if record.data_shards and record.data_shards != w.shards:
                 w.shards, w.reassignments = list(record.data_shards), w.reassignments + 1
-                self._batches_for(w)
+                w.batches = None
         if w.steps % c.n_fetch:
-            self.queue.schedule(self._after(w, self.spec.delay), "ready", w.index, w.generation)
+            self.queue.schedule(self._after(w, self.reply_delay), "ready", w.index, w.generation)
         elif c.transport == "zmq":
             self._pull(w)  # the weights ride in the ack
         else:
-            self.queue.schedule(self._after(w, self.spec.delay), "read", w.index, w.generation)
+            self.queue.schedule(self._after(w, self.reply_delay), "read", w.index, w.generation)
 
     def _die(self, w: _Worker) -> None:
         """The process dies: its pending messages are lost. Over shared memory its doorbell
         closes and the server lets it go at once; over ZeroMQ its lease runs out."""
         self.counts["deaths"] += 1
+        if w.on_cpu:
+            self._release_cpu(w)
         w.generation += 1
         w.alive, w.snap, w.snap_version = False, None, -1
         if self.config.transport == "zmq":
@@ -492,8 +544,8 @@ class Simulator:
             f"simulated {c.workers} workers: {s.version} updates in {vt:.3f} virtual seconds; staleness mean "
             f"{hist['mean']:.2f}, p50 {hist['p50']}, p99 {hist['p99']}, max {hist['max']}; stopped on {self.stop_reason}",
             f"simulator: {wall:.2f} s wall, of which gradients {self.timers['gradient_s']:.2f} s, server rules "
-            f"{self.timers['server_s']:.2f} s, evaluation {self.timers['eval_s']:.2f} s, workers' data "
-            f"{self.timers['setup_s']:.2f} s, its own overhead "
+            f"{self.timers['server_s']:.2f} s, evaluation {self.timers['eval_s']:.2f} s, workers' hellos and data "
+            f"{self.timers['setup_s'] + self.timers['data_s']:.2f} s, its own overhead "
             f"{overhead:.2f} s ({sim['overhead_per_10k_pushes_s']:.2f} s per 10,000 pushes)",
         ]
         if c.workers > min(MAX_WORKERS, MAX_DATA_SHARDS):
