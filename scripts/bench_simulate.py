@@ -74,6 +74,10 @@ def main() -> None:
     p.add_argument("--evals-per-epoch", type=int, default=4)
     p.add_argument("--layers", default="784,64,10")
     p.add_argument("--delay", default="100us")
+    p.add_argument("--step-time", default=None,
+                   help="One batch-128 gradient's time (e.g. 0.6ms) instead of measuring it: fixes the virtual "
+                        "time scale, so tables from separate runs compare.")
+    p.add_argument("--server-time", default=None, help="The server's time per push (e.g. 85us) instead of measuring it.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="1, 10, 100 workers, async, 1 epoch")
     p.add_argument("--out", default=None, help="Keep each run's directory under this folder.")
@@ -85,7 +89,11 @@ def main() -> None:
     data = prepare_data(base)
     n_all = len(data.train) + (len(data.validation) if data.validation is not None else 0)
     compute, server = measure(data.config, data)
-    print(f"measured here: one gradient of batch {base.batch_size} {compute * 1e3:.3f} ms, one server push "
+    if a.step_time:
+        compute = Dist.parse(a.step_time).mean
+    if a.server_time:
+        server = Dist.parse(a.server_time).mean
+    print(f"timings (measured here unless given): one gradient of batch {base.batch_size} {compute * 1e3:.3f} ms, one server push "
           f"{server * 1e6:.0f} us; delay {a.delay} each way; {a.epochs:g} epochs, {a.layers}")
     print(f"{'N':>6} {'mode':<6} {'rule':<7} {'strag':>5} {'test acc':>8} {'to 97%':>10} {'staleness':>9} "
           f"{'updates':>8} {'wall s':>7} {'grad s':>7} {'server s':>8} {'sim s/10k':>9}", flush=True)

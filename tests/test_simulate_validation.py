@@ -6,7 +6,7 @@ bar: staleness histograms within total-variation distance 0.15, test accuracy wi
 point. What was measured on the 2-core development machine, shared with other work
 (scripts/validate_simulate.py prints the same):
 
-- 2 workers: TV 0.065 and 0.075; accuracy gap 1.1 and 1.3 points (the simulation higher);
+- 2 workers: TV 0.065, accuracy gap 1.3 points (the simulation higher);
 - 4 workers: TV 0.20, 0.27, 0.15; gap 1.3, 2.8, 1.0 points;
 - 8 workers: TV 0.16, 0.14, 0.10; gap 8.5 (a real run that reached 84.9%, where two others
   reached 93.5% and 94.2%), 2.1, 0.2 points.
