@@ -122,7 +122,7 @@ def main() -> None:
                     m = s["simulation"]
                     overheads.append(m["overhead_per_10k_pushes_s"])
                     print(f"{n:>6} {consistency:<6} {rule:<7} {'yes' if slow else 'no':>5} {s['test_accuracy']:>8.2%} "
-                          f"{(f'{t97:.3f} s' if t97 is not None else '-'):>10} {s['staleness']['mean']:>9.1f} "
+                          f"{(f'{t97:.3f} s' if t97 is not None else '-'):>10} {m['staleness_mean']:>9.1f} "
                           f"{s['updates']:>8} {m['wall_s']:>7.1f} {m['gradient_s']:>7.1f} {m['server_s']:>8.1f} "
                           f"{m['overhead_per_10k_pushes_s']:>9.2f}", flush=True)
     if overheads:

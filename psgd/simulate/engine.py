@@ -185,7 +185,7 @@ class Simulator:
         self.cpu_free = spec.cores  # idle cores (with spec.cores), and workers waiting for one, in order
         self.cpu_queue: deque = deque()
         self.counts = {"events": 0, "pushes": 0, "refused": 0, "held": 0, "deaths": 0, "returns": 0,
-                       "weight_copies": 0, "fetches": 0}
+                       "weight_copies": 0, "fetches": 0, "staleness_sum": 0, "staleness_max": 0}
         self.timers = {"gradient_s": 0.0, "server_s": 0.0, "eval_s": 0.0, "setup_s": 0.0, "data_s": 0.0}
         self.params = np.empty(self.net.n_params, self.net.dtype)  # the last evaluated weights
         self._rates_at: tuple[float, dict] | None = None
@@ -376,7 +376,7 @@ class Simulator:
         released = self.state.take_released()
         self.timers["server_s"] += time.perf_counter() - t0
         if decision.outcome == APPLIED:
-            self.counts["pushes"] += 1
+            self._count(decision.staleness)
             self._answer(w)
         elif decision.outcome == HELD:
             self.counts["held"] += 1
@@ -395,11 +395,18 @@ class Simulator:
     def _released(self, acks) -> None:
         """Acks of held pushes that the gate let go (ssp, sync): each goes to its worker,
         unless that incarnation is gone (it died while held)."""
-        for worker_id, _, _ in acks:
-            self.counts["pushes"] += 1
+        for worker_id, _, staleness in acks:
+            self._count(staleness)
             w = self.by_id.get(worker_id)
             if w is not None and w.alive and not w.done and w.worker_id == worker_id:
                 self._answer(w)
+
+    def _count(self, staleness: int) -> None:
+        """An acknowledged push (exact staleness: the histogram lumps 64 and beyond together)."""
+        c = self.counts
+        c["pushes"] += 1
+        c["staleness_sum"] += staleness
+        c["staleness_max"] = max(c["staleness_max"], staleness)
 
     def _answer(self, ack_worker: _Worker) -> None:
         """The ack leaves the server now; with it, every n_fetch steps, the weights."""
@@ -520,7 +527,8 @@ class Simulator:
         vt = self.now
         pushes = max(self.counts["pushes"], 1)
         overhead = wall - sum(self.timers.values())
-        sim = {"spec": self.spec.to_dict(), **self.counts, "wall_s": wall, **self.timers, "overhead_s": overhead,
+        sim = {"spec": self.spec.to_dict(), **self.counts, "wall_s": wall,
+               "staleness_mean": self.counts["staleness_sum"] / pushes, **self.timers, "overhead_s": overhead,
                "overhead_per_10k_pushes_s": overhead * 1e4 / pushes}
         summary = {
             "simulated": True, "virtual_time": True, "time_unit": "virtual seconds",
@@ -542,7 +550,7 @@ class Simulator:
                                      if (r := self.recorder.first_reaching(a))}
         summary["report"] = [
             f"simulated {c.workers} workers: {s.version} updates in {vt:.3f} virtual seconds; staleness mean "
-            f"{hist['mean']:.2f}, p50 {hist['p50']}, p99 {hist['p99']}, max {hist['max']}; stopped on {self.stop_reason}",
+            f"{sim['staleness_mean']:.2f}, p50 {hist['p50']}, p99 {hist['p99']}, max {hist['max']}; stopped on {self.stop_reason}",
             f"simulator: {wall:.2f} s wall, of which gradients {self.timers['gradient_s']:.2f} s, server rules "
             f"{self.timers['server_s']:.2f} s, evaluation {self.timers['eval_s']:.2f} s, workers' hellos and data "
             f"{self.timers['setup_s'] + self.timers['data_s']:.2f} s, its own overhead "
