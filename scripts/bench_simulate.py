@@ -79,6 +79,7 @@ def main() -> None:
                         "time scale, so tables from separate runs compare.")
     p.add_argument("--server-time", default=None, help="The server's time per push (e.g. 85us) instead of measuring it.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sgd", action="store_true", help="Plain SGD for every rule (default: momentum 0.9 but for dcasgd).")
     p.add_argument("--quick", action="store_true", help="1, 10, 100 workers, async, 1 epoch")
     p.add_argument("--out", default=None, help="Keep each run's directory under this folder.")
     a = p.parse_args()
@@ -103,7 +104,7 @@ def main() -> None:
         for consistency in a.consistency:
             for rule in a.rules:
                 for slow in straggle:
-                    optimizer = OptimizerSpec("sgd") if rule == "dcasgd" else OptimizerSpec()
+                    optimizer = OptimizerSpec("sgd") if rule == "dcasgd" or a.sgd else OptimizerSpec()
                     out = os.path.join(a.out, f"n{n}-{consistency}-{rule}-{'s' if slow else 'p'}") if a.out else None
                     cfg = base.with_(workers=n, consistency=consistency, staleness_rule=rule, optimizer=optimizer,
                                      out_dir=out).fitted_to(n_all)
