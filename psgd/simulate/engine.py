@@ -218,7 +218,8 @@ class Simulator:
         self.now = 0.0
         self.timers["setup_s"] = time.perf_counter() - setup0  # the workers' hellos: not the loop's overhead
         handlers = {"ready": self._ready, "arrive": self._arrive, "apply": self._apply, "pull": self._pull,
-                    "read": self._read, "computed": self._computed, "die": self._die, "return": self._return, "tick": self._tick}
+                    "read": self._read, "computed": self._computed, "die": self._die, "return": self._return,
+                    "tick": self._tick}
         while self.stop_reason is None:
             if not self.queue:
                 self.stop_reason = "stalled"  # nobody left to push (cannot happen while workers come back)
