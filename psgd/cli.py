@@ -424,6 +424,44 @@ def train(ctx, resume_dir, dashboard, dashboard_hold, **kw):
 
 
 @cli.command()
+@training_options
+@env_option("--workers", type=int, default=100, help="Simulated workers, 1 to 10,000.")
+@env_option("--n-fetch", type=int, default=_DEFAULT.n_fetch, help="Pull weights every n steps (a multiple of --n-push).")
+@env_option("--n-push", type=int, default=_DEFAULT.n_push, help="Push the summed gradient every n steps.")
+@env_option("--transport", type=click.Choice(TRANSPORTS), default=_DEFAULT.transport,
+            help="zmq: the weights ride in the ack; auto/shm: the worker reads them when the ack arrives.")
+@env_option("--compute", default="lognormal:2ms:0.3", show_default=True,
+            help="One step's compute time: 2ms, exp:2ms or lognormal:2ms:SIGMA.")
+@env_option("--delay", default="0.1ms", show_default=True, help="One message's network delay (same forms).")
+@env_option("--server-time", default="0", show_default=True, help="The server's time per push (one queue).")
+@env_option("--stragglers", type=int, default=0, help="The last this many workers are stragglers.")
+@env_option("--straggler-factor", type=float, default=4.0, show_default=True,
+            help="How many times slower a straggler computes.")
+@env_option("--mtbf", type=float, default=None, help="A worker dies after an exponential time of this mean (virtual s).")
+@env_option("--downtime", default="1s", show_default=True, help="... and comes back after this long.")
+@env_option("--cores", type=int, default=0, help="CPU cores the workers share (0: one each).")
+@env_option("--memory-limit-mb", type=float, default=4096.0, show_default=True,
+            help="Refuse a run whose in-flight weight copies could exceed this.")
+@click.pass_context
+def simulate(ctx, compute, delay, server_time, stragglers, straggler_factor, mtbf, downtime, cores, memory_limit_mb,
+             **kw):
+    """Simulate N workers on virtual time: real gradients, the server's own rules, one process.
+
+    Writes the same run directory as psgd train (times in it are virtual seconds), so
+    psgd report reads and compares it with real runs. Same seed, same run. For speed,
+    run it with OPENBLAS_NUM_THREADS=1: its gradients are small and one at a time."""
+    from .simulate import Dist, SimSpec
+    from .simulate import simulate as run_simulation
+    config = build_config(ctx, **kw)
+    spec = SimSpec(compute=Dist.parse(compute), delay=Dist.parse(delay), server=Dist.parse(server_time),
+                   stragglers=stragglers, straggler_factor=straggler_factor, mtbf_s=mtbf, downtime=Dist.parse(downtime),
+                   cores=cores, memory_limit_mb=memory_limit_mb)
+    summary = run_simulation(config, spec, Progress())
+    print_summary(summary)
+    say_where_the_run_went(config.out_dir, summary)
+
+
+@cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @data_options
 @env_option("--split", type=click.Choice(["test", "train"]), default="test")

@@ -76,6 +76,8 @@ def text_report(run: Run) -> list[str]:
                f"{c.get('outer_lr')}, momentum {c.get('outer_momentum')}" if c.get("algorithm") == "local" else "")
             if s.get("workers") else " (one process)"),
     ]
+    if s.get("virtual_time"):  # psgd simulate: every time below is virtual
+        lines.append("  simulated (psgd simulate): times and rates are in virtual seconds")
     acc = s.get("test_accuracy")
     lines.append(f"  result: test accuracy {acc:.2%}, loss {s['test_loss']:.4f}" if acc is not None
                  else f"  result: test loss {s['test_loss']:.6f}")
@@ -146,11 +148,14 @@ def comparison(runs: list[Run]) -> list[str]:
         s = r.summary
         hist = r.staleness()
         acc = s.get("test_accuracy")
+        name = r.name[:19] + "*" if s.get("virtual_time") else r.name[:20]
         lines.append(
-            f"{r.name[:20]:<20} {s.get('workers', 0):>7} {s.get('consistency', '-') if s.get('workers') else '-':<6} "
+            f"{name:<20} {s.get('workers', 0):>7} {s.get('consistency', '-') if s.get('workers') else '-':<6} "
             f"{_short(r.time_to(0.97)):>9} {_short(r.time_to(0.98)):>9} "
             f"{(f'{acc:.2%}' if acc is not None else '-'):>8} "
             f"{(f'{hist.mean():.2f}' if hist is not None else '-'):>9} {s['examples_per_s'] / 1e3:>6.1f}k")
+    if any(r.summary.get("virtual_time") for r in runs):
+        lines.append("* simulated (psgd simulate): its times and rates are virtual seconds")
     return lines
 
 

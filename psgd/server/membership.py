@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import Counter
 
 from ..errors import ConfigError, ProtocolError
 from ..metrics import WorkerRecord
@@ -24,15 +23,24 @@ LEASE_CHECK_FRACTION = 0.05  # ... else every this fraction of a lease: a scan o
 
 
 class Membership:
+    # None: MAX_WORKERS and MAX_DATA_SHARDS; class attributes, so that an in-process
+    # simulator (psgd.simulate) may lift those wire limits
+    max_workers: int | None = None
+    max_data_shards: int | None = None
+
     def __init__(self, lease_s: float, num_data_shards: int = 1, clock=time.monotonic):
         self.lease_s = lease_s
-        if num_data_shards > MAX_DATA_SHARDS:
-            raise ConfigError(f"at most {MAX_DATA_SHARDS} data shards, not {num_data_shards}")
+        limit = self.max_data_shards or MAX_DATA_SHARDS
+        if num_data_shards > limit:
+            raise ConfigError(f"at most {limit} data shards, not {num_data_shards}")
         self.num_data_shards = max(1, num_data_shards)
         self.clock = clock
         self.workers: dict[int, WorkerRecord] = {}  # by ascending id (ids only grow): stats pages rely on it
         self.connected = 0  # how many are connected: kept, not counted (stats are polled often)
         self.lost_shards: set[int] = set()  # data shards of departed workers, not yet adopted
+        # shard -> ids of the connected workers training on it: a hello or a departure looks
+        # only at the workers of its shards, never at every worker (10,000 hellos were quadratic)
+        self._holders: dict[int, set[int]] = {}
         self._leases_checked = float("-inf")
         # Worker ids start at a random point, so that an id from before a restart is not taken
         # for a new worker's: a worker of the old server must hear "unknown worker" and rejoin.
@@ -43,24 +51,25 @@ class Membership:
         coming back asks for those it had), else a shard nobody trains on, else the least
         used one. A shard it takes back from a worker that adopted it leaves that worker.
         ``wanted`` must already be valid (distinct shard numbers in range)."""
-        if self.connected >= MAX_WORKERS:
-            raise ProtocolError("too_many_workers", f"{MAX_WORKERS} workers are connected already")
-        live = [r for r in self.workers.values() if r.connected]
+        limit = self.max_workers or MAX_WORKERS
+        if self.connected >= limit:
+            raise ProtocolError("too_many_workers", f"{limit} workers are connected already")
         worker_id = self._next_worker_id
         self._next_worker_id += 1
         if wanted:
             shards = sorted(set(wanted))
-            for other in live:
+            for other_id in sorted(set().union(*(self._holders.get(s, ()) for s in shards))):
+                other = self.workers[other_id]
                 kept = [s for s in other.data_shards if s not in shards]
                 if kept and kept != other.data_shards:
-                    other.data_shards = kept
+                    self._hold(other, kept)
                     other.data_generation += 1
         else:
-            used = Counter(s for r in live for s in r.data_shards)
-            shards = [min(range(self.num_data_shards), key=lambda s: (used[s], s))]
+            shards = [min(range(self.num_data_shards), key=lambda s: (len(self._holders.get(s, ())), s))]
         self.lost_shards.difference_update(shards)
         now = self.clock()
-        record = WorkerRecord(worker_id, name, shards, transport, joined=now, last_seen=now)
+        record = WorkerRecord(worker_id, name, [], transport, joined=now, last_seen=now)
+        self._hold(record, shards)
         self.workers[worker_id] = record
         self.connected += 1
         self._adopt_lost_shards()
@@ -91,6 +100,8 @@ class Membership:
             return False
         record.connected = False
         self.connected -= 1
+        for s in record.data_shards:
+            self._holders[s].discard(worker_id)
         if record.pushes == 0 and record.refused == 0:
             del self.workers[worker_id]  # it did nothing: keeping it would let hellos grow the stats
         self.lost_shards.update(record.data_shards)
@@ -138,12 +149,22 @@ class Membership:
     def _adopt_lost_shards(self) -> None:
         """Hand each data shard that its worker took away to the live worker with the fewest,
         so that no part of the data goes untrained while workers come and go."""
+        if not self.lost_shards:
+            return
         live = [r for r in self.workers.values() if r.connected]
         for s in sorted(self.lost_shards):
             if not live:
                 return  # the next worker to say hello adopts them
-            if not any(s in r.data_shards for r in live):
+            if not self._holders.get(s):
                 adopter = min(live, key=lambda r: (len(r.data_shards), r.worker_id))
-                adopter.data_shards = sorted(adopter.data_shards + [s])
+                self._hold(adopter, sorted(adopter.data_shards + [s]))
                 adopter.data_generation += 1
             self.lost_shards.discard(s)
+
+    def _hold(self, record: WorkerRecord, shards: list[int]) -> None:
+        """``record`` (connected) trains on ``shards`` from now on; the index follows."""
+        for s in record.data_shards:
+            self._holders[s].discard(record.worker_id)
+        record.data_shards = shards
+        for s in shards:
+            self._holders.setdefault(s, set()).add(record.worker_id)

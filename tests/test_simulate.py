@@ -1,0 +1,230 @@
+"""psgd simulate: the clock, the timings, and whole simulated runs on a small data set.
+
+Every run here goes through the real ServerState (the simulator has no server rules of its
+own); the data set is a small synthetic .npz so each run takes well under a second.
+"""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from psgd.cli import cli
+from psgd.config import TrainConfig
+from psgd.coordinator.report import Run, comparison, text_report
+from psgd.data import shard_indices
+from psgd.data.prepared import prepare_data
+from psgd.errors import ConfigError
+from psgd.metrics import StalenessHistogram
+from psgd.model.network import ModelSpec
+from psgd.model.optim import OptimizerSpec
+from psgd.simulate import Dist, EventQueue, SimSpec, Simulator, simulate, staleness_tv
+from psgd.simulate.calibrate import measured_spec
+from psgd.simulate.engine import shards_of
+
+
+def make_blobs(folder, n: int) -> str:
+    """3 separable classes in 12 dimensions, n examples."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 2.0, (3, 12))
+    y = rng.integers(0, 3, n)
+    X = centers[y] + rng.normal(0, 1.0, (n, 12))
+    path = folder / f"blobs{n}.npz"
+    np.savez(path, X=X.astype(np.float32), y=y)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory):
+    return make_blobs(tmp_path_factory.mktemp("sim"), 3000)
+
+
+def config(blobs, tmp_path=None, **kw) -> TrainConfig:
+    base = dict(model=ModelSpec((12, 16, 3)), data=blobs, batch_size=16, epochs=2, workers=8, evals_per_epoch=4,
+                out_dir=str(tmp_path) if tmp_path else None)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def run(cfg, spec=SimSpec()):
+    sim = Simulator(prepare_data(cfg), spec, say=lambda text: None)
+    return sim, sim.finish(sim.run())
+
+
+# --- the clock and the timings -------------------------------------------------------------
+
+def test_dist_parse_and_means():
+    assert Dist.parse("2ms") == Dist("constant", 0.002)
+    assert Dist.parse("exp:40us") == Dist("exponential", 40e-6)
+    assert Dist.parse("lognormal:1.5s:0.2") == Dist("lognormal", 1.5, 0.2)
+    rng = np.random.default_rng(1)
+    for d in (Dist("exponential", 0.01), Dist("lognormal", 0.01, 0.5)):
+        assert np.mean([d.sample(rng) for _ in range(20000)]) == pytest.approx(0.01, rel=0.05)
+    for bad in ("fast", "-1ms", "exp:", "gauss:2ms", "lognormal:2ms:x", "exp:1ms:2", "nan"):
+        with pytest.raises(ConfigError):
+            Dist.parse(bad)
+
+
+def test_event_queue_orders_by_time_then_by_scheduling():
+    q = EventQueue()
+    for t, name in ((2.0, "c"), (1.0, "a"), (2.0, "d"), (1.0, "b")):
+        q.schedule(t, name)
+    assert [q.pop()[1] for _ in range(4)] == ["a", "b", "c", "d"]
+
+
+def test_shards_match_the_workers_shards():
+    parts = shards_of(1000, 7, 3)
+    for s in range(7):
+        assert np.array_equal(parts[s], shard_indices(1000, s, 7, 3))
+
+
+# --- whole runs ----------------------------------------------------------------------------
+
+def digest(summary, out):
+    weights = np.load(out / "weights.npz")
+    h = hashlib.sha256()
+    for k in sorted(weights.files):
+        h.update(weights[k].tobytes())
+    return h.hexdigest(), (out / "metrics.jsonl").read_text()
+
+
+def test_same_seed_same_run_bit_for_bit(blobs, tmp_path):
+    """Stragglers, deaths and comebacks, lognormal timings, ssp: twice the same, to the bit."""
+    spec = SimSpec(compute=Dist("lognormal", 0.002, 0.5), delay=Dist("exponential", 1e-4), stragglers=2,
+                   mtbf_s=0.05, downtime=Dist("exponential", 0.01))
+    results = []
+    for k in range(2):
+        out = tmp_path / f"run{k}"
+        _, summary = run(config(blobs, out, consistency="ssp"), spec)
+        results.append(digest(summary, out) + (summary["staleness_histogram"], summary["simulation"]["deaths"]))
+    assert results[0] == results[1]
+    assert results[0][3] > 0  # workers did die and come back
+    other = tmp_path / "seed1"
+    _, summary = run(config(blobs, other, consistency="ssp", seed=1), spec)
+    assert digest(summary, other)[0] != results[0][0]
+
+
+def test_run_directory_reads_as_a_run(blobs, tmp_path):
+    sim, summary = run(config(blobs, tmp_path / "a"))
+    r = Run(tmp_path / "a")
+    assert r.summary["virtual_time"] and r.summary["simulated"]
+    assert r.staleness().total == summary["updates"] == sim.store.version
+    assert len(r.records) >= 8 and all(rec["virtual_time"] for rec in r.records)
+    assert sorted(r.summary["per_worker"]) == sorted(f"worker-{i}" for i in range(8))
+    assert sum(w["pushes"] for w in r.summary["per_worker"].values()) == summary["updates"]
+    text = "\n".join(text_report(r))
+    assert "virtual seconds" in text and "worker-7" in text
+    run(config(blobs, tmp_path / "b", workers=2))
+    table = comparison([r, Run(tmp_path / "b")])
+    assert table[1].startswith("a*") and "simulated" in table[-1]
+    assert summary["test_accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("consistency", ["async", "ssp", "sync"])
+@pytest.mark.parametrize("rule", ["none", "divide", "dynsgd", "dcasgd"])
+def test_every_gate_and_rule_trains(blobs, consistency, rule):
+    cfg = config(blobs, consistency=consistency, staleness_rule=rule,
+                 optimizer=OptimizerSpec("sgd") if rule == "dcasgd" else OptimizerSpec())
+    sim, summary = run(cfg, SimSpec(stragglers=1))
+    hist = summary["staleness"]
+    assert summary["updates"] > 0 and summary["test_accuracy"] > 0.7
+    if consistency == "sync":
+        assert hist["max"] == 0 and summary["updates"] * 8 == hist["count"]  # one update per round of 8
+    elif consistency == "ssp":
+        assert summary["ssp_max_lead"] <= cfg.ssp_bound
+    else:
+        assert hist["mean"] > 3  # 8 workers, one straggler: about 7 other pushes between fetch and push
+
+
+def test_pushes_are_the_servers(blobs):
+    """The stores' counters, not the simulator's, say what was applied: every push went through the door."""
+    # (no outlier guard here: on these separable blobs, converged, an honest stale push's norm
+    # is thousands of times the median, and this test counts the staleness bound's refusals)
+    sim, summary = run(config(blobs, max_staleness=2, outlier_k=0))
+    assert sim.state.errors["too_stale"] > 0 and sim.counts["refused"] == sim.state.errors["too_stale"]
+    assert summary["staleness"]["max"] <= 2
+
+
+def test_dead_workers_data_is_handed_over_over_zmq_leases(blobs):
+    cfg = config(blobs, transport="zmq", lease_s=0.01, epochs=3)
+    spec = SimSpec(mtbf_s=0.02, downtime=Dist("constant", 0.05))
+    sim, summary = run(cfg, spec)
+    assert sim.counts["deaths"] > 0 and sim.counts["returns"] > 0
+    assert any(r.expired for r in sim.state.members.workers.values())
+    assert summary["stop_reason"] == "epochs"
+
+
+def test_ten_thousand_workers_fit(tmp_path):
+    """10,000 workers (a real server refuses beyond 4,096) of a small model: runs and says so."""
+    cfg = config(make_blobs(tmp_path, 25_000), workers=10_000, batch_size=4, epochs=0.1, model=ModelSpec((12, 4, 3)))
+    sim, summary = run(cfg, SimSpec(compute=Dist("exponential", 0.002)))
+    assert summary["updates"] > 100 and len(summary["per_worker"]) > 100
+    assert summary["simulation"]["staleness_mean"] > 64 == summary["staleness"]["p50"]  # beyond the histogram's cap
+    assert any("4096 workers" in line for line in summary["report"])
+
+
+def test_memory_limit_and_bad_settings_refused(blobs):
+    data = prepare_data(config(blobs, workers=1000))
+    with pytest.raises(ConfigError, match="MB"):
+        Simulator(data, SimSpec(memory_limit_mb=0.5))
+    with pytest.raises(ConfigError, match="multiple"):
+        Simulator(prepare_data(config(blobs, n_fetch=3, n_push=2)))
+    with pytest.raises(ConfigError, match="10000"):
+        Simulator(prepare_data(config(blobs, workers=10_001)))
+    with pytest.raises(ConfigError, match="at least one example"):
+        Simulator(prepare_data(config(blobs, workers=5000)))
+
+
+def test_n_push_windows(blobs):
+    sim, summary = run(config(blobs, n_fetch=4, n_push=2))
+    assert summary["examples"] >= 2 * 16 * summary["updates"] * 0.9
+
+
+def test_cli_simulate_and_bad_timing(blobs, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    res = runner.invoke(cli, ["simulate", "--data", blobs, "--layers", "12,16,3", "--workers", "4", "--epochs", "1",
+                              "--batch-size", "16", "--compute", "exp:1ms", "--stragglers", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "summary.json").read_text())["simulation"]["spec"]["compute"]["kind"] == "exponential"
+    res = runner.invoke(cli, ["simulate", "--data", blobs, "--layers", "12,16,3", "--compute", "soon", "--out", str(out)])
+    assert res.exit_code == 2 and "not a time" in res.output and "Traceback" not in res.output
+
+
+def test_staleness_tv():
+    a, b = StalenessHistogram(), StalenessHistogram()
+    for v in (0, 1, 1, 2):
+        a.add(v)
+    assert staleness_tv(a, a) == 0
+    for v in (5, 6):
+        b.add(v)
+    assert staleness_tv(a, b) == 1
+
+
+def test_shared_cores_lower_staleness(blobs):
+    """8 workers on 2 cores compute two at a time and read their weights when they get one:
+    fewer pushes land between a worker's read and its push than with a core each."""
+    spec = SimSpec(compute=Dist("constant", 0.002), delay=Dist("constant", 1e-5))
+    _, own = run(config(blobs), spec)
+    _, shared = run(config(blobs), SimSpec(compute=spec.compute, delay=spec.delay, cores=2))
+    assert shared["staleness"]["mean"] < own["staleness"]["mean"] - 0.5
+    assert shared["train_time"] > 3 * own["train_time"]  # and the run takes 4 times as long
+
+
+def test_measured_spec_reads_a_clusters_logs(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for i, (joined, steps, compute, comm) in enumerate((("10:00:01.500", 100, 0.2, 0.6), ("10:00:00.250", 50, 0.2, 0.2))):
+        (logs / f"worker-{i}.log").write_text(
+            f"{joined} worker INFO worker-{i} joined 1 server shard(s) at version 0: data shards [{i}] of 2\n"
+            f"worker done: {steps} steps, {steps - 1} pushes, 999 examples, mean staleness 0.5, "
+            f"compute {compute} s, communication {comm} s, 0 reconnects\n")
+    spec = measured_spec(tmp_path, sigma=0.2, before_apply=0.25)
+    assert spec.worker_compute == pytest.approx((0.002, 0.004))
+    assert spec.worker_start == pytest.approx((1.25, 0.0))
+    trip = (0.6 / 99 + 0.2 / 49) / 2
+    assert spec.delay.mean == pytest.approx(trip / 4) and spec.reply_delay.mean == pytest.approx(trip * 3 / 4)
+    with pytest.raises(Exception, match="no worker logs"):
+        measured_spec(tmp_path / "nothing")
