@@ -42,7 +42,7 @@ def test_an_overlapping_worker_pushes_each_gradient_one_update_old_and_trains(pr
     ZeroMQ (views of two whole-vector buffers). Momentum 0.5: 0.9 with a one-step delay is
     on the edge of stable (README, "Overlap")."""
     out = tmp_path / "run"
-    proc = procs.start("train", "--workers", "1", "--servers", str(servers), "--epochs", "0.5", "--overlap",
+    proc = procs.start("train", "--workers", "1", "--servers", str(servers), "--epochs", "1", "--overlap",
                        "--layers", "784,64,10", "--momentum", "0.5", "--transport", transport,
                        "--evals-per-epoch", "1", "--out", str(out), log="train")
     assert proc.wait(180) == 0, procs.log("train")
