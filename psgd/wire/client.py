@@ -264,10 +264,6 @@ class ParameterClient:
         self.push_begin(examples, params)
         return self.push_end()
 
-    @property
-    def in_flight(self) -> bool:
-        return self._in_flight is not None
-
     def push_begin(self, examples: int, params: np.ndarray | None) -> None:
         """Send :attr:`grad` to every shard and return at once; :attr:`grad` is then the
         other buffer (with two), free to compute into while this one travels. Leave
