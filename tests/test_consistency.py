@@ -144,3 +144,50 @@ def test_dcasgd_is_for_plain_sgd_only():
     from psgd.errors import ConfigError
     with pytest.raises(ConfigError, match="optimizer sgd"):
         TrainConfig(model=SPEC, staleness_rule="dcasgd")
+
+
+def test_slowest_clock_follows_pushes_joins_and_departures():
+    """Membership's O(1) slowest clock equals a scan of the connected workers at every step
+    of a random schedule of pushes, hellos, byes and expired leases."""
+    clock = FakeClock()
+    state = ServerState(config(lease_s=5.0), clock=clock)
+    members, rng = state.members, np.random.default_rng(3)
+    ids = [members.register(f"w{i}", "zmq").worker_id for i in range(5)]
+    for step in range(3000):
+        r, connected = rng.random(), [w for w in ids if members.workers.get(w) and members.workers[w].connected]
+        if r < 0.02 and len(connected) > 1:
+            members.disconnect(connected[rng.integers(len(connected))])
+        elif r < 0.04:
+            ids.append(members.register(f"w{len(ids)}", "zmq").worker_id)
+        elif r < 0.045:  # everyone but one falls silent past the lease
+            clock.now += 6.0
+            members.touch(connected[0])
+            members.expire_leases()
+        elif connected:
+            members.count(connected[rng.integers(len(connected))], 1, 0)
+        expected = min((r.pushes for r in members.workers.values() if r.connected), default=None)
+        assert members.slowest_clock() == expected, step
+    assert len(members._clock_heap) <= 2 * len(members._at_clock) + 65  # emptied clocks do not pile up
+
+
+@pytest.mark.parametrize("consistency", ["ssp", "sync"])
+def test_a_push_never_scans_every_worker(consistency, monkeypatch):
+    """With 2,000 workers, pushes and ticks under ssp and sync never ask for every worker's
+    clock or liveness (each push would cost O(workers)); the rules still hold."""
+    state = ServerState(config(consistency=consistency, ssp_bound=1))
+    ids = [state.members.register(f"w{i}", "zmq").worker_id for i in range(2000)]
+    for name in ("clocks", "live"):
+        monkeypatch.setattr(type(state.members), name, lambda *a, **k: pytest.fail("scanned every worker"))
+    g = np.full(state.store.size, 1e-6)
+    for wid in ids[1:]:  # everyone but the first: ssp lets them one clock ahead, sync holds them all
+        outcome = state.push(wid, state.store.version, 1, g).outcome
+        assert outcome == ("applied" if consistency == "ssp" else "held")
+        state.tick()
+    if consistency == "ssp":
+        assert all(state.push(w, state.store.version, 1, g).outcome == "held" for w in ids[1:100])  # 2 ahead
+        assert state.push(ids[0], state.store.version, 1, g).outcome == "applied"  # the slowest moves
+        assert sorted(w for w, _, _ in state.take_released()) == sorted(ids[1:100])
+    else:
+        assert state.take_released() == [] and state.store.version == 0
+        assert state.push(ids[0], 0, 1, g).outcome == "applied"  # the round's last gradient
+        assert len(state.take_released()) == 1999 and state.store.version == 1

@@ -9,8 +9,10 @@ worker that comes back asks for the shards it had and gets them back.
 
 from __future__ import annotations
 
+import heapq
 import secrets
 import time
+from collections import Counter
 
 from ..errors import ConfigError, ProtocolError
 from ..metrics import WorkerRecord
@@ -41,6 +43,10 @@ class Membership:
         # shard -> ids of the connected workers training on it: a hello or a departure looks
         # only at the workers of its shards, never at every worker (10,000 hellos were quadratic)
         self._holders: dict[int, set[int]] = {}
+        # SSP's slowest clock among connected workers, without a scan: how many connected
+        # workers stand at each clock, and a heap of those clocks (emptied ones dropped lazily)
+        self._at_clock: Counter = Counter()
+        self._clock_heap: list[int] = []
         self._leases_checked = float("-inf")
         # Worker ids start at a random point, so that an id from before a restart is not taken
         # for a new worker's: a worker of the old server must hear "unknown worker" and rejoin.
@@ -72,6 +78,7 @@ class Membership:
         self._hold(record, shards)
         self.workers[worker_id] = record
         self.connected += 1
+        self._enter_clock(0)
         self._adopt_lost_shards()
         return record
 
@@ -88,6 +95,9 @@ class Membership:
     def count(self, worker_id: int, examples: int, staleness: int) -> None:
         """One applied push of this worker's."""
         record = self.workers[worker_id]
+        if record.connected:
+            self._leave_clock(record.pushes)
+            self._enter_clock(record.pushes + 1)
         record.pushes += 1
         record.examples += examples
         record.last_seen = self.clock()
@@ -100,6 +110,7 @@ class Membership:
             return False
         record.connected = False
         self.connected -= 1
+        self._leave_clock(record.pushes)
         for s in record.data_shards:
             self._holders[s].discard(worker_id)
         if record.pushes == 0 and record.refused == 0:
@@ -145,6 +156,29 @@ class Membership:
     def clocks(self) -> dict[int, int]:
         """Each worker's clock for SSP: the number of its applied pushes."""
         return {w: r.pushes for w, r in self.workers.items()}
+
+    def slowest_clock(self) -> int | None:
+        """The smallest clock of a connected worker (None: none is connected), in O(1)
+        amortized: SSP asks on every push, and a scan of every worker would make a push's
+        cost grow with their number. A worker silent past its lease counts until the next
+        lease check drops it (expire_leases), at most LEASE_CHECK_FRACTION of a lease."""
+        heap = self._clock_heap
+        while heap and not self._at_clock[heap[0]]:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
+
+    def _enter_clock(self, clock: int) -> None:
+        self._at_clock[clock] += 1
+        if self._at_clock[clock] == 1:
+            heapq.heappush(self._clock_heap, clock)
+            if len(self._clock_heap) > 2 * len(self._at_clock) + 64:  # emptied clocks below a slow worker's
+                self._clock_heap = list(self._at_clock)
+                heapq.heapify(self._clock_heap)
+
+    def _leave_clock(self, clock: int) -> None:
+        self._at_clock[clock] -= 1
+        if not self._at_clock[clock]:
+            del self._at_clock[clock]  # and from the heap when it reaches the top (or at a compaction)
 
     def _adopt_lost_shards(self) -> None:
         """Hand each data shard that its worker took away to the live worker with the fewest,

@@ -125,7 +125,7 @@ class ServerState:
             if action == APPLY:
                 decision = Decision(APPLIED, version, staleness)
             else:
-                self.gate.hold(worker_id, version, staleness)
+                self.gate.hold(worker_id, version, staleness, self.members.workers[worker_id].pushes)
         for ack in self._release():
             if ack[0] == worker_id:  # its own ack, free at once (within the ssp bound)
                 decision = Decision(APPLIED, ack[1], ack[2])
@@ -155,10 +155,9 @@ class ServerState:
 
     def _release(self) -> list[tuple[int, int, int]]:
         """Ask the gate what the latest event freed; apply a completed sync round."""
-        held = self.gate.holding()
-        if not held:
+        if not self.gate.holding():
             return []
-        release = self.gate.release(self.members.clocks(), self.members.live(also=held))
+        release = self.gate.release(self.members)
         acks = release.acks
         if release.round is not None:
             contributions = release.round.contributions
