@@ -347,6 +347,7 @@ class Server:
         for fd in list(self.local):
             self._drop_local(fd)
         self.sock.close()
+        self.poller.close()
         if self.listener is not None:
             self.listener.close()
         if self.weights_seg is not None:

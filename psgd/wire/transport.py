@@ -22,6 +22,7 @@ it can be that party.
 from __future__ import annotations
 
 import os
+import select
 import stat
 import time
 from dataclasses import dataclass
@@ -374,16 +375,40 @@ class ServerSocket:
 
 
 class Poller:
-    """Waits on zmq sockets and plain file descriptors (the shared-memory doorbells) alike."""
+    """Waits on zmq sockets and plain file descriptors (the shared-memory doorbells) alike.
+
+    Plain descriptors go into one epoll set (where the OS has it), which zmq_poll watches
+    as a single descriptor: a wait then costs the same with 2 doorbells or 2,000, where
+    zmq_poll alone walks every registered descriptor on every call (at 256 local workers
+    that was a third of the server's time per push)."""
 
     def __init__(self):
         self._poller = zmq.Poller()
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        if self._epoll is not None:
+            self._poller.register(self._epoll.fileno(), zmq.POLLIN)
 
     def register(self, sock_or_fd) -> None:
-        self._poller.register(sock_or_fd, zmq.POLLIN)
+        if self._epoll is not None and isinstance(sock_or_fd, int):
+            self._epoll.register(sock_or_fd, select.EPOLLIN)
+        else:
+            self._poller.register(sock_or_fd, zmq.POLLIN)
 
     def unregister(self, sock_or_fd) -> None:
-        self._poller.unregister(sock_or_fd)
+        if self._epoll is not None and isinstance(sock_or_fd, int):
+            self._epoll.unregister(sock_or_fd)
+        else:
+            self._poller.unregister(sock_or_fd)
 
     def poll(self, timeout_ms: int) -> list:
-        return [s for s, _ in self._poller.poll(timeout_ms)]
+        ready = []
+        for s, _ in self._poller.poll(timeout_ms):
+            if self._epoll is not None and s == self._epoll.fileno():
+                ready.extend(fd for fd, _ in self._epoll.poll(0))
+            else:
+                ready.append(s)
+        return ready
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
