@@ -107,7 +107,7 @@ def psgd_client(endpoint, n_params, seconds, start_at, out_q):
         if reply.type != "ack":
             raise SystemExit(f"push refused: {reply.header}")
         version = reply["version"]
-        count += 1
+        count += time.time() <= end
     out_q.put(count)
     client.close()
 
@@ -131,7 +131,7 @@ def shard_client(endpoints, n_params, seconds, start_at, out_q):
             if reply.type != "ack":
                 raise SystemExit(f"push refused: {reply.header}")
             link[2] = reply["version"]
-        count += 1
+        count += time.time() <= end  # a push still in flight at the end is not counted: no bias up
     out_q.put(count)
     for c in clients:
         c.close()
@@ -143,7 +143,10 @@ def start_servers(layers, shards, tmp):
         ready = Path(tmp) / f"ready-{k}"
         cmd = [sys.executable, "-m", "psgd", "server", "--layers", layers, "--no-shm", "--bind", "tcp://127.0.0.1:0",
                "--ready-file", str(ready), "--optimizer", "momentum", "--lr", "1e-6", "--schedule", "constant",
-               "--shard", str(k), "--num-shards", str(shards)]
+               "--shard", str(k), "--num-shards", str(shards),
+               # these clients send no heartbeats, and a 400 MB push queued behind 15 others
+               # waits longer than the default 10 s lease: it would be refused unknown_worker
+               "--lease", "600"]
         servers.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), ready))
     for server, ready in servers:
         deadline = time.time() + 60
@@ -231,6 +234,7 @@ def measure_psgd(layers, n_params, clients, seconds):
 
 
 GRID_MODELS = {"0.3M": "784,384,10", "10M": "784,4096,1600,10", "100M": "784,8192,8192,3200,10"}
+GRID_MEMORY_BYTES = 4e9  # of gradients in flight at once (clients x model): more does not fit beside the rest
 
 
 def update_limit(size: int, seconds: float = 1.0) -> float:
@@ -238,6 +242,8 @@ def update_limit(size: int, seconds: float = 1.0) -> float:
     product and the momentum update, nothing else."""
     params, grad = np.zeros(size, np.float32), np.full(size, 1e-3, np.float32)
     opt = make_optimizer(OptimizerSpec("momentum", 0.9), size)
+    np.dot(grad, grad)
+    opt.step(params, grad, 1e-6)  # untimed: the first pass faults in the pages (a server's did long before)
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds or count < 3:
         np.dot(grad, grad)
@@ -255,7 +261,13 @@ def grid(args):
             per_shard = -(-n // shards)
             limit = update_limit(per_shard)
             for clients in args.grid_clients:
-                rate = measure_shards(layers, n, shards, clients, args.seconds)
+                if clients * n * 4 > GRID_MEMORY_BYTES:
+                    print(f"{name:>6} {shards:>6} {clients:>7}   skipped: {clients} pushes of {n * 4 / 1e6:.0f} MB "
+                          f"in flight (sent and queued) need over {2 * clients * n * 4 / 1e9:.0f} GB")
+                    continue
+                # long enough for a few pushes of each client even at 100M parameters (~1 s each)
+                seconds = max(args.seconds, 4.0 * clients * n * 4 / 1e9 * 5)
+                rate = measure_shards(layers, n, shards, clients, seconds)
                 gb = rate * per_shard * 4 / 1e9
                 print(f"{name:>6} {shards:>6} {clients:>7} {rate:9.1f} {gb:11.2f} {limit:8.1f} "
                       f"{limit * per_shard * 4 / 1e9:11.2f} {rate / limit:6.2f}", flush=True)

@@ -1,5 +1,9 @@
 """Wall-clock time to 97% and 98% MNIST test accuracy: psgd --workers 2 (with and without --overlap), --workers 0, PyTorch.
 
+--overlap runs twice: with the run's momentum, and with Nesterov momentum (same mu), whose
+weights are its look-ahead point: a gradient one update older is then taken nearer where
+it lands (see README, "Overlap").
+
     python scripts/bench_train.py [--seeds 0 1 2] [--epochs 14] [--keep-blas-env]
 
 Same model (784-256-256-10 ReLU), batch, momentum SGD and step schedule for every
@@ -96,7 +100,7 @@ def main():
     ap.add_argument("--momentum", type=float, default=DEFAULT.optimizer.momentum)
     ap.add_argument("--lr-every", type=int, default=DEFAULT.schedule.every, help="updates between 5x drops")
     ap.add_argument("--warmup", type=int, default=WARMUP_MAX, help="updates of linear warm-up")
-    ap.add_argument("--only", nargs="+", default=None, help="contenders to run: workers2 overlap workers0 pytorch")
+    ap.add_argument("--only", nargs="+", default=None, help="contenders to run: workers2 overlap overlap-nesterov workers0 pytorch")
     args = ap.parse_args()
     print(f"784-256-256-10 relu, batch 128, momentum {args.momentum}, lr {args.lr} (warm-up {args.warmup}) "
           f"x0.2 every {args.lr_every} updates; "
@@ -104,6 +108,7 @@ def main():
     print(blas_description())
     contenders = {"psgd --workers 2": lambda s: psgd_run(2, s, args),
                   "psgd -w 2 --overlap": lambda s: psgd_run(2, s, args, ["--overlap"]),
+                  "psgd -w 2 --overlap nesterov": lambda s: psgd_run(2, s, args, ["--overlap", "--optimizer", "nesterov"]),
                   "psgd --workers 0": lambda s: psgd_run(0, s, args)}
     if have_torch():
         from psgd.data import load_mnist
@@ -113,7 +118,8 @@ def main():
     else:
         print("PyTorch not installed: no PyTorch column (pip install torch==2.13.0)")
     if args.only:
-        keys = {"workers2": "psgd --workers 2", "overlap": "psgd -w 2 --overlap", "workers0": "psgd --workers 0",
+        keys = {"workers2": "psgd --workers 2", "overlap": "psgd -w 2 --overlap",
+                "overlap-nesterov": "psgd -w 2 --overlap nesterov", "workers0": "psgd --workers 0",
                 "pytorch": "pytorch 2 threads"}
         contenders = {keys[k]: contenders[keys[k]] for k in args.only if keys[k] in contenders}
     results = {name: [] for name in contenders}
@@ -121,7 +127,7 @@ def main():
         for name, run in contenders.items():
             r = run(seed)
             results[name].append(r)
-            print(f"  seed {seed} {name:<18} to 97% {fmt(r['reach'][0.97])} to 98% {fmt(r['reach'][0.98])} "
+            print(f"  seed {seed} {name:<28} to 97% {fmt(r['reach'][0.97])} to 98% {fmt(r['reach'][0.98])} "
                   f"{r['rate'] / 1e3:6.1f}k ex/s" + (f" staleness {r['staleness']:.2f}" if r.get("staleness") else ""),
                   flush=True)
 
@@ -129,13 +135,13 @@ def main():
         vals = [r["reach"][key] for r in results[name]]
         return statistics.median(vals) if all(v is not None for v in vals) else None
 
-    print(f"\n{'contender':<18} {'to 97%':>8} {'to 98%':>8} {'startup':>8} {'eval':>7} {'ex/s':>8}")
+    print(f"\n{'contender':<28} {'to 97%':>8} {'to 98%':>8} {'startup':>8} {'eval':>7} {'ex/s':>8}")
     for name, rs in results.items():
-        print(f"{name:<18} {fmt(med(name, 0.97)):>8} {fmt(med(name, 0.98)):>8} "
+        print(f"{name:<28} {fmt(med(name, 0.97)):>8} {fmt(med(name, 0.98)):>8} "
               f"{statistics.median(r['startup'] for r in rs):7.2f}s {statistics.median(r['eval'] for r in rs):6.2f}s "
               f"{statistics.median(r['rate'] for r in rs) / 1e3:7.1f}k")
     for target in TARGETS:
-        for name in ("psgd --workers 2", "psgd -w 2 --overlap"):
+        for name in ("psgd --workers 2", "psgd -w 2 --overlap", "psgd -w 2 --overlap nesterov"):
             ours = med(name, target) if name in results else None
             for base in ("pytorch 2 threads", "psgd --workers 0"):
                 theirs = med(base, target) if base in results else None

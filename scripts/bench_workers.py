@@ -1,18 +1,19 @@
 """Many real workers on one server: server CPU per push, memory and descriptors against N.
 
-    python scripts/bench_workers.py [--workers 1 16 64 256] [--steps 40] [--keep-blas-env]
+    python scripts/bench_workers.py [--workers 1 16 64 256] [--seconds 5] [--keep-blas-env]
 
-For each N: a ``psgd server`` (784-64-10, batch 32, plain async) and ``psgd worker --count N
---max-steps S`` on this machine (the cores are oversubscribed beyond their count, which is
-the point). Reported per N, all from one run:
+For each N: a ``psgd server`` (784-64-10, batch 32, plain async) and ``psgd worker --count N``
+on this machine (the cores are oversubscribed beyond their count, which is the point). Once
+all N have joined, a window of --seconds is measured with all of them pushing and a monitor
+polling ``stats`` every 50 ms (as a coordinator would); then the server shuts down and the
+workers exit. Reported per N, all from one run:
 
-- server CPU per push: the server process's CPU microseconds per applied update while the
-  workers push (from its ``cpu_s`` statistic, sampled once every worker has joined and at
-  the end), and the same for a monitor polling ``stats`` every 50 ms meanwhile;
+- seconds until all N had joined, and pushes/s applied in the window;
+- server CPU per push: the server process's CPU microseconds per applied update in the
+  window (its ``cpu_s`` statistic), the monitor's stats requests included;
 - the server's peak resident memory and open file descriptors;
 - per worker: mean proportional set size (PSS: shared pages, such as the memory-mapped
   MNIST and the libraries, divided among the processes that share them) and mean RSS;
-- wall time from the command to the last worker's exit.
 
 The target: server CPU per push flat in N (nothing per push grows with the workers).
 """
@@ -60,13 +61,14 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def one(n: int, steps: int, workdir: Path) -> dict:
+def one(n: int, seconds: float, workdir: Path) -> dict:
     ready = workdir / f"ready-{n}"
     env = dict(os.environ)
     server = subprocess.Popen([sys.executable, "-m", "psgd", "-q", "server", "--bind", "tcp://127.0.0.1:0",
                                "--ready-file", str(ready), "--data-shards", str(n), "--layers", "784,64,10",
                                "--batch-size", "32", "--epochs", "1000", "--lease", "300"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    group = None
     try:
         while not ready.exists():
             if server.poll() is not None:
@@ -75,55 +77,64 @@ def one(n: int, steps: int, workdir: Path) -> dict:
         endpoint = json.loads(ready.read_text())["endpoint"]
         client = ParameterClient(endpoint, "bench")
         t0 = time.perf_counter()
-        group = subprocess.Popen([sys.executable, "-m", "psgd", "-q", "worker", "--connect", endpoint, "--count", str(n),
-                                  "--max-steps", str(steps)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        start = None
+        # the workers train until the server shuts down: the window below has all N pushing
+        group = subprocess.Popen([sys.executable, "-m", "psgd", "-q", "worker", "--connect", endpoint, "--count", str(n)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         peak_rss = peak_fds = 0
-        pss, rss = [], []
-        polls = 0
-        while group.poll() is None:
-            stats = client.stats()
-            polls += 1
+
+        def sample():
+            nonlocal peak_rss, peak_fds
             peak_rss = max(peak_rss, _status(server.pid, "VmRSS"))
             peak_fds = max(peak_fds, len(os.listdir(f"/proc/{server.pid}/fd")))
-            if start is None and stats["workers_connected"] == n:
-                start = (stats["cpu_s"], stats["version"], polls)
-                kids = _children(group.pid) if n > 1 else [group.pid]  # --count 1 is the worker itself
-                pss = [_pss_kb(p) for p in kids]
-                rss = [_status(p, "VmRSS") for p in kids]
+            return client.stats()
+
+        while sample()["workers_connected"] < n:
+            if group.poll() is not None:
+                raise SystemExit(f"the workers exited ({group.returncode}) before all {n} joined")
             time.sleep(0.05)
-        wall = time.perf_counter() - t0
-        end = client.stats()
+        joined = time.perf_counter() - t0
+        kids = _children(group.pid) if n > 1 else [group.pid]  # --count 1 is the worker itself
+        pss = [_pss_kb(p) for p in kids]
+        rss = [_status(p, "VmRSS") for p in kids]
+        first = sample()
+        polls, t1 = 0, time.perf_counter()
+        while time.perf_counter() - t1 < seconds:  # a monitor polling stats as the coordinator would
+            last = sample()
+            polls += 1
+            time.sleep(0.05)
+        window = time.perf_counter() - t1
         client.control({"type": "shutdown"})
         client.close()
+        group.wait(120)
         server.wait(30)
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-    if start is None or end["version"] <= start[1]:
-        return {"n": n, "wall": wall, "cpu_us": None, "rss": peak_rss, "fds": peak_fds,
-                "pss": sum(pss) / max(len(pss), 1), "wrss": sum(rss) / max(len(rss), 1), "group": group.returncode}
-    return {"n": n, "wall": wall, "cpu_us": (end["cpu_s"] - start[0]) / (end["version"] - start[1]) * 1e6,
-            "rss": peak_rss, "fds": peak_fds, "pss": sum(pss) / max(len(pss), 1),
-            "wrss": sum(rss) / max(len(rss), 1), "updates": end["version"], "group": group.returncode}
+        for proc in (group, server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    updates = last["version"] - first["version"]
+    return {"n": n, "joined": joined, "updates": updates, "rate": updates / window,
+            "cpu_us": (last["cpu_s"] - first["cpu_s"]) / updates * 1e6 if updates else None,
+            "connected": last["workers_connected"], "rss": peak_rss, "fds": peak_fds,
+            "pss": sum(pss) / max(len(pss), 1), "wrss": sum(rss) / max(len(rss), 1), "group": group.returncode}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 16, 64, 256])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--seconds", type=float, default=5.0, help="the window measured once all N have joined")
     args = parser.parse_args()
     print(blas_description())
-    print(f"784-64-10, batch 32, {args.steps} steps per worker, {os.cpu_count()} CPUs\n")
-    print(f"{'workers':>8}{'wall s':>9}{'updates':>9}{'server CPU/push':>17}{'server RSS':>12}{'server fds':>12}"
+    print(f"784-64-10, batch 32, a {args.seconds:g} s window with all N workers connected, {os.cpu_count()} CPUs\n")
+    print(f"{'workers':>8}{'join s':>8}{'pushes/s':>10}{'server CPU/push':>17}{'server RSS':>12}{'server fds':>12}"
           f"{'worker PSS':>12}{'worker RSS':>12}")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.workers:
-            r = one(n, args.steps, Path(tmp))
+            r = one(n, args.seconds, Path(tmp))
             cpu = f"{r['cpu_us']:,.0f} us" if r["cpu_us"] is not None else "-"
-            print(f"{r['n']:>8}{r['wall']:>9.1f}{r.get('updates', 0):>9}{cpu:>17}{r['rss'] / 1024:>9.0f} MB"
+            print(f"{r['n']:>8}{r['joined']:>8.1f}{r['rate']:>10.0f}{cpu:>17}{r['rss'] / 1024:>9.0f} MB"
                   f"{r['fds']:>12}{r['pss'] / 1024:>9.0f} MB{r['wrss'] / 1024:>9.0f} MB"
+                  + ("" if r["connected"] == r["n"] else f"  ({r['connected']} connected at the end)")
                   + ("" if r["group"] == 0 else f"  (workers exited {r['group']})"), flush=True)
 
 
