@@ -61,3 +61,13 @@ def test_never_fewer_than_one_thread_and_an_explicit_choice_wins(tmp_path, no_th
         for p in many:
             p.kill()
             p.wait()
+
+
+def test_an_oversubscribed_cluster_nices_its_workers_to_leave_the_server_half_the_machine():
+    """All workers together weigh about one nice-0 process per core (CFS: 1.25x per level)."""
+    from psgd.launch import worker_nice
+    assert worker_nice(3, cores=2) == 5  # the floor: just above the cores
+    assert worker_nice(64, cores=2) == 16 and worker_nice(256, cores=2) == 19  # the ceiling
+    for workers in (8, 16, 64):
+        weight = workers * 1024 / 1.25 ** worker_nice(workers, cores=2)
+        assert weight <= 2 * 1024 < weight * 1.25  # one step less would weigh more than the 2 cores
