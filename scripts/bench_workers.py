@@ -3,7 +3,8 @@
     python scripts/bench_workers.py [--workers 1 16 64 256] [--seconds 5] [--keep-blas-env]
 
 For each N: a ``psgd server`` (784-64-10, batch 32, plain async) and ``psgd worker --count N``
-on this machine (the cores are oversubscribed beyond their count, which is the point). Once
+on this machine (the cores are oversubscribed beyond their count, which is the point), the
+workers at the nice level ``psgd train`` would give them (``--nice none``: at the server's). Once
 all N have joined, a window of --seconds is measured with all of them pushing and a monitor
 polling ``stats`` every 50 ms (as a coordinator would); then the server shuts down and the
 workers exit. Reported per N, all from one run:
@@ -34,6 +35,7 @@ from benchlib import blas_description, clean_blas_env  # noqa: E402
 
 clean_blas_env(sys.argv)
 
+from psgd.launch import worker_nice  # noqa: E402
 from psgd.wire.client import ParameterClient  # noqa: E402
 
 
@@ -61,7 +63,7 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def one(n: int, seconds: float, workdir: Path) -> dict:
+def one(n: int, seconds: float, workdir: Path, nice: int) -> dict:
     ready = workdir / f"ready-{n}"
     env = dict(os.environ)
     server = subprocess.Popen([sys.executable, "-m", "psgd", "-q", "server", "--bind", "tcp://127.0.0.1:0",
@@ -79,7 +81,8 @@ def one(n: int, seconds: float, workdir: Path) -> dict:
         t0 = time.perf_counter()
         # the workers train until the server shuts down: the window below has all N pushing
         group = subprocess.Popen([sys.executable, "-m", "psgd", "-q", "worker", "--connect", endpoint, "--count", str(n)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                 preexec_fn=(lambda: os.nice(nice)) if nice else None)
         peak_rss = peak_fds = 0
 
         def sample():
@@ -123,6 +126,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--seconds", type=float, default=5.0, help="the window measured once all N have joined")
+    parser.add_argument("--nice", choices=["train", "none"], default="train",
+                        help="train: the workers run at the nice level psgd train gives N workers on this "
+                             "machine (psgd.launch.worker_nice, when they outnumber the cores); none: at the server's")
     args = parser.parse_args()
     print(blas_description())
     print(f"784-64-10, batch 32, a {args.seconds:g} s window with all N workers connected, {os.cpu_count()} CPUs\n")
@@ -130,10 +136,13 @@ def main() -> None:
           f"{'worker PSS':>12}{'worker RSS':>12}")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.workers:
-            r = one(n, args.seconds, Path(tmp))
+            oversubscribed = n + 1 > (os.cpu_count() or 1)
+            nice = worker_nice(n) if args.nice == "train" and oversubscribed else 0
+            r = one(n, args.seconds, Path(tmp), nice)
             cpu = f"{r['cpu_us']:,.0f} us" if r["cpu_us"] is not None else "-"
             print(f"{r['n']:>8}{r['joined']:>8.1f}{r['rate']:>10.0f}{cpu:>17}{r['rss'] / 1024:>9.0f} MB"
                   f"{r['fds']:>12}{r['pss'] / 1024:>9.0f} MB{r['wrss'] / 1024:>9.0f} MB"
+                  + (f"  (workers at nice {nice})" if nice else "")
                   + ("" if r["connected"] == r["n"] else f"  ({r['connected']} connected at the end)")
                   + ("" if r["group"] == 0 else f"  (workers exited {r['group']})"), flush=True)
 
