@@ -693,7 +693,8 @@ def coordinator(connect, curve_key, curve_server_key, model, dashboard, dashboar
 @env_option("--connect", default="tcp://127.0.0.1:5555", help="The server's endpoint (K shards: all K, comma-separated).")
 @env_option("--json/--text", "as_json", default=False, help="Print the statistics as JSON.")
 @click.option("--shutdown", is_flag=True,
-              help="Then tell the server(s) to end the run (with CURVE: needs a control key).")
+              help="Then tell the server(s) to end the run; a coordinator watching it evaluates the final "
+                   "weights and writes the run (with CURVE: needs a control key).")
 @client_curve_options
 def status(connect, as_json, shutdown, curve_key, curve_server_key):
     """Show a running server's statistics: version, examples, staleness, workers."""
@@ -704,7 +705,7 @@ def status(connect, as_json, shutdown, curve_key, curve_server_key):
     try:
         stats = group.stats(workers=True)
         if shutdown:
-            group.control({"type": "shutdown"})
+            group.control({"type": "shutdown", "finish": True})
     finally:
         group.close()
     if as_json:

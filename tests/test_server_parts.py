@@ -49,7 +49,8 @@ def test_a_stop_drains_until_the_workers_are_gone_or_their_grace_runs_out():
     assert other.settle(workers_connected=True) is Phase.STOPPED
 
 
-@pytest.mark.parametrize("reason,waits", [("budget", True), ("interrupt", True), ("signal", False), ("shutdown", False)])
+@pytest.mark.parametrize("reason,waits", [("budget", True), ("interrupt", True), ("requested", True),
+                                          ("signal", False), ("shutdown", False)])
 def test_a_run_the_server_ended_waits_for_its_coordinator(reason, waits):
     clock = FakeClock()
     phase = RunPhase(clock, shutdown_grace_s=3.0, coordinator_grace_s=30.0)

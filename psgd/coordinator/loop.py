@@ -37,6 +37,7 @@ STALL_S = 20.0  # no new examples, and no worker joining, for this long (not pau
 # fewer cores than workers that takes about this long per worker (48 workers on 2 cores
 # tripped the fixed 20 s), so the start may take this much longer than STALL_S.
 STARTUP_PER_WORKER_S = 1.0
+INHERITED_NOTE_MIN = 400  # updates found at the first look worth a line in the report (a poll sees ~1-100)
 STRAGGLER_FACTOR = 0.5  # a worker below this fraction of the median rate is a straggler
 LR_CHANGE = 1e-9  # relative change of the rate worth telling the server
 NAN_STALL_S = 2.0  # no new examples this long while the servers refuse NaN/Inf gradients: diverged
@@ -87,6 +88,10 @@ class Coordinator:
         self._not_finite_seen = 0  # gradients the servers refused as NaN/Inf, at the last poll
         self._rates_at: tuple[float, dict] | None = None
         self._cpu_at_first: tuple[float | None, int] = (None, 0)  # servers' CPU seconds and version at the first update
+        # examples and updates already applied when this coordinator first saw an update: a
+        # resumed run's, or those of workers that started before it. Rates count only what
+        # came after, in the time it watched.
+        self._before: tuple[int, int] = (0, 0)
 
     def run(self) -> dict:
         """Coordinate until a stop condition holds; return the summary (also written to disk)."""
@@ -138,6 +143,7 @@ class Coordinator:
                 if t_first is None and version > 0:
                     t_first = time.perf_counter()
                     self._cpu_at_first = (stats.get("cpu_s", 0.0), version)  # the servers' start-up is not per push
+                    self._before = (examples, version)
                 self._set_lr(version)
                 elapsed = time.perf_counter() - t0
                 server_ended = stats.get("stopping", False)  # its own budget, or a signal
@@ -263,7 +269,7 @@ class Coordinator:
             "examples": stats["examples"], "updates": snap_version, "lr": self.lr_sent, "train_loss": float(train_loss),
             "val_loss": val_loss, "val_accuracy": val_acc, "staleness_mean": hist["mean"],
             "staleness_p99": hist["p99"], "staleness_max": hist["max"],
-            "examples_per_s": stats["examples"] / train_time if train_time else 0.0,
+            "examples_per_s": (stats["examples"] - self._before[0]) / train_time if train_time else 0.0,
             "worker_examples_per_s": rates, "stragglers": stragglers(rates),
             # what crossed ZeroMQ so far: every frame either way, and the workers' array payload alone
             "bytes": stats["bytes_in"] + stats["bytes_out"],
@@ -345,8 +351,9 @@ class Coordinator:
             "test_loss": test_loss, "test_accuracy": test_acc,
             "setup_time": (t_first - t0) if t_first else 0.0, "train_time": train_time, "eval_time": eval_time,
             "wall_time": time.perf_counter() - t0,
-            "examples_per_s": examples / train_time if train_time else 0.0,
-            "pushes_per_s": updates / train_time if train_time else 0.0,
+            "examples_per_s": (examples - self._before[0]) / train_time if train_time else 0.0,
+            "pushes_per_s": (updates - self._before[1]) / train_time if train_time else 0.0,
+            "updates_before_watched": self._before[1],
             "staleness": hist, "staleness_histogram": stats["staleness"],
             "bytes_in": stats["bytes_in"], "bytes_out": stats["bytes_out"], "errors": stats["errors"],
             "per_worker": workers, "failures": self.failures, "rollbacks": self.rollbacks, "ssp_max_lead": stats.get("ssp_max_lead"),
@@ -365,6 +372,10 @@ class Coordinator:
             f"{stats['bytes_in'] / 1e6:.1f} MB in and {stats['bytes_out'] / 1e6:.1f} MB out over ZeroMQ; "
             f"workers pushed via {', '.join(summary['worker_transports'])}",
         ]
+        if self._before[1] > max(INHERITED_NOTE_MIN, 0.01 * updates):  # more than one poll's worth
+            summary["report"].append(
+                f"{self._before[1]} of the updates were applied before this coordinator saw the run (resumed, or "
+                f"workers that started before it): rates count only the {updates - self._before[1]} since")
         if c.compresses:
             summary["report"].append(traffic_line(summary["traffic"]))
         flagged = sorted(n for n, w in workers.items() if w["flagged"])

@@ -9,13 +9,14 @@
   out meanwhile.
 - DRAINING: the run is over. Every training request is answered ``shutdown``; the loop
   waits up to SHUTDOWN_GRACE_S for the connected workers to hear it and go. If the run
-  ended by the server's own budget (or an interrupt) while a coordinator watches, it then
+  ended by the server's own budget (an interrupt, an operator's request) while a coordinator watches, it then
   also waits, up to COORDINATOR_GRACE_S, for that coordinator to take the final weights
   and say ``shutdown``.
 - STOPPED: the loop writes its last checkpoint and exits.
 
-Why a run stopped (``reason``): ``"shutdown"`` (a client said so), ``"budget"`` (the
-server's own --max-updates or --max-seconds), ``"signal"`` (SIGTERM: stop now, do not wait
+Why a run stopped (``reason``): ``"shutdown"`` (a client said so), ``"requested"`` (a
+client said so with ``finish``: an operator's ``psgd status --shutdown``, after which a
+watching coordinator still writes the run), ``"budget"`` (the server's own --max-updates or --max-seconds), ``"signal"`` (SIGTERM: stop now, do not wait
 for a coordinator: a SIGKILLed launcher's children get it and must not linger),
 ``"interrupt"`` (SIGINT: a warm stop that lets a watching coordinator finish the run).
 """
@@ -28,8 +29,8 @@ import time
 SHUTDOWN_GRACE_S = 3.0  # after a stop, how long connected workers have to hear it
 COORDINATOR_GRACE_S = 30.0  # how long a run ended by the server waits for its coordinator
 
-STOP_REASONS = ("shutdown", "budget", "signal", "interrupt")
-_WAIT_FOR_COORDINATOR = ("budget", "interrupt")
+STOP_REASONS = ("shutdown", "requested", "budget", "signal", "interrupt")
+_WAIT_FOR_COORDINATOR = ("requested", "budget", "interrupt")
 
 
 class Phase(enum.Enum):

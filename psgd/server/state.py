@@ -281,8 +281,8 @@ class ServerState:
             if isinstance(worker_id, int):
                 self._disconnect(worker_id)
             return {"type": "ok"}, []
-        if kind == "shutdown":
-            self._stop("shutdown")
+        if kind == "shutdown":  # finish: an operator's; a watching coordinator still writes the run
+            self._stop("requested" if msg.get("finish") is True else "shutdown")
             return {"type": "ok"}, []
         if kind == "pause":
             self.phase.pause()

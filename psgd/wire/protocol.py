@@ -79,6 +79,7 @@ OPTIONAL: dict[str, dict[str, str]] = {
     "pull": {"worker_id": "int?"},
     "bye": {"worker_id": "int?"},
     "stats": {"workers": "bool", "after": "int?"},
+    "shutdown": {"finish": "bool"},
 }
 
 # How many array frames each type carries: (least, most). Every other type carries none.
