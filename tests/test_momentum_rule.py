@@ -6,7 +6,7 @@ import pytest
 from state_util import apply
 from psgd.config import TrainConfig, adapts_momentum
 from psgd.errors import ConfigError
-from psgd.model.momentum_rule import MomentumAdaptation, adapted
+from psgd.model.momentum_rule import LR_FACTOR_MAX, MomentumAdaptation, adapted
 from psgd.model.network import ModelSpec
 from psgd.model.optim import OptimizerSpec
 from psgd.model.schedules import ScheduleSpec
@@ -33,16 +33,18 @@ def test_momentum_shrinks_with_staleness_and_the_effective_step_holds(target):
     momenta = [m for m, _ in chosen]
     assert all(a >= b for a, b in zip(momenta, momenta[1:])) and momenta[-1] == 0.0
     for m, factor in chosen:
-        assert 0.0 <= m <= target and factor >= 1.0
-        assert factor / (1.0 - m) == pytest.approx(1.0 / (1.0 - target))  # lr / (1 - mu): the configured pair's
+        assert 0.0 <= m <= target and 1.0 <= factor <= LR_FACTOR_MAX
+        if factor < LR_FACTOR_MAX:  # lr / (1 - mu): the configured pair's, until the factor's cap
+            assert factor / (1.0 - m) == pytest.approx(1.0 / (1.0 - target))
 
 
 def test_the_rule_in_figures():
-    """mu = max(0, 1 - (1 - mu*)(s + 1)): implicit and explicit time constants multiply."""
+    """mu = max(0, 1 - (1 - mu*)(S + 1)), f = min(3, (1 - mu)/(1 - mu*))."""
     assert adapted(0.9, 1.0) == pytest.approx((0.8, 2.0))
-    assert adapted(0.9, 4.0) == pytest.approx((0.5, 5.0))
-    assert adapted(0.9, 9.0) == pytest.approx((0.0, 10.0))
-    assert adapted(0.9, 50.0) == pytest.approx((0.0, 10.0))  # past mu = 0 the rate stops growing
+    assert adapted(0.9, 2.0) == pytest.approx((0.7, 3.0))
+    assert adapted(0.9, 4.0) == pytest.approx((0.5, 3.0))  # the factor's cap
+    assert adapted(0.9, 9.0) == pytest.approx((0.0, 3.0))
+    assert adapted(0.9, 50.0) == pytest.approx((0.0, 3.0))
 
 
 def test_the_mean_is_plain_then_a_moving_average():
@@ -160,3 +162,46 @@ def test_a_restored_server_continues_the_rule_exactly(tmp_path):
     stale_pushes(a, grads[6:], 4)
     stale_pushes(b, grads[6:], 4)
     assert np.array_equal(a.store.params, b.store.params)
+
+
+# --- the simulator: MNIST, 2 epochs, the server's own rules -----------------------------
+
+
+def simulated_accuracy(mnist_config, workers, seed, cores, **settings):
+    import dataclasses
+
+    from threadpoolctl import threadpool_limits
+
+    from psgd.data.prepared import prepare_data
+    from psgd.simulate import SimSpec, Simulator
+    data = prepare_data(mnist_config.with_(workers=workers, seed=seed, **settings))
+    sim = Simulator(dataclasses.replace(data, config=data.config), SimSpec(cores=cores), say=lambda text: None)
+    with threadpool_limits(1):  # small gradients one at a time: BLAS threads only cost (a second a run, not ten)
+        return sim.run()["test_accuracy"]
+
+
+@pytest.fixture(scope="module")
+def mnist_config(data_dir):
+    return TrainConfig(model=ModelSpec((784, 64, 10)), epochs=2.0, data_dir=str(data_dir))
+
+
+@pytest.mark.slow
+def test_sixteen_simulated_workers_on_two_cores_come_within_a_point_of_two(mnist_config):
+    """On 2 cores (as the machine whose 16 workers reached 37% and 55%), the defaults at
+    16 workers against 2, 2 epochs, seeds 0-2. Measured when written: 2 workers 96.13,
+    95.51, 95.34%; 16 workers 94.90, 94.43, 94.71%: 1.23, 1.08 and 0.63 points behind,
+    0.98 on average. The bar: within a point on average, and 1.5 for every seed; the old
+    defaults (fixed momentum, divide) were 1.8 to 8.5 points behind."""
+    gaps = [simulated_accuracy(mnist_config, 2, seed, 2) - simulated_accuracy(mnist_config, 16, seed, 2)
+            for seed in (0, 1, 2)]
+    assert max(gaps) <= 0.015 and sum(gaps) / len(gaps) <= 0.01, gaps
+
+
+@pytest.mark.slow
+def test_the_rule_rescues_sixteen_workers_with_a_core_each(mnist_config):
+    """A core per worker: staleness about 14. Fixed momentum 0.9 (divide) ends near 42%
+    (seed 0); the rule near 90%. Not 2 workers' 95%: a 14-stale gradient allows a step
+    about 1/15 of a fresh one's, and 2 epochs are 860 updates."""
+    before = simulated_accuracy(mnist_config, 16, 0, 0, momentum_rule="fixed", staleness_rule="divide")
+    after = simulated_accuracy(mnist_config, 16, 0, 0)
+    assert after >= 0.85 and after - before >= 0.2, (before, after)

@@ -11,17 +11,20 @@ the explicit momentum what asynchrony leaves, taking ``1 - mu`` as the share of 
 gradient in the step (implicit and explicit momentum chained: ``(1 - mu)(1 - mu_a)``
 kept at ``1 - mu*``):
 
-    mu  = max(0, 1 - (1 - mu*) (S + 1))        explicit momentum
-    f   = (1 - mu) / (1 - mu*)                 rate factor, at most 1 / (1 - mu*)
+    mu  = max(0, 1 - (1 - mu*) (S + 1))              explicit momentum
+    f   = min(LR_FACTOR_MAX, (1 - mu) / (1 - mu*))   rate factor
 
 with ``S`` the mean staleness of recent pushes (an exponential moving average over about
 WINDOW pushes: it follows the worker count and how the machine shares its cores). With the
 default staleness rule dynsgd (rate / (s + 1)) a push's effective step lr f / (s + 1) /
 (1 - mu) is then the configured ``lr / (1 - mu*)`` divided by ``s + 1``, as stability under
 delay asks, and a push of the mean staleness gets the configured rate: the cut falls on the
-momentum first. Past ``S = mu* / (1 - mu*)`` (9 at 0.9) the momentum is 0 and the factor
-stops growing. Fresh pushes change nothing: with ``S = 0`` the momentum is ``mu*`` and the
-factor 1 (one worker, sync rounds).
+momentum first. The factor stops at LR_FACTOR_MAX (reached at ``S = 2`` for mu* = 0.9;
+beyond, the effective step shrinks faster than 1 / (s + 1)): measured in the
+simulator (MNIST 784-64-10, 2 epochs), 100 workers with momentum 0 reached 64%, 81%, 48%
+and 53% at factors 1, 3, 5 and 10, 1,000 workers 64% at 3 against 45% at 10, while 2 and
+16 workers did as well at 3 as uncapped. Fresh pushes change nothing: with ``S = 0`` the
+momentum is ``mu*`` and the factor 1 (one worker, sync rounds).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import math
 from ..errors import ConfigError
 
 MOMENTUM_RULES = ("adaptive", "fixed")
+LR_FACTOR_MAX = 3.0  # the most the rule raises the rate by (see above: more diverged at 100 workers)
 WINDOW = 256  # pushes the staleness average runs over (an EMA; the plain mean before that many)
 ADAPTED_OPTIMIZERS = ("momentum", "nesterov")  # those whose momentum is the configured mu
 
@@ -39,7 +43,7 @@ def adapted(target: float, staleness_mean: float) -> tuple[float, float]:
     """``(momentum, lr_factor)`` for a configured momentum ``target`` in [0, 1) and a mean
     staleness >= 0 (see the module's docstring)."""
     momentum = max(0.0, 1.0 - (1.0 - target) * (staleness_mean + 1.0))
-    return momentum, (1.0 - momentum) / (1.0 - target)
+    return momentum, min(LR_FACTOR_MAX, (1.0 - momentum) / (1.0 - target))
 
 
 class MomentumAdaptation:
