@@ -17,6 +17,7 @@ from .config import ALGORITHMS, CONSISTENCY, STALENESS_RULES, TRANSPORTS, TrainC
 from .data.augment import DistortionSpec
 from .errors import PsgdError
 from .model.functions import ACTIVATIONS, LOSSES
+from .model.momentum_rule import MOMENTUM_RULES
 from .model.network import ModelSpec, parse_sizes
 from .model.optim import OPTIMIZERS, OptimizerSpec
 from .model.schedules import SCHEDULES, ScheduleSpec
@@ -150,6 +151,9 @@ def training_options(f):
         env_option("--staleness-rule", type=click.Choice(STALENESS_RULES), default=_DEFAULT.staleness_rule,
                    help="Treat a push of staleness s: none, divide (lr/s), dynsgd (lr/(s+1)), "
                         "dcasgd (delay compensation, with --optimizer sgd)."),
+        env_option("--momentum-rule", type=click.Choice(list(MOMENTUM_RULES)), default=_DEFAULT.momentum_rule,
+                   help="adaptive: the server lowers the momentum (raising the rate to match) as the staleness "
+                        "it measures grows, for momentum/nesterov under async and ssp; fixed: as configured."),
         env_option("--dc-lambda", type=float, default=_DEFAULT.dc_lambda, help="dcasgd: lambda."),
         env_option("--consistency", type=click.Choice(CONSISTENCY), default=_DEFAULT.consistency,
                    help="async (Downpour), ssp (bounded staleness) or sync (averaged, with a barrier)."),
@@ -232,7 +236,7 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
                             pick("warmup", base.schedule.warmup))
     fields = ["data", "data_dir", "batch_size", "epochs", "seed", "validation", "dropout", "augment",
               "target_accuracy", "evals_per_epoch", "out_dir", "workers", "servers", "curve", "n_fetch", "n_push", "overlap", "transport",
-              "staleness_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "max_staleness", "outlier_k", "outlier_window", "on_divergence",
+              "staleness_rule", "momentum_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "max_staleness", "outlier_k", "outlier_window", "on_divergence",
               "rollback_factor", "max_rollbacks", "slow_worker", "max_updates", "push_codec", "pull_codec", "topk_fraction",
               "algorithm", "local_steps", "inner_optimizer", "outer_lr", "outer_momentum", "outer_every", "dynamic_local_steps",
               "max_seconds"]

@@ -163,6 +163,7 @@ def test_hello_pull_push_ack_heartbeat_stats_bye(raw):
     assert welcome["range"] == [0, N] and welcome["server_shard"] == 0 and welcome["num_server_shards"] == 1
     assert welcome["model"]["sizes"] == list(LAYERS) and welcome["model"]["dtype"] == "float32"
     assert welcome["update"] == {"lr": LR, "staleness_rule": "none", "dc_lambda": welcome["update"]["dc_lambda"],
+                                 "momentum_rule": "fixed",  # plain SGD has no momentum to adapt
                                  "consistency": "async", "ssp_bound": welcome["update"]["ssp_bound"],
                                  "max_staleness": MAX_STALENESS}
     assert welcome["optimizer"]["name"] == "sgd" and welcome["num_data_shards"] == NUM_DATA_SHARDS

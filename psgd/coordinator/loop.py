@@ -22,7 +22,7 @@ import numpy as np
 from ..config import TrainConfig, server_update
 from ..errors import PsgdError, TransportError
 from ..metrics import FLAG_AFTER_OUTLIERS, StalenessHistogram, time_shares
-from .report import traffic_line
+from .report import momentum_line, traffic_line
 from ..model.interface import build_model
 from ..data.prepared import PreparedData
 from .live import LiveRun
@@ -274,6 +274,7 @@ class Coordinator:
             # what crossed ZeroMQ so far: every frame either way, and the workers' array payload alone
             "bytes": stats["bytes_in"] + stats["bytes_out"],
             "payload_bytes": sum(sum(by_codec.values()) for by_codec in (stats.get("traffic") or {}).values()),
+            **momentum_in_force(stats),
         }
         self.recorder.record(rec)
         self.live.on_eval(rec)
@@ -363,6 +364,7 @@ class Coordinator:
             "server_cpu_per_push_us": self._cpu_per_push(stats),
             "push_codec": c.push_codec, "pull_codec": c.pull_codec, "algorithm": c.algorithm,
             "traffic": stats.get("traffic") or {"pushed": {}, "pulled": {}},  # payload bytes by codec
+            "momentum_rule": stats.get("momentum_rule"),  # what the server's momentum rule chose, at the end
         }
         summary["first_reaching"] = {str(a): r["train_time"] for a in (0.97, 0.98)
                                      if (r := self.recorder.first_reaching(a))}
@@ -376,6 +378,8 @@ class Coordinator:
             summary["report"].append(
                 f"{self._before[1]} of the updates were applied before this coordinator saw the run (resumed, or "
                 f"workers that started before it): rates count only the {updates - self._before[1]} since")
+        if summary["momentum_rule"]:
+            summary["report"].append(momentum_line(summary["momentum_rule"]))
         if c.compresses:
             summary["report"].append(traffic_line(summary["traffic"]))
         flagged = sorted(n for n, w in workers.items() if w["flagged"])
@@ -387,6 +391,13 @@ class Coordinator:
             summary["report"].append(f"{summary['checkpoint_failures']} checkpoint writes failed on the servers "
                                      "(see their logs); training went on")
         return summary
+
+
+def momentum_in_force(stats: dict) -> dict:
+    """An evaluation record's view of the momentum rule (shard 0's): the momentum and the
+    rate factor it applies now; nothing for a server that does not tell."""
+    rule = stats.get("momentum_rule")
+    return {"momentum": rule["momentum"], "lr_factor": rule["lr_factor"]} if rule else {}
 
 
 def per_worker(records) -> dict[str, dict]:

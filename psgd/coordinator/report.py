@@ -51,6 +51,14 @@ def traffic_line(traffic: dict) -> str:
     return f"payload pushed: {part(traffic.get('pushed', {}))}; pulled by workers: {part(traffic.get('pulled', {}))}"
 
 
+def momentum_line(rule: dict) -> str:
+    """What the server's momentum rule (psgd.model.momentum_rule) had chosen at the end."""
+    if rule["rule"] != "adaptive":
+        return f"momentum rule fixed: momentum {rule['momentum']:.3g}, rate as scheduled"
+    return (f"momentum rule adaptive: momentum {rule['momentum']:.3g} (configured {rule['target']:.3g}), rate x "
+            f"{rule['lr_factor']:.3g}, for a recent staleness mean of {rule['staleness_mean']:.2f}")
+
+
 def _optimizer(o: dict) -> str:
     if o["name"] in ("adam", "adamw"):
         return f"{o['name']} ({o.get('beta1', 0.9)}, {o.get('beta2', 0.999)})"
@@ -91,6 +99,8 @@ def text_report(run: Run) -> list[str]:
     lines.append(f"  throughput: {s['examples_per_s'] / 1e3:.1f}k examples/s"
                  + (f", {s['pushes_per_s']:.0f} pushes/s" if "pushes_per_s" in s else ""))
     lines.append("  time to " + ", ".join(f"{a:.0%}: {_seconds(run.time_to(a))}" for a in TARGETS))
+    if s.get("momentum_rule"):
+        lines.append("  " + momentum_line(s["momentum_rule"]))
     hist = run.staleness()
     if hist is not None and hist.total:
         sm = hist.summary()

@@ -71,6 +71,8 @@ class Optimizer:
 
     def __init__(self, spec: OptimizerSpec, size: int, dtype=np.float32, decay_mask: np.ndarray | None = None):
         self.spec = spec
+        # the momentum in force: the spec's, unless the server's momentum rule (psgd.model.momentum_rule) sets it
+        self.momentum = spec.momentum
         self.size = size
         self.dtype = np.dtype(dtype)
         self._scratch = np.empty(size, self.dtype)
@@ -118,7 +120,7 @@ class Momentum(Optimizer):
     state_names = ("velocity",)
 
     def _apply(self, params, grad, lr):
-        self.velocity *= self.spec.momentum
+        self.velocity *= self.momentum
         np.multiply(grad, lr, out=self._scratch)
         self.velocity -= self._scratch
         params += self.velocity
@@ -128,11 +130,11 @@ class Nesterov(Momentum):
     """Nesterov momentum in Sutskever's form: v <- mu v - lr g; w <- w + mu v - lr g."""
 
     def _apply(self, params, grad, lr):
-        self.velocity *= self.spec.momentum
+        self.velocity *= self.momentum
         np.multiply(grad, lr, out=self._scratch)
         self.velocity -= self._scratch
         params -= self._scratch
-        np.multiply(self.velocity, self.spec.momentum, out=self._scratch)
+        np.multiply(self.velocity, self.momentum, out=self._scratch)
         params += self._scratch
 
 

@@ -353,6 +353,7 @@ class ServerState:
         """What a push does besides the optimizer step (docs/protocol.md, "The update rule")."""
         c = self.config
         return {"lr": self.store.lr(), "staleness_rule": c.staleness_rule, "dc_lambda": c.dc_lambda,
+                "momentum_rule": self.store.adaptation.to_dict()["rule"],
                 "consistency": c.consistency, "ssp_bound": c.ssp_bound, "max_staleness": self.staleness_bound()}
 
     # --- checkpoints and statistics -----------------------------------------------------
@@ -379,7 +380,7 @@ class ServerState:
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "staleness_rule": self.config.staleness_rule,
             "max_staleness": self.staleness_bound(), "workers_connected": self.members.connected, "workers_known": len(self.members.workers),
             "checkpoint": dict(self.checkpoint_status), "traffic": self.traffic.stats(),
-            "outlier_guard": self.guard.to_dict(),
+            "outlier_guard": self.guard.to_dict(), "momentum_rule": s.adaptation.to_dict(),
             "cpu_s": time.process_time(),  # this server process's CPU time: its cost per push, measured
         }
 

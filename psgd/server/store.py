@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import TrainConfig, server_update
+from ..config import TrainConfig, adapts_momentum, server_update
 from ..errors import ConfigError, ProtocolError
 from ..metrics import StalenessHistogram
 from ..model.layout import shard_range
 from ..model.interface import build_model
+from ..model.momentum_rule import MomentumAdaptation
 from ..model.optim import OptimizerSpec, make_optimizer
 
 MAX_EXAMPLES_PER_PUSH = 1 << 20
@@ -58,6 +59,8 @@ class ParameterStore:
         self.optimizer_spec, schedule_spec = server_update(config)
         self.optimizer = make_optimizer(self.optimizer_spec, self.size, self.dtype, mask)
         self.schedule = schedule_spec.build()
+        # the momentum rule: the momentum and rate factor in force follow the pushes' staleness
+        self.adaptation = MomentumAdaptation(self.optimizer_spec.momentum, adapts_momentum(config))
         self.write_lock = write_lock or _NoLock()
         self.max_updates = max_updates
         self.version = 0
@@ -83,13 +86,14 @@ class ParameterStore:
         return self.lr_override if self.lr_override is not None else self.schedule(self.version)
 
     def push_lr(self, staleness: int) -> float:
-        """The rate for one push of the given staleness, by the run's staleness rule."""
-        rule = self.config.staleness_rule
+        """The rate for one push of the given staleness, by the run's staleness rule, times
+        the momentum rule's factor (1 unless the rule is adaptive and pushes are stale)."""
+        rule, lr = self.config.staleness_rule, self.lr() * self.adaptation.lr_factor
         if rule == "dynsgd":  # dcasgd corrects the gradient instead (see _compensate)
-            return self.lr() / (staleness + 1)
+            return lr / (staleness + 1)
         if rule == "divide":
-            return self.lr() / max(staleness, 1)
-        return self.lr()
+            return lr / max(staleness, 1)
+        return lr
 
     def check(self, base_version, examples, grad: np.ndarray, offset: int | None = None) -> float:
         """Raise ProtocolError unless ``grad`` is a finite gradient of this range computed
@@ -120,6 +124,8 @@ class ParameterStore:
         staleness = self.version - base_version
         if self._history is not None:
             grad = self._compensate(grad, base_version, staleness)
+        self.adaptation.observe(staleness)
+        self.optimizer.momentum = self.adaptation.momentum
         with self.write_lock:
             self.optimizer.step(self.params, grad, self.push_lr(staleness))
         self._advance(examples)
@@ -170,6 +176,7 @@ class ParameterStore:
         fresh = make_optimizer(self.optimizer_spec, self.size, self.dtype, self.net.weight_mask()[self.lo:self.hi])
         with self.write_lock:
             self.params[...] = params
+        fresh.momentum = self.optimizer.momentum  # the staleness, and so the rule's choice, is the same
         self.optimizer = fresh
         self._advance(0)
         self.replaced_at = self.version
@@ -183,7 +190,7 @@ class ParameterStore:
         meta = {"model": self.config.model.to_dict(), "optimizer": self.optimizer_spec.to_dict(),
                 "range": [self.lo, self.hi],
                 "examples": self.examples, "lr_override": self.lr_override, "schedule": self.schedule.state(),
-                "staleness": self.staleness.to_dict()}
+                "staleness": self.staleness.to_dict(), "momentum_rule": self.adaptation.state()}
         return arrays, meta
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
@@ -203,5 +210,7 @@ class ParameterStore:
         self.lr_override = meta.get("lr_override")
         self.schedule.load_state(meta.get("schedule") or {})
         self.staleness = StalenessHistogram.from_dict(meta["staleness"])
+        self.adaptation.load_state(meta.get("momentum_rule") or {})
+        self.optimizer.momentum = self.adaptation.momentum
         if self._history is not None:
             self._history[self.version % DC_HISTORY] = self.params

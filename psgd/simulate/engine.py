@@ -51,6 +51,7 @@ from ..model.interface import build_model
 from ..data.minibatches import Minibatches
 from ..data.prepared import PreparedData
 from ..coordinator.loop import per_worker, stragglers
+from ..coordinator.report import momentum_line
 from ..coordinator.rundir import RunRecorder
 from ..server.membership import LEASE_CHECK_S, MAX_DATA_SHARDS, MAX_WORKERS, Membership
 from ..server.state import APPLIED, HELD, REFUSED, ServerState
@@ -500,7 +501,8 @@ class Simulator:
                "updates": s.version, "lr": s.lr(), "train_loss": None, "val_loss": val_loss, "val_accuracy": val_acc,
                "staleness_mean": hist["mean"], "staleness_p99": hist["p99"], "staleness_max": hist["max"],
                "examples_per_s": s.examples / self.now if self.now else 0.0,
-               "worker_examples_per_s": rates, "stragglers": stragglers(rates), "virtual_time": True}
+               "worker_examples_per_s": rates, "stragglers": stragglers(rates), "virtual_time": True,
+               "momentum": s.adaptation.momentum, "lr_factor": s.adaptation.lr_factor}
         self.recorder.record(rec)
         self.timers["eval_s"] += time.perf_counter() - t0
         return rec
@@ -545,7 +547,7 @@ class Simulator:
             "checkpoint_failures": 0,
             "stragglers": stragglers({n: w["examples_per_s"] for n, w in workers.items() if w["connected"]})
             if c.workers <= RATES_MAX_WORKERS else [],
-            "worker_transports": ["sim"], "simulation": sim,
+            "worker_transports": ["sim"], "simulation": sim, "momentum_rule": s.adaptation.to_dict(),
         }
         summary["first_reaching"] = {str(a): r["train_time"] for a in (0.97, 0.98)
                                      if (r := self.recorder.first_reaching(a))}
@@ -556,6 +558,7 @@ class Simulator:
             f"{self.timers['server_s']:.2f} s, evaluation {self.timers['eval_s']:.2f} s, workers' hellos and data "
             f"{self.timers['setup_s'] + self.timers['data_s']:.2f} s, its own overhead "
             f"{overhead:.2f} s ({sim['overhead_per_10k_pushes_s']:.2f} s per 10,000 pushes)",
+            momentum_line(summary["momentum_rule"]),
         ]
         if c.workers > min(MAX_WORKERS, MAX_DATA_SHARDS):
             summary["report"].append(f"note: a real psgd server takes at most {MAX_WORKERS} workers and "
