@@ -20,6 +20,9 @@ Any object with these members trains on psgd's parameter server; the built-in
     Over a whole data set (chunk it if memory matters); accuracy is a fraction in [0, 1].
 
 Optional: ``description`` (str), folded into the fingerprint, e.g. the module's repr.
+``init_range(seed, lo, hi, out=None)``, ``weight_mask_range(lo, hi)``: the two above for
+the range ``[lo, hi)`` alone, so a server shard of a large model never builds the whole
+vector (without them it is built and sliced; see :func:`init_range`).
 
 A user's model is named ``package.module:factory``: a callable taking no arguments that
 returns such an object. Each process that computes (worker, the coordinator evaluating,
@@ -76,6 +79,26 @@ def load_user_model(factory: str):
     if not isinstance(model.layout, Layout) or model.layout.size != model.n_params:
         raise ConfigError(f"--model {factory}: layout must be a psgd Layout of n_params entries")
     return model
+
+
+def init_range(model, seed: int, lo: int, hi: int, out=None):
+    """The model's initial weights ``[lo, hi)`` (into ``out`` if given): a server shard's
+    share. A model with its own ``init_range`` (the MLP) draws them without building the
+    whole vector; any other builds it and keeps the range."""
+    own = getattr(model, "init_range", None)
+    if own is not None:
+        return own(seed, lo, hi, out)
+    whole = model.init_params(seed)
+    if out is None:
+        return whole[lo:hi].copy()  # a copy: the whole vector goes now
+    out[...] = whole[lo:hi]
+    return out
+
+
+def weight_mask_range(model, lo: int, hi: int):
+    """``model.weight_mask()[lo:hi]``, built for the range alone where the model can."""
+    own = getattr(model, "weight_mask_range", None)
+    return own(lo, hi) if own is not None else model.weight_mask()[lo:hi].copy()
 
 
 def fingerprint(model, spec: ModelSpec | None = None) -> str:

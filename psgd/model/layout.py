@@ -58,13 +58,15 @@ class Layout:
             raise ConfigError(f"flat vector has shape {flat.shape}, layout needs ({self.size},)")
         return {s.name: flat[s.offset:s.end].reshape(s.shape) for s in self.slots}
 
-    def mask(self, selected, dtype=np.float32) -> np.ndarray:
+    def mask(self, selected, dtype=np.float32, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """A flat vector of 1 over the slots whose name ``selected(name)`` accepts, else 0
-        (e.g. where L2 weight decay applies: weights, not biases)."""
-        mask = np.zeros(self.size, dtype)
+        (e.g. where L2 weight decay applies: weights, not biases); only its range
+        ``[lo, hi)`` (default: all), so a server shard never builds the whole vector."""
+        hi = self.size if hi is None else hi
+        mask = np.zeros(hi - lo, dtype)
         for slot in self.slots:
-            if selected(slot.name):
-                mask[slot.offset:slot.end] = 1
+            if selected(slot.name) and slot.end > lo and slot.offset < hi:
+                mask[max(slot.offset, lo) - lo:min(slot.end, hi) - lo] = 1
         return mask
 
     def to_wire(self) -> list[list]:

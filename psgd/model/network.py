@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from .layout import Layout
 
 EVAL_CHUNK = 4096  # rows per forward pass when evaluating a whole data set
+INIT_CHUNK = 1 << 20  # random values drawn at a time by init_range (8 MB of float64)
 
 
 @dataclass(frozen=True)
@@ -141,21 +142,40 @@ class MLP:
     def init_params(self, seed: int = 0) -> np.ndarray:
         """A fresh flat parameter vector: He-normal weights for ReLU, Glorot-uniform
         otherwise, zero biases. The same seed gives the same vector on every machine."""
+        return self.init_range(seed, 0, self.n_params)
+
+    def init_range(self, seed: int, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        """``init_params(seed)[lo:hi]`` (into ``out``, shape ``(hi - lo,)``, if given),
+        without the whole vector: the random stream is drawn in chunks of INIT_CHUNK
+        values, in the same order (a Generator's stream does not depend on how the draws
+        are split), and only the part inside ``[lo, hi)`` is kept. Memory: the range plus
+        one chunk, where the whole layer's float64 draw of a 100M-parameter model took 0.5 GB.
+        """
+        out = np.empty(hi - lo, self.dtype) if out is None else out
+        out[...] = 0  # the biases
         rng = np.random.default_rng(seed)
-        flat = np.zeros(self.n_params, dtype=self.dtype)
-        views = self.layout.views(flat)
+        slots = {s.name: s for s in self.layout.slots}
         for i, (n_in, n_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:]), start=1):
-            if self.spec.hidden == "relu" and i < self.n_layers:
-                w = rng.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in)
-            else:
-                limit = np.sqrt(6.0 / (n_in + n_out))
-                w = rng.uniform(-limit, limit, (n_in, n_out))
-            views[f"W{i}"][...] = w
-        return flat
+            slot = slots[f"W{i}"]
+            if slot.offset >= hi:
+                break  # nothing later is kept: no need to draw it
+            relu = self.spec.hidden == "relu" and i < self.n_layers
+            limit = np.sqrt(6.0 / (n_in + n_out))
+            for a in range(0, slot.size, INIT_CHUNK):
+                b = min(a + INIT_CHUNK, slot.size)
+                w = rng.standard_normal(b - a) * np.sqrt(2.0 / n_in) if relu else rng.uniform(-limit, limit, b - a)
+                first, last = max(slot.offset + a, lo), min(slot.offset + b, hi)
+                if first < last:
+                    out[first - lo:last - lo] = w[first - slot.offset - a:last - slot.offset - a]
+        return out
 
     def weight_mask(self) -> np.ndarray:
         """1 for weight-matrix entries, 0 for biases: where L2 weight decay applies."""
-        return self.layout.mask(lambda name: name.startswith("W"), self.dtype)
+        return self.weight_mask_range(0, self.n_params)
+
+    def weight_mask_range(self, lo: int, hi: int) -> np.ndarray:
+        """``weight_mask()[lo:hi]``, built for the range alone."""
+        return self.layout.mask(lambda name: name.startswith("W"), self.dtype, lo, hi)
 
     def _weights(self, params):
         views = self.layout.views(params)

@@ -97,8 +97,10 @@ class Optimizer:
     def _apply(self, params, grad, lr):
         raise NotImplementedError
 
-    def state(self) -> dict[str, np.ndarray]:
-        return {name: getattr(self, name).copy() for name in self.state_names}
+    def state(self, copy: bool = True) -> dict[str, np.ndarray]:
+        """The state arrays, copied (``copy=False``: the live arrays, for a caller that
+        writes them out before the next step)."""
+        return {name: getattr(self, name).copy() if copy else getattr(self, name) for name in self.state_names}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         for name in self.state_names:
@@ -197,8 +199,8 @@ class Adam(Optimizer):
         s *= lr / (1.0 - b1 ** self.steps)
         params -= s
 
-    def state(self) -> dict[str, np.ndarray]:
-        return {**super().state(), "step": np.array([self.steps], np.int64)}
+    def state(self, copy: bool = True) -> dict[str, np.ndarray]:
+        return {**super().state(copy), "step": np.array([self.steps], np.int64)}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         super().load_state(state)
@@ -248,8 +250,8 @@ class DelayedNesterov(Optimizer):
             self.acc[...] = 0
             self.pending = 0
 
-    def state(self) -> dict[str, np.ndarray]:
-        return {**super().state(), "pending": np.array([self.pending], np.int64)}
+    def state(self, copy: bool = True) -> dict[str, np.ndarray]:
+        return {**super().state(copy), "pending": np.array([self.pending], np.int64)}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         super().load_state(state)

@@ -25,7 +25,8 @@ PATTERN = "checkpoint-*.npz"
 
 
 def _digest(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+    # hashed in place through the buffer protocol: tobytes() would copy a whole range
+    return hashlib.sha256(memoryview(np.ascontiguousarray(a)).cast("B")).hexdigest()
 
 
 def write(folder: Path, version: int, arrays: dict[str, np.ndarray], meta: dict) -> Path:

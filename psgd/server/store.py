@@ -14,7 +14,7 @@ from ..config import TrainConfig, adapts_momentum, server_update
 from ..errors import ConfigError, ProtocolError
 from ..metrics import StalenessHistogram
 from ..model.layout import shard_range
-from ..model.interface import build_model
+from ..model.interface import build_model, init_range, weight_mask_range
 from ..model.momentum_rule import MomentumAdaptation
 from ..model.optim import OptimizerSpec, make_optimizer
 
@@ -48,16 +48,11 @@ class ParameterStore:
         self.shard, self.num_server_shards = shard, num_server_shards
         self.lo, self.hi = shard_range(self.net.n_params, shard, num_server_shards)
         self.size = self.hi - self.lo
-        fresh = self.net.init_params(config.seed)[self.lo:self.hi]
-        if params is None:
-            params = fresh.copy()
-        else:
-            params[...] = fresh
-        self.params = params
-        mask = self.net.weight_mask()[self.lo:self.hi]
+        # only this range is ever built: a shard of a 100M-parameter model holds its share
+        self.params = init_range(self.net, config.seed, self.lo, self.hi, params)
         # Downpour: the run's optimizer and schedule; local SGD: its outer ones (psgd.config.server_update)
         self.optimizer_spec, schedule_spec = server_update(config)
-        self.optimizer = make_optimizer(self.optimizer_spec, self.size, self.dtype, mask)
+        self.optimizer = self._new_optimizer()
         self.schedule = schedule_spec.build()
         # the momentum rule: the momentum and rate factor in force follow the pushes' staleness
         self.adaptation = MomentumAdaptation(self.optimizer_spec.momentum, adapts_momentum(config))
@@ -73,6 +68,12 @@ class ParameterStore:
             self._history = np.empty((DC_HISTORY, self.size), self.dtype)
             self._history[0] = self.params
             self._compensated = np.empty(self.size, self.dtype)
+
+    def _new_optimizer(self):
+        """The optimizer in its initial state (the decay mask only where decay is on)."""
+        spec = self.optimizer_spec
+        mask = weight_mask_range(self.net, self.lo, self.hi) if spec.weight_decay else None
+        return make_optimizer(spec, self.size, self.dtype, mask)
 
     @property
     def budget_spent(self) -> bool:
@@ -173,7 +174,7 @@ class ParameterStore:
                                              f"this server holds [{self.lo}, {self.hi})")
         if not np.isfinite(params).all():
             raise ProtocolError("not_finite", "weights hold NaN or Inf")
-        fresh = make_optimizer(self.optimizer_spec, self.size, self.dtype, self.net.weight_mask()[self.lo:self.hi])
+        fresh = self._new_optimizer()
         with self.write_lock:
             self.params[...] = params
         fresh.momentum = self.optimizer.momentum  # the staleness, and so the rule's choice, is the same
@@ -185,8 +186,10 @@ class ParameterStore:
     # --- checkpoints --------------------------------------------------------------------
 
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict]:
-        """What a checkpoint holds: arrays (weights, optimizer state) and counters."""
-        arrays = {"params": self.params.copy(), **{f"opt_{k}": v for k, v in self.optimizer.state().items()}}
+        """What a checkpoint holds: arrays (weights, optimizer state) and counters. The
+        arrays are the live vectors, not copies (a copy of a large range would double the
+        server's memory at every checkpoint): write them before the next update."""
+        arrays = {"params": self.params, **{f"opt_{k}": v for k, v in self.optimizer.state(copy=False).items()}}
         meta = {"model": self.config.model.to_dict(), "optimizer": self.optimizer_spec.to_dict(),
                 "range": [self.lo, self.hi],
                 "examples": self.examples, "lr_override": self.lr_override, "schedule": self.schedule.state(),
