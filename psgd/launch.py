@@ -262,10 +262,13 @@ def _run_cluster_served(config, data, on_event, say, resume: bool, interrupt: Wa
     try:
         server_curve, client_curve, client_keys = _make_keys(keydir) if keydir else ([], [], None)
         cfg_file = workdir / "config.json"
-        # The coordinator decides when the run ends; a server that stopped by itself first
-        # would leave it talking to nobody.
+        # The coordinator decides when the run ends by time: a server's own deadline would
+        # run from its own start. --max-updates is the servers' too, so that each stops at
+        # that very update (the coordinator, polling every 20 ms, overshot by as many
+        # updates as a poll lasted); a server so stopped waits for the coordinator to
+        # evaluate its final weights (psgd.server.phase).
         try:
-            cfg_file.write_text(config.with_(max_updates=None, max_seconds=None).to_json())
+            cfg_file.write_text(config.with_(max_seconds=None).to_json())
         except OSError as exc:  # nothing has started yet: say so, rather than run with no record
             raise PsgdError(f"cannot write {cfg_file}: {exc.strerror or exc}") from None
         servers = []

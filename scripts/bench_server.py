@@ -24,18 +24,27 @@ measured in the same run: this process's numpy momentum update plus the finitene
 (one dot product) over an array of one shard's range, back to back, as pushes/s. The
 ratio psgd / limit is the share of a shard's time spent in the update itself (target:
 >= 0.5 for 10M and 100M).
+
+    python scripts/bench_server.py --apply-threads 1 2 [--apply-size 25000000] [--seconds 2]
+
+Multi-core apply: the limit's work (dot product and momentum update) on one shard's range
+of 25M values, cut into contiguous chunks applied by a pool of 1, 2, ... threads, to see
+whether one server process could use more than one core for a large range.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import multiprocessing as mp
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -252,6 +261,52 @@ def update_limit(size: int, seconds: float = 1.0) -> float:
     return count / (time.perf_counter() - t0)
 
 
+def threaded_update_limit(size: int, threads: int, seconds: float = 2.0) -> float:
+    """Pushes/s of the same essential work (the check's dot product and the momentum
+    update) on ``size`` parameters cut into ``threads`` contiguous chunks, each applied by
+    a thread of a pool: numpy releases the GIL inside each ufunc, so the chunks can run on
+    as many cores. Each chunk is a momentum optimizer over views of the same arrays, so
+    the result is the one-thread update's, bit for bit (the rule is elementwise)."""
+    params, grad = np.zeros(size, np.float32), np.full(size, 1e-3, np.float32)
+    whole = make_optimizer(OptimizerSpec("momentum", 0.9), size)
+    bounds = [size * i // threads for i in range(threads + 1)]
+    chunks = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        part = copy.copy(whole)
+        part.size, part.velocity, part._scratch = b - a, whole.velocity[a:b], whole._scratch[a:b]
+        chunks.append((part, params[a:b], grad[a:b]))
+
+    def apply(chunk):
+        opt, p, g = chunk
+        np.dot(g, g)
+        opt.step(p, g, 1e-6)
+
+    with ThreadPoolExecutor(threads) as pool:
+        step = (lambda: apply(chunks[0])) if threads == 1 else (lambda: list(pool.map(apply, chunks)))
+        count, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds or count < 3:
+            step()
+            count += 1
+        return count / (time.perf_counter() - t0)
+
+
+def apply_threads(args):
+    """The multi-core apply table: one shard's update, 1..N threads, rounds alternated."""
+    size = args.apply_size
+    print(f"momentum update + finiteness check over {size:,} float32 ({size * 4 / 1e6:.0f} MB per array); "
+          f"{args.seconds:g} s per measurement, {args.apply_rounds} rounds alternated; {os.cpu_count()} CPUs")
+    rates = {t: [] for t in args.apply_threads}
+    for _ in range(args.apply_rounds):
+        for t in args.apply_threads:
+            rates[t].append(threaded_update_limit(size, t, args.seconds))
+    base = statistics.median(rates[args.apply_threads[0]])
+    print(f"{'threads':>7} {'pushes/s':>9} {'GB/s of gradient':>17} {'vs first':>9}   (each round)")
+    for t, r in rates.items():
+        med = statistics.median(r)
+        print(f"{t:>7} {med:9.2f} {med * size * 4 / 1e9:17.2f} {med / base:9.2f}   "
+              + " ".join(f"{x:.2f}" for x in r), flush=True)
+
+
 def grid(args):
     print(f"{'model':>6} {'shards':>6} {'clients':>7} {'pushes/s':>9} {'GB/s/shard':>11} {'limit/s':>8} "
           f"{'limit GB/s':>11} {'ratio':>6}")
@@ -284,7 +339,15 @@ def main():
     ap.add_argument("--shards", type=int, nargs="*", default=[1, 2, 4])
     ap.add_argument("--shard-layers", default="784,4096,1600,10")
     ap.add_argument("--shard-clients", type=int, default=2)
+    ap.add_argument("--apply-threads", type=int, nargs="+", default=None,
+                    help="the multi-core apply table instead: one shard's update split over these thread counts")
+    ap.add_argument("--apply-size", type=int, default=25_000_000)
+    ap.add_argument("--apply-rounds", type=int, default=5)
     args = ap.parse_args()
+    if args.apply_threads:
+        print(blas_description())
+        apply_threads(args)
+        return
     if args.grid:
         print(blas_description())
         print(f"momentum update; {args.seconds:g} s per measurement; {os.cpu_count()} CPUs\n")
