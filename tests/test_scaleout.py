@@ -40,6 +40,21 @@ def test_two_server_shards_train_as_well_as_one_server(procs, tmp_path, transpor
     assert "shard 1 of 2: parameters [50885, 101770)" in log
 
 
+def test_max_updates_stops_every_shard_at_that_very_update(procs, tmp_path):
+    """psgd train --max-updates: the servers stop themselves at the update (the
+    coordinator, polling, used to overshoot it by a poll's worth) and their final
+    checkpoints and the summary all hold exactly that version."""
+    out = tmp_path / "run"
+    proc = procs.start("train", "--servers", "2", "--workers", "2", "--layers", "784,64,10", "--max-updates", "150",
+                       "--out", str(out), log="train")
+    assert proc.wait(120) == 0, procs.log("train")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["updates"] == 150 and summary["stop_reason"] == "updates", summary["report"]
+    for k in range(2):
+        newest = sorted((out / "checkpoints" / f"shard-{k}").glob("checkpoint-*.npz"))[-1]
+        assert newest.name == "checkpoint-000000000150.npz"
+
+
 def test_a_worker_listing_the_shards_out_of_order_is_told_so(procs):
     shard0, ep0 = procs.start_server("--shard", "0", "--num-shards", "2", "--epochs", "100", name="s0")
     shard1, ep1 = procs.start_server("--shard", "1", "--num-shards", "2", "--epochs", "100", name="s1")
