@@ -15,9 +15,10 @@ default optimizer), one after the other in a run directory of its own:
 
 While each leg runs the script reads every process's peak resident memory (VmHWM in
 /proc/PID/status: the kernel's own high-water mark, so no sample can miss a peak) and
-prints, per server shard: its range, the bytes of its weights and optimizer state, its
-scratch vector, the in-flight gradient it maps (the worker's shared-memory segment of
-that range), a bare Python process's memory with psgd's imports, the peak, and the ratio
+prints, per server shard: its range, the bytes of its weights and optimizer state, the
+in-flight gradient it maps (the worker's shared-memory segment of that range), a bare
+Python process's memory with psgd's imports, the bound (their sum, plus the optimizer's
+scratch block and numpy's checkpoint buffer), the peak, and the ratios peak / bound and
 peak / (weights + optimizer state). Updates/s is the coordinator's (updates over training
 time, evaluations excluded). The worker and the coordinator (the launching process) are
 listed too: each holds the whole vector, not a range.
@@ -45,10 +46,11 @@ clean_blas_env(sys.argv)
 
 from psgd.model.layout import shard_range  # noqa: E402
 from psgd.model.network import MLP, ModelSpec, parse_sizes  # noqa: E402
-from psgd.model.optim import OptimizerSpec, make_optimizer  # noqa: E402
+from psgd.model.optim import BLOCK, OptimizerSpec, make_optimizer  # noqa: E402
 
 MB = 1e6
 SAMPLE_S = 0.25
+SCRATCH_BYTES = BLOCK * 4 + 16 * 2**20  # the optimizer's scratch block; numpy's checkpoint-writing buffer
 
 
 def status_kb(pid: int) -> dict[str, int]:
@@ -131,20 +133,20 @@ def resumed_at(log: Path) -> int | None:
 
 
 def shard_table(seen, ranges, state_arrays, bare_kb, buffers):
-    print(f"{'process':>12} {'range':>12} {'weights':>8} {'opt state':>9} {'scratch':>8} {'in flight':>9} "
-          f"{'bare':>6} {'peak RSS':>9} {'peak/(w+s)':>10} {'bound':>8}")
+    print(f"{'process':>12} {'range':>12} {'weights':>8} {'opt state':>9} {'in flight':>9} "
+          f"{'bare':>6} {'bound':>7} {'peak RSS':>9} {'peak/bound':>10} {'peak/(w+s)':>10}")
     for k, (lo, hi) in enumerate(ranges):
         f = seen.get(f"server-{k}", {})
         n = (hi - lo) * 4
-        weights, state, scratch, flight = n, n * state_arrays, n, n * buffers
+        weights, state, flight = n, n * state_arrays, n * buffers
         peak = f.get("VmHWM", 0) * 1024
-        bound = bare_kb * 1024 + weights + state + scratch + flight
-        print(f"{'server-' + str(k):>12} {hi - lo:>12,} {weights / MB:7.0f}M {state / MB:8.0f}M {scratch / MB:7.0f}M "
-              f"{flight / MB:8.0f}M {bare_kb * 1024 / MB:5.0f}M {peak / MB:8.0f}M {peak / (weights + state):10.2f} "
-              f"{bound / MB:7.0f}M")
+        bound = bare_kb * 1024 + weights + state + flight + SCRATCH_BYTES
+        print(f"{'server-' + str(k):>12} {hi - lo:>12,} {weights / MB:7.0f}M {state / MB:8.0f}M {flight / MB:8.0f}M "
+              f"{bare_kb * 1024 / MB:5.0f}M {bound / MB:6.0f}M {peak / MB:8.0f}M {peak / bound:10.2f} "
+              f"{peak / (weights + state):10.2f}")
     for name in sorted(seen):
         if not name.startswith("server"):
-            print(f"{name:>12} {'(all)':>12} {'':>8} {'':>9} {'':>8} {'':>9} {'':>6} "
+            print(f"{name:>12} {'(all)':>12} {'':>8} {'':>9} {'':>9} {'':>6} {'':>7} "
                   f"{seen[name].get('VmHWM', 0) * 1024 / MB:8.0f}M")
 
 
@@ -168,9 +170,9 @@ def main():
     print(f"model {args.layers}: {n:,} parameters, {n * 4 / MB:.0f} MB of weights; {args.servers} server shards, "
           f"1 worker, shared memory, momentum, batch {args.batch_size}; {os.cpu_count()} CPUs")
     print(blas_description())
-    print("columns: weights, optimizer state (momentum: the velocity), the optimizer's scratch vector and the worker's "
-          "gradient segment the server maps, each of the shard's range; bare = a Python process with psgd's imports; "
-          "bound = their sum\n")
+    print("columns: the shard's weights, optimizer state (momentum: the velocity) and in-flight gradient (the "
+          "worker's shared-memory segment of the range, which the server maps); bare = a Python process with psgd's "
+          "imports; bound = their sum plus the optimizer's scratch block and numpy's 16 MiB checkpoint buffer\n")
 
     tmp = tempfile.TemporaryDirectory() if args.out is None else None
     run = Path(args.out or tmp.name) / "run"

@@ -35,7 +35,6 @@ whether one server process could use more than one core for a large range.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import multiprocessing as mp
 import os
@@ -265,15 +264,16 @@ def threaded_update_limit(size: int, threads: int, seconds: float = 2.0) -> floa
     """Pushes/s of the same essential work (the check's dot product and the momentum
     update) on ``size`` parameters cut into ``threads`` contiguous chunks, each applied by
     a thread of a pool: numpy releases the GIL inside each ufunc, so the chunks can run on
-    as many cores. Each chunk is a momentum optimizer over views of the same arrays, so
-    the result is the one-thread update's, bit for bit (the rule is elementwise)."""
+    as many cores. Each chunk is a momentum optimizer over views of the same arrays (its
+    own scratch block), so the result is the one-thread update's, bit for bit (the rule
+    is elementwise)."""
     params, grad = np.zeros(size, np.float32), np.full(size, 1e-3, np.float32)
-    whole = make_optimizer(OptimizerSpec("momentum", 0.9), size)
+    velocity = np.zeros(size, np.float32)
     bounds = [size * i // threads for i in range(threads + 1)]
     chunks = []
     for a, b in zip(bounds[:-1], bounds[1:]):
-        part = copy.copy(whole)
-        part.size, part.velocity, part._scratch = b - a, whole.velocity[a:b], whole._scratch[a:b]
+        part = make_optimizer(OptimizerSpec("momentum", 0.9), b - a)  # its own scratch: one per thread
+        part.velocity = velocity[a:b]
         chunks.append((part, params[a:b], grad[a:b]))
 
     def apply(chunk):

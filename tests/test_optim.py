@@ -156,3 +156,25 @@ def test_schedule_spec_builds_each_kind():
     assert isinstance(ScheduleSpec("constant", 0.1, warmup=10).build(), Warmup)
     with pytest.raises(ConfigError):
         ScheduleSpec("cosine")
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adagrad", "adam", "adamw", "delayed_nesterov"])
+def test_a_step_in_blocks_is_the_whole_vector_update_bit_for_bit(monkeypatch, name):
+    """The rules are elementwise, so updating BLOCK elements at a time (for the cache, and
+    a scratch of one block) changes no bit: blocks of 7 against one block for everything."""
+    import psgd.model.optim as optim
+    rng = np.random.default_rng(3)
+    n = 100
+    mask = (rng.random(n) < 0.8).astype(np.float32)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(5)]
+    results = []
+    for block in (n, 7):
+        monkeypatch.setattr(optim, "BLOCK", block)
+        opt = make_optimizer(OptimizerSpec(name, 0.9, weight_decay=0.01, nesterov_every=2), n, np.float32, mask)
+        w = np.linspace(-1, 1, n, dtype=np.float32)
+        for i, g in enumerate(grads):
+            opt.step(w, g, 0.05 * (i + 1))
+        results.append((w, opt.state()))
+    (w1, s1), (w7, s7) = results
+    assert np.array_equal(w1, w7)
+    assert all(np.array_equal(s1[k], s7[k]) for k in s1)

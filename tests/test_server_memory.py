@@ -1,6 +1,6 @@
 """A server shard's memory is its range's, never the whole model's: weights, optimizer
-state, one scratch vector and a bounded number of pushes in flight (real processes, the
-kernel's own peak: VmHWM in /proc/PID/status)."""
+state and a bounded number of pushes in flight (the optimizer's scratch is one block;
+real processes, the kernel's own peak: VmHWM in /proc/PID/status)."""
 
 import subprocess
 import sys
@@ -68,10 +68,11 @@ def _stop_and_read_peak(proc) -> int:
 def test_a_shard_holds_its_range_and_no_more_through_checkpoints_and_a_resume(procs, tmp_path):
     """Before the server built only its range, a shard of this model drew the whole
     vector and the largest layer in float64 at start (its peak was 249 MB before the first
-    push, against 99 MB now, for a 38 MB range) and copied its weights at every checkpoint."""
+    push, against 99 MB now, for a 38 MB range), kept a scratch vector of the range's size
+    and copied its weights at every checkpoint: 330 MB in all, here."""
     lo, hi = shard_range(MLP(ModelSpec(parse_sizes(LAYERS))).n_params, 0, 2)
     range_mb = (hi - lo) * 4 / 2**20
-    bound_mb = _bare_kb() / 1024 + range_mb * (1 + 1 + 1 + IN_FLIGHT) + CHECKPOINT_BUFFER_MB + SLACK_MB  # weights, velocity, scratch
+    bound_mb = _bare_kb() / 1024 + range_mb * (1 + 1 + IN_FLIGHT) + CHECKPOINT_BUFFER_MB + SLACK_MB  # weights, velocity
     ckpt = tmp_path / "ckpt"
     args = ["--layers", LAYERS, "--shard", "0", "--num-shards", "2", "--lr", "1e-6", "--schedule", "constant",
             "--checkpoint-dir", str(ckpt), "--checkpoint-every-updates", "2"]

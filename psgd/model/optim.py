@@ -1,8 +1,9 @@
 """Update rules that apply a gradient to a flat parameter vector, in place.
 
 The same classes run in the single-process trainer and on the parameter server, where
-``params`` may be one shard's range of the vector. A step allocates nothing: each rule
-keeps one scratch vector. Its state is a dict of plain arrays, saved and restored exactly.
+``params`` may be one shard's range of the vector. A step allocates no arrays: each rule
+keeps one scratch block (BLOCK elements). Its state is a dict of plain arrays, saved and
+restored exactly.
 
 L2 weight decay adds ``weight_decay * w`` to the gradient of every weight-matrix entry
 (``decay_mask`` is 1 there and 0 on biases); as the server applies it to the weights it
@@ -20,6 +21,7 @@ from ..errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "adam", "adamw")
 OUTER_OPTIMIZERS = ("sgd", "delayed_nesterov")  # a local-SGD server's (psgd.config.server_update)
+BLOCK = 1 << 17  # elements a step updates at a time: each block's arrays stay in the cache
 
 
 @dataclass(frozen=True)
@@ -64,37 +66,60 @@ class OptimizerSpec:
 
 
 class Optimizer:
-    """Base: holds the scratch vector and weight decay; subclasses implement ``_apply``."""
+    """Base: the blocked loop, the scratch block and weight decay; each rule implements
+    ``_block`` (one block's update, from the state arrays' views of that block) and, where
+    it keeps scalars across steps, ``_begin``/``_end`` (once per step, around the blocks).
+
+    A step runs over BLOCK elements at a time. The update rules are elementwise, so this
+    is the whole-vector update bit for bit, but each block's few passes (scale the
+    velocity, scale the gradient, add, add) find it in the cache: a 25M-element shard no
+    longer streams its arrays through memory once per pass, and the scratch vector is one
+    block, not a second copy of the range."""
 
     state_names: tuple[str, ...] = ()
     couples_decay = True  # weight decay enters as L2 on the gradient (AdamW: False, it decays apart)
 
     def __init__(self, spec: OptimizerSpec, size: int, dtype=np.float32, decay_mask: np.ndarray | None = None):
         self.spec = spec
-        # the momentum in force: the spec's, unless the server's momentum rule (psgd.model.momentum_rule) sets it
-        self.momentum = spec.momentum
         self.size = size
         self.dtype = np.dtype(dtype)
-        self._scratch = np.empty(size, self.dtype)
+        # the momentum in force: the spec's, unless the server's momentum rule (psgd.model.momentum_rule) sets it
+        self.momentum = spec.momentum
+        self._scratch = np.empty(min(size, BLOCK), self.dtype)
         self._decay = None
         if spec.weight_decay and self.couples_decay:
             mask = np.ones(size, self.dtype) if decay_mask is None else np.asarray(decay_mask, self.dtype)
             if mask.shape != (size,):
                 raise ConfigError(f"decay mask has shape {mask.shape}, expected ({size},)")
             self._decay = mask * spec.weight_decay
-            self._decayed_grad = np.empty(size, self.dtype)
+            self._decayed_grad = np.empty(min(size, BLOCK), self.dtype)
         for name in self.state_names:
             setattr(self, name, np.zeros(size, self.dtype))
 
     def step(self, params: np.ndarray, grad: np.ndarray, lr: float) -> None:
         """``params -= update(grad)`` in place; ``grad`` is only read (it may be a wire buffer)."""
-        if self._decay is not None:
-            np.multiply(params, self._decay, out=self._decayed_grad)
-            self._decayed_grad += grad
-            grad = self._decayed_grad
-        self._apply(params, grad, lr)
+        self._begin()
+        states = [getattr(self, name) for name in self.state_names]
+        for a in range(0, self.size, BLOCK):
+            b = min(a + BLOCK, self.size)
+            self._offset = a  # for a rule with arrays of its own beyond the state (AdamW's decay mask)
+            p, g, s = params[a:b], grad[a:b], self._scratch[:b - a]
+            if self._decay is not None:
+                d = self._decayed_grad[:b - a]
+                np.multiply(p, self._decay[a:b], out=d)
+                d += g
+                g = d
+            self._block(p, g, lr, s, *(x[a:b] for x in states))
+        self._end()
 
-    def _apply(self, params, grad, lr):
+    def _begin(self) -> None:
+        pass
+
+    def _end(self) -> None:
+        pass
+
+    def _block(self, params, grad, lr, s, *state):
+        """One block: ``params`` and the ``state`` arrays in place, ``s`` scratch of the block's size."""
         raise NotImplementedError
 
     def state(self, copy: bool = True) -> dict[str, np.ndarray]:
@@ -111,9 +136,9 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    def _apply(self, params, grad, lr):
-        np.multiply(grad, lr, out=self._scratch)
-        params -= self._scratch
+    def _block(self, params, grad, lr, s):
+        np.multiply(grad, lr, out=s)
+        params -= s
 
 
 class Momentum(Optimizer):
@@ -121,23 +146,23 @@ class Momentum(Optimizer):
 
     state_names = ("velocity",)
 
-    def _apply(self, params, grad, lr):
-        self.velocity *= self.momentum
-        np.multiply(grad, lr, out=self._scratch)
-        self.velocity -= self._scratch
-        params += self.velocity
+    def _block(self, params, grad, lr, s, velocity):
+        velocity *= self.momentum
+        np.multiply(grad, lr, out=s)
+        velocity -= s
+        params += velocity
 
 
 class Nesterov(Momentum):
     """Nesterov momentum in Sutskever's form: v <- mu v - lr g; w <- w + mu v - lr g."""
 
-    def _apply(self, params, grad, lr):
-        self.velocity *= self.momentum
-        np.multiply(grad, lr, out=self._scratch)
-        self.velocity -= self._scratch
-        params -= self._scratch
-        np.multiply(self.velocity, self.momentum, out=self._scratch)
-        params += self._scratch
+    def _block(self, params, grad, lr, s, velocity):
+        velocity *= self.momentum
+        np.multiply(grad, lr, out=s)
+        velocity -= s
+        params -= s
+        np.multiply(velocity, self.momentum, out=s)
+        params += s
 
 
 class Adagrad(Optimizer):
@@ -145,11 +170,10 @@ class Adagrad(Optimizer):
 
     state_names = ("sum_sq",)
 
-    def _apply(self, params, grad, lr):
-        s = self._scratch
+    def _block(self, params, grad, lr, s, sum_sq):
         np.multiply(grad, grad, out=s)
-        self.sum_sq += s
-        np.sqrt(self.sum_sq, out=s)
+        sum_sq += s
+        np.sqrt(sum_sq, out=s)
         s += self.spec.adagrad_eps
         np.divide(grad, s, out=s)
         s *= lr
@@ -178,25 +202,30 @@ class Adam(Optimizer):
                 raise ConfigError(f"decay mask has shape {mask.shape}, expected ({size},)")
             self._wd = mask * spec.weight_decay
 
-    def _apply(self, params, grad, lr):
-        b1, b2, s = self.spec.beta1, self.spec.beta2, self._scratch
+    def _begin(self):
         self.steps += 1
+        self._v_scale = np.sqrt(1.0 - self.spec.beta2 ** self.steps)
+        self._m_scale = 1.0 - self.spec.beta1 ** self.steps
+
+    def _block(self, params, grad, lr, s, m, v):
+        b1, b2 = self.spec.beta1, self.spec.beta2
         if self._wd is not None:  # AdamW: w <- w - lr wd w, before the moment step
-            np.multiply(params, self._wd, out=s)
+            a = self._offset
+            np.multiply(params, self._wd[a:a + params.size], out=s)
             s *= lr
             params -= s
-        self.m *= b1
+        m *= b1
         np.multiply(grad, 1.0 - b1, out=s)
-        self.m += s
-        self.v *= b2
+        m += s
+        v *= b2
         np.multiply(grad, grad, out=s)
         s *= 1.0 - b2
-        self.v += s
-        np.sqrt(self.v, out=s)
-        s /= np.sqrt(1.0 - b2 ** self.steps)
+        v += s
+        np.sqrt(v, out=s)
+        s /= self._v_scale
         s += self.spec.adam_eps
-        np.divide(self.m, s, out=s)
-        s *= lr / (1.0 - b1 ** self.steps)
+        np.divide(m, s, out=s)
+        s *= lr / self._m_scale
         params -= s
 
     def state(self, copy: bool = True) -> dict[str, np.ndarray]:
@@ -235,19 +264,25 @@ class DelayedNesterov(Optimizer):
         super().__init__(spec, size, dtype, decay_mask)
         self.pending = 0
 
-    def _apply(self, params, grad, lr):
-        s, mu, n = self._scratch, self.spec.momentum, self.spec.nesterov_every
+    def _begin(self):
+        self.pending += 1
+        self._momentum_step = self.pending >= self.spec.nesterov_every
+
+    def _block(self, params, grad, lr, s, m, acc):
+        mu, n = self.spec.momentum, self.spec.nesterov_every
         np.multiply(grad, lr, out=s)
         params -= s
-        self.acc += grad
-        self.pending += 1
-        if self.pending >= n:
-            self.m *= mu
-            np.multiply(self.acc, 1.0 / n, out=s)
-            self.m += s
-            np.multiply(self.m, lr * mu, out=s)
+        acc += grad
+        if self._momentum_step:
+            m *= mu
+            np.multiply(acc, 1.0 / n, out=s)
+            m += s
+            np.multiply(m, lr * mu, out=s)
             params -= s
-            self.acc[...] = 0
+            acc[...] = 0
+
+    def _end(self):
+        if self._momentum_step:
             self.pending = 0
 
     def state(self, copy: bool = True) -> dict[str, np.ndarray]:
