@@ -15,8 +15,9 @@ default optimizer), one after the other in a run directory of its own:
 
 While each leg runs the script reads every process's peak resident memory (VmHWM in
 /proc/PID/status: the kernel's own high-water mark, so no sample can miss a peak) and
-prints, per server shard: its range, the bytes of its weights and optimizer state, the
-in-flight gradient it maps (the worker's shared-memory segment of that range), a bare
+prints, per server shard: its range, the bytes of its weights and optimizer state, what
+is in flight (the worker's shared-memory gradient segment of that range, which the server
+maps, and one copy of the range in a ZeroMQ reply: the coordinator's pulls), a bare
 Python process's memory with psgd's imports, the bound (their sum, plus the optimizer's
 scratch block and numpy's checkpoint buffer), the peak, and the ratios peak / bound and
 peak / (weights + optimizer state). Updates/s is the coordinator's (updates over training
@@ -50,6 +51,7 @@ from psgd.model.optim import BLOCK, OptimizerSpec, make_optimizer  # noqa: E402
 
 MB = 1e6
 SAMPLE_S = 0.25
+IN_FLIGHT = 2  # the worker's gradient segment, and one copy of the range in a reply over ZeroMQ (the coordinator's pulls)
 SCRATCH_BYTES = BLOCK * 4 + 16 * 2**20  # the optimizer's scratch block; numpy's checkpoint-writing buffer
 
 
@@ -173,8 +175,9 @@ def main():
     print(f"model {args.layers}: {n:,} parameters, {n * 4 / MB:.0f} MB of weights; {args.servers} server shards, "
           f"1 worker, shared memory, momentum, batch {args.batch_size}; {os.cpu_count()} CPUs")
     print(blas_description())
-    print("columns: the shard's weights, optimizer state (momentum: the velocity) and in-flight gradient (the "
-          "worker's shared-memory segment of the range, which the server maps); bare = a Python process with psgd's "
+    print("columns: the shard's weights, optimizer state (momentum: the velocity) and what is in flight (the "
+          "worker's shared-memory gradient segment of the range, which the server maps, and one copy of the range "
+          "in a reply over ZeroMQ: the coordinator pulls the weights that way); bare = a Python process with psgd's "
           "imports; bound = their sum plus the optimizer's scratch block and numpy's 16 MiB checkpoint buffer\n")
 
     tmp = tempfile.TemporaryDirectory() if args.out is None else None
@@ -185,19 +188,19 @@ def main():
     try:
         seen1, wall1 = run_leg(common + ["--max-updates", str(args.updates), "--out", str(run)])
         if wall1 is None:
-            shard_table(seen1, ranges, state_arrays, bare_kb, 1)
+            shard_table(seen1, ranges, state_arrays, bare_kb, IN_FLIGHT)
             raise SystemExit(1)
         summary1 = json.loads((run / "summary.json").read_text())
         ckpt = [newest_checkpoint(run / "checkpoints" / f"shard-{k}") for k in range(args.servers)]
         print(f"leg 1: {summary1['updates']} updates, {summary1['pushes_per_s']:.2f} updates/s over "
               f"{summary1['train_time']:.0f} s of training ({wall1:.0f} s wall), test accuracy "
               f"{summary1['test_accuracy']:.4f}; newest checkpoints (version) per shard: {ckpt}")
-        shard_table(seen1, ranges, state_arrays, bare_kb, 1)
+        shard_table(seen1, ranges, state_arrays, bare_kb, IN_FLIGHT)
 
         target = max(ckpt) + args.more
         seen2, wall2 = run_leg(["--resume", str(run), "--max-updates", str(target)])
         if wall2 is None:
-            shard_table(seen2, ranges, state_arrays, bare_kb, 1)
+            shard_table(seen2, ranges, state_arrays, bare_kb, IN_FLIGHT)
             raise SystemExit(1)
         summary2 = json.loads((run / "summary.json").read_text())
         resumed = [resumed_at(run / "logs" / f"server-{k}.log") for k in range(args.servers)]
@@ -207,7 +210,7 @@ def main():
               f"{'continues' if resumed == ckpt else 'MISMATCH'}; ran to {summary2['updates']} updates "
               f"(budget {target}), {rate2:.2f} updates/s over {summary2['train_time']:.0f} s "
               f"({wall2:.0f} s wall), test accuracy {summary2['test_accuracy']:.4f}")
-        shard_table(seen2, ranges, state_arrays, bare_kb, 1)
+        shard_table(seen2, ranges, state_arrays, bare_kb, IN_FLIGHT)
     finally:
         if tmp is not None:
             tmp.cleanup()
