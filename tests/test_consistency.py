@@ -191,3 +191,32 @@ def test_a_push_never_scans_every_worker(consistency, monkeypatch):
         assert state.take_released() == [] and state.store.version == 0
         assert state.push(ids[0], 0, 1, g).outcome == "applied"  # the round's last gradient
         assert len(state.take_released()) == 1999 and state.store.version == 1
+
+
+@pytest.mark.parametrize("consistency", ["ssp", "sync"])
+def test_a_run_that_knows_its_workers_holds_the_first_acks_until_all_have_joined(consistency):
+    """psgd train's server knows its worker count: a worker that joined first does not run
+    sync rounds alone, or ssp clocks ahead, while the others are still starting (a real run
+    had 11 one-worker rounds before the second worker's hello, 0.35 s later)."""
+    state = ServerState(config(consistency=consistency, ssp_bound=0, workers=2))
+    g = np.full(state.store.size, 1e-3)
+    first = state.members.register("w0", "zmq").worker_id
+    assert state.push(first, 0, 1, g).outcome == "held"
+    state.tick()
+    assert state.take_released() == []  # alone, but the run has two workers
+    second = state.members.register("w1", "zmq").worker_id
+    state.tick()
+    if consistency == "ssp":  # the newcomer is at clock 0: the first is 1 ahead of bound 0
+        assert state.take_released() == []
+        assert state.push(second, state.store.version, 1, g).outcome == "applied"
+        assert [w for w, _, _ in state.take_released()] == [first]
+    else:
+        assert state.push(second, 0, 1, g).outcome == "applied"  # the round's last gradient
+        assert [w for w, _, _ in state.take_released()] == [first] and state.store.version == 1
+
+
+def test_without_a_known_worker_count_a_lone_worker_runs_sync_rounds():
+    """A standalone psgd server (workers 0) keeps its elastic rule: whoever is connected."""
+    state = ServerState(config(consistency="sync"))
+    only = state.members.register("w0", "zmq").worker_id
+    assert state.push(only, 0, 1, np.full(state.store.size, 1e-3)).outcome == "applied"

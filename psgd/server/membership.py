@@ -39,6 +39,7 @@ class Membership:
         self.clock = clock
         self.workers: dict[int, WorkerRecord] = {}  # by ascending id (ids only grow): stats pages rely on it
         self.connected = 0  # how many are connected: kept, not counted (stats are polled often)
+        self.joined = 0  # hellos taken since the server started (rejoins too): the start barrier's count
         self.lost_shards: set[int] = set()  # data shards of departed workers, not yet adopted
         # shard -> ids of the connected workers training on it: a hello or a departure looks
         # only at the workers of its shards, never at every worker (10,000 hellos were quadratic)
@@ -78,6 +79,7 @@ class Membership:
         self._hold(record, shards)
         self.workers[worker_id] = record
         self.connected += 1
+        self.joined += 1
         self._enter_clock(0)
         self._adopt_lost_shards()
         return record

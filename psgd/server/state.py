@@ -154,8 +154,11 @@ class ServerState:
         return released
 
     def _release(self) -> list[tuple[int, int, int]]:
-        """Ask the gate what the latest event freed; apply a completed sync round."""
-        if not self.gate.holding():
+        """Ask the gate what the latest event freed; apply a completed sync round.
+        A start barrier first: a server that knows its run's worker count (config.workers,
+        as psgd train's does) frees nothing until that many have said hello, so that ssp's
+        first clocks and sync's first rounds are not the first worker's alone."""
+        if not self.gate.holding() or self.members.joined < self.config.workers:
             return []
         release = self.gate.release(self.members)
         acks = release.acks
