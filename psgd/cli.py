@@ -530,6 +530,9 @@ def fetch(data_dir, mirrors):
 @env_option("--shard", "server_shard", type=int, default=0, help="Which range of the parameters this server holds.")
 @env_option("--num-shards", type=int, default=1, help="How many server shards split the parameters.")
 @env_option("--data-shards", type=int, default=1, help="Data shards to hand out to workers (usually the worker count).")
+@env_option("--wait-for-workers", type=click.IntRange(min=0), default=0,
+            help="ssp and sync: answer no push until this many workers have said hello, so that the first "
+                 "to join does not run ahead or run rounds alone (psgd train gives its worker count).")
 @env_option("--shm/--no-shm", "shared_memory", default=True,
             help="Offer workers on this machine the shared-memory fast path.")
 @env_option("--ready-file", type=click.Path(dir_okay=False), default=None,
@@ -548,8 +551,9 @@ def fetch(data_dir, mirrors):
             help="CURVE: the folder of public keys (*.key) of the clients to accept, as workers; those in its "
                  "control/ subfolder may also steer the run (set_lr, pause, resume, shutdown, describe). All "
                  "others get nothing.")
-def server(ctx, bind, insecure, server_shard, num_shards, data_shards, shared_memory, ready_file, checkpoint_dir,
-           checkpoint_every, checkpoint_every_updates, resume, metrics, curve_secret_key, curve_allow, **kw):
+def server(ctx, bind, insecure, server_shard, num_shards, data_shards, wait_for_workers, shared_memory, ready_file,
+           checkpoint_dir, checkpoint_every, checkpoint_every_updates, resume, metrics, curve_secret_key, curve_allow,
+           **kw):
     """Run a parameter server: hold the weights, apply every push the moment it arrives.
 
     --max-updates and --max-seconds stop it by itself. A coordinator that watches it still
@@ -567,7 +571,7 @@ def server(ctx, bind, insecure, server_shard, num_shards, data_shards, shared_me
     srv = Server(config, ServerOptions(bind, data_shards, shared_memory, ready_file, config.max_updates,
                                        config.max_seconds, checkpoint_dir, checkpoint_every, resume,
                                        server_shard, num_shards, keys,
-                                       checkpoint_every_updates, insecure))
+                                       checkpoint_every_updates, insecure, wait_for_workers))
     st = srv.state.store
     click.echo(f"psgd server listening on {srv.endpoint} ({config.model.sizes}; shard {st.shard} of "
                f"{st.num_server_shards}: parameters [{st.lo}, {st.hi}))")

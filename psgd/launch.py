@@ -278,7 +278,8 @@ def _run_cluster_served(config, data, on_event, say, resume: bool, interrupt: Wa
             ready.unlink(missing_ok=True)  # left by a run whose launcher was SIGKILLed
             server_args = ["server", "--config", str(cfg_file), "--bind", "tcp://127.0.0.1:0",
                            "--shard", str(k), "--num-shards", str(config.servers),
-                           "--data-shards", str(config.workers), "--ready-file", str(ready)] + server_curve
+                           "--data-shards", str(config.workers), "--wait-for-workers", str(config.workers),
+                           "--ready-file", str(ready)] + server_curve
             if config.out_dir:
                 ckpt = Path(config.out_dir) / "checkpoints" / ("" if config.servers == 1 else f"shard-{k}")
                 server_args += ["--checkpoint-dir", str(ckpt),

@@ -195,10 +195,10 @@ def test_a_push_never_scans_every_worker(consistency, monkeypatch):
 
 @pytest.mark.parametrize("consistency", ["ssp", "sync"])
 def test_a_run_that_knows_its_workers_holds_the_first_acks_until_all_have_joined(consistency):
-    """psgd train's server knows its worker count: a worker that joined first does not run
+    """psgd train tells its server the worker count: a worker that joined first does not run
     sync rounds alone, or ssp clocks ahead, while the others are still starting (a real run
     had 11 one-worker rounds before the second worker's hello, 0.35 s later)."""
-    state = ServerState(config(consistency=consistency, ssp_bound=0, workers=2))
+    state = ServerState(config(consistency=consistency, ssp_bound=0), wait_for_workers=2)
     g = np.full(state.store.size, 1e-3)
     first = state.members.register("w0", "zmq").worker_id
     assert state.push(first, 0, 1, g).outcome == "held"
@@ -216,7 +216,7 @@ def test_a_run_that_knows_its_workers_holds_the_first_acks_until_all_have_joined
 
 
 def test_without_a_known_worker_count_a_lone_worker_runs_sync_rounds():
-    """A standalone psgd server (workers 0) keeps its elastic rule: whoever is connected."""
+    """A standalone psgd server (no --wait-for-workers) keeps its elastic rule: whoever is connected."""
     state = ServerState(config(consistency="sync"))
     only = state.members.register("w0", "zmq").worker_id
     assert state.push(only, 0, 1, np.full(state.store.size, 1e-3)).outcome == "applied"

@@ -53,6 +53,7 @@ class ServerOptions:
     keys: ServerKeys | None = None  # CURVE: encrypt, and accept only the allowed clients' keys
     checkpoint_every_updates: int | None = None  # also checkpoint after this many updates
     insecure: bool = False  # allow a non-loopback bind without CURVE (the caller warns)
+    wait_for_workers: int = 0  # ssp/sync: hold every ack until this many workers said hello
 
 
 class Server:
@@ -71,7 +72,7 @@ class Server:
             writer = shm.SeqlockWriter(self.weights_seg)
         self.state = ServerState(config, options.data_shards, params, writer,
                                  shard=options.shard, num_server_shards=options.num_shards,
-                                 max_updates=options.max_updates)
+                                 max_updates=options.max_updates, wait_for_workers=options.wait_for_workers)
         self._last_checkpoint = (time.monotonic(), 0)  # version 0 is the seed: nothing to keep
         if options.resume:
             self._resume()

@@ -60,15 +60,17 @@ class ServerState:
     """One parameter server, or one server shard (``shard`` of ``num_server_shards``).
 
     ``params``/``write_lock``: see :class:`ParameterStore`; ``num_data_shards``: how many
-    data shards workers are given; ``max_updates``: the update that reaches it ends the
+    data shards workers are given; ``wait_for_workers``: ssp and sync hold every ack until
+    that many workers have said hello (0: no start barrier); ``max_updates``: the update that reaches it ends the
     run there and then (a push already on its way is told to stop, not applied).
     """
 
     def __init__(self, config: TrainConfig, num_data_shards: int = 1, params: np.ndarray | None = None,
                  write_lock=None, clock=time.monotonic, shard: int = 0, num_server_shards: int = 1,
-                 max_updates: int | None = None):
+                 max_updates: int | None = None, wait_for_workers: int = 0):
         self.config = config
         self.clock = clock
+        self.wait_for_workers = wait_for_workers  # ssp/sync: the start barrier (see _release)
         self.store = ParameterStore(config, params, write_lock, shard, num_server_shards, max_updates)
         self.members = Membership(config.lease_s, num_data_shards, clock)
         self.phase = RunPhase(clock)
@@ -155,10 +157,10 @@ class ServerState:
 
     def _release(self) -> list[tuple[int, int, int]]:
         """Ask the gate what the latest event freed; apply a completed sync round.
-        A start barrier first: a server that knows its run's worker count (config.workers,
-        as psgd train's does) frees nothing until that many have said hello, so that ssp's
-        first clocks and sync's first rounds are not the first worker's alone."""
-        if not self.gate.holding() or self.members.joined < self.config.workers:
+        A start barrier first: a server told its run's worker count (``wait_for_workers``,
+        as psgd train's and the simulator's are) frees nothing until that many have said
+        hello, so that ssp's first clocks and sync's first rounds are not the first worker's alone."""
+        if not self.gate.holding() or self.members.joined < self.wait_for_workers:
             return []
         release = self.gate.release(self.members)
         acks = release.acks

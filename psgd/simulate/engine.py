@@ -167,7 +167,8 @@ class Simulator:
                               f"{spec.memory_limit_mb:.0f} MB; use a smaller model, fewer workers or a higher limit")
         self.now = 0.0
         # The server's own state, on the simulator's clock; the launcher gives each worker a data shard.
-        self.state = ServerState(config, num_data_shards=1, clock=lambda: self.now, max_updates=config.max_updates)
+        self.state = ServerState(config, num_data_shards=1, clock=lambda: self.now, max_updates=config.max_updates,
+                                 wait_for_workers=config.workers)
         self.state.members = _SimMembership(config.lease_s, n, lambda: self.now)  # N data shards, limits lifted
         self.store = self.state.store
         self.recorder = RunRecorder(config, on_event, say=self.say)
