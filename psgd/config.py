@@ -302,11 +302,12 @@ def check_settings(d: dict, source: str) -> None:
 def server_update(config: TrainConfig) -> tuple[OptimizerSpec, ScheduleSpec]:
     """The optimizer and schedule a server applies pushes with: the run's own (Downpour),
     or local SGD's outer ones: Nesterov momentum at a constant outer_lr, its momentum
-    moved every outer_every pushes under async (every round's one averaged push under sync)."""
+    moved every outer_every pushes under async, each push applied at outer_lr / outer_every
+    (every round's one averaged push under sync)."""
     if config.algorithm != "local":
         return config.optimizer, config.schedule
     every = 1 if config.consistency == "sync" else (config.outer_every or max(1, config.workers))
-    name = "delayed_nesterov" if config.outer_momentum else "sgd"
+    name = "delayed_nesterov" if config.outer_momentum or every > 1 else "sgd"  # async: each push at lr / every
     return (OptimizerSpec(name, config.outer_momentum, nesterov_every=every),
             ScheduleSpec("constant", config.outer_lr, warmup=0))
 
