@@ -245,3 +245,18 @@ def test_local_sgd_without_workers_is_refused_in_one_line():
     result = CliRunner().invoke(cli, ["train", "--workers", "0", "--algorithm", "local", "--out", ""])
     assert result.exit_code == 2 and "local SGD pushes to a server" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_local_sgds_adam_inside_defaults_to_its_own_rate_unless_one_is_given():
+    """--lr's default, 0.1, is SGD's: AdamW's inner steps at 0.1 would throw the weights
+    about, so a local-SGD run with an Adam-family inner optimizer and no --lr takes
+    LOCAL_ADAM_DEFAULT_LR; an explicit --lr, an SGD inside or Downpour keep theirs."""
+    import psgd.cli as cli_mod
+    cmd = cli_mod.cli.commands["train"]
+    seen = []
+    for args in (["--algorithm", "local"], ["--algorithm", "local", "--inner-optimizer", "adam"],
+                 ["--algorithm", "local", "--lr", "0.01"], ["--algorithm", "local", "--inner-optimizer", "sgd"],
+                 ["--optimizer", "adamw"]):
+        ctx = cmd.make_context("train", ["--workers", "2", *args])
+        seen.append(cli_mod.build_config(ctx, **ctx.params).schedule.lr)
+    assert seen == [cli_mod.LOCAL_ADAM_DEFAULT_LR] * 2 + [0.01, 0.1, 0.1]
