@@ -196,7 +196,8 @@ def training_options(f):
                    help="local: the workers' optimizer (with --momentum, --beta1/2, --weight-decay)."),
         env_option("--outer-lr", type=float, default=_DEFAULT.outer_lr, help="local: the server's (outer) rate."),
         env_option("--outer-momentum", type=float, default=_DEFAULT.outer_momentum,
-                   help="local: the server's Nesterov momentum (0: plain SGD)."),
+                   help="local: the server's Nesterov momentum (0: plain SGD). [default: 0.9 under sync, "
+                        "0.5 under async]"),
         env_option("--dynamic-local-steps/--fixed-local-steps", default=_DEFAULT.dynamic_local_steps,
                    help="local: scale each worker's H to its speed (the fastest takes --local-steps); ZeroMQ only."),
         env_option("--outer-every", type=int, default=None,
