@@ -93,6 +93,16 @@ def test_n_async_pushes_move_the_weights_as_one_sync_diloco_round_on_their_mean(
     assert server_update(TrainConfig(algorithm="local", workers=1, outer_momentum=0.0))[0].name == "sgd"
 
 
+def test_outer_momentum_defaults_to_dilocos_under_sync_and_less_under_async():
+    from psgd.config import ASYNC_OUTER_MOMENTUM, SYNC_OUTER_MOMENTUM
+    local = TrainConfig(algorithm="local", workers=2)
+    assert server_update(local.with_(consistency="sync"))[0].momentum == SYNC_OUTER_MOMENTUM == 0.9
+    assert server_update(local)[0].momentum == ASYNC_OUTER_MOMENTUM < SYNC_OUTER_MOMENTUM
+    assert server_update(local.with_(outer_momentum=0.9))[0].momentum == 0.9
+    with pytest.raises(ConfigError, match="outer momentum"):
+        local.with_(outer_momentum=1.0)
+
+
 @pytest.mark.slow
 def test_a_worker_joining_async_local_sgd_late_does_not_knock_the_model_back(mnist):
     """The run the README told of, in-process: 2 async workers of 784-64-10, H = 10 AdamW
