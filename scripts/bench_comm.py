@@ -44,6 +44,7 @@ from benchlib import blas_description, clean_blas_env, run_psgd_train  # noqa: E
 clean_blas_env(sys.argv)
 
 NETWORKS = ("loopback", "10mbit")
+SERVER_START_S = 300
 DOWNPOUR = [("downpour", []), ("downpour fp16", ["--push-codec", "float16", "--pull-codec", "float16"]),
             ("downpour top1%", ["--push-codec", "topk", "--topk-fraction", "0.01"])]
 
@@ -86,11 +87,20 @@ def run_throttled(workers: int, args: list[str], mbit: float, data_dir: str | No
             net.shape(f"w{i}", mbit)
         endpoint = f"tcp://{net.address('server')}:5555"
         psgd = [sys.executable, "-m", "psgd"]
-        with tempfile.TemporaryDirectory() as out:
-            procs.append(subprocess.Popen([*net.exec_prefix("server"), *psgd, "server", "--bind", "tcp://*:5555",
-                                           "--no-shm", "--data-shards", str(workers), *outer_every(args, workers),
-                                           *args],
-                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as logs:
+            ready, server_log = Path(logs, "server.ready.json"), Path(logs, "server.log")
+            with server_log.open("w") as log:
+                procs.append(subprocess.Popen([*net.exec_prefix("server"), *psgd, "server", "--bind", "tcp://*:5555",
+                                               "--no-shm", "--insecure", "--data-shards", str(workers), "--ready-file", str(ready),
+                                               *outer_every(args, workers), *args],
+                                              env=env, stdout=log, stderr=subprocess.STDOUT))
+            # --insecure: the namespaces' network reaches nothing else. A loaded machine can take
+            # longer than the coordinator's 30 s wait to start a server: wait for its ready file.
+            deadline = time.monotonic() + SERVER_START_S
+            while not ready.exists():
+                if procs[0].poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"the server did not start: {server_log.read_text()[-2000:]}")
+                time.sleep(0.2)
             for i in range(workers):
                 procs.append(subprocess.Popen([*net.exec_prefix(f"w{i}"), *psgd, "worker", "--connect", endpoint,
                                                "--transport", "zmq", "--server-wait", "60"],
