@@ -41,8 +41,6 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 from benchlib import blas_description, clean_blas_env, run_psgd_train  # noqa: E402
 
-clean_blas_env(sys.argv)
-
 NETWORKS = ("loopback", "10mbit")
 SERVER_START_S = 300
 DOWNPOUR = [("downpour", []), ("downpour fp16", ["--push-codec", "float16", "--pull-codec", "float16"]),
@@ -230,5 +228,6 @@ def _terminate(signum, frame):
 
 
 if __name__ == "__main__":
+    clean_blas_env(sys.argv)  # here, not at import: a test imports run_throttled
     signal.signal(signal.SIGTERM, _terminate)
     main()
