@@ -104,6 +104,7 @@ def data_options(f):
 
 _DEFAULT = TrainConfig()
 CONV_DEFAULT_LR = 0.03  # a convolutional network's rate when --lr is not given
+LOCAL_ADAM_DEFAULT_LR = 0.002  # local SGD's inner Adam/AdamW rate when --lr is not given (README, "Thin links")
 
 
 def training_options(f):
@@ -126,7 +127,8 @@ def training_options(f):
         env_option("--beta1", type=float, default=_DEFAULT.optimizer.beta1, help="adam/adamw: first-moment decay."),
         env_option("--beta2", type=float, default=_DEFAULT.optimizer.beta2, help="adam/adamw: second-moment decay."),
         env_option("--lr", type=float, default=_DEFAULT.schedule.lr,
-                   help=f"Learning rate (a0 of the schedule); a conv net's default is {CONV_DEFAULT_LR}."),
+                   help=f"Learning rate (a0 of the schedule); a conv net's default is {CONV_DEFAULT_LR}, local SGD's "
+                        f"inner Adam/AdamW's {LOCAL_ADAM_DEFAULT_LR}."),
         env_option("--schedule", type=click.Choice(list(SCHEDULES)), default=_DEFAULT.schedule.name),
         env_option("--lr-tau", type=float, default=_DEFAULT.schedule.tau, help="diminishing: a0/(1+k/tau)."),
         env_option("--lr-every", type=int, default=_DEFAULT.schedule.every, help="step: updates between drops."),
@@ -194,7 +196,8 @@ def training_options(f):
                    help="local: the workers' optimizer (with --momentum, --beta1/2, --weight-decay)."),
         env_option("--outer-lr", type=float, default=_DEFAULT.outer_lr, help="local: the server's (outer) rate."),
         env_option("--outer-momentum", type=float, default=_DEFAULT.outer_momentum,
-                   help="local: the server's Nesterov momentum (0: plain SGD)."),
+                   help="local: the server's Nesterov momentum (0: plain SGD). [default: 0.9 under sync, "
+                        "0.5 under async]"),
         env_option("--dynamic-local-steps/--fixed-local-steps", default=_DEFAULT.dynamic_local_steps,
                    help="local: scale each worker's H to its speed (the fastest takes --local-steps); ZeroMQ only."),
         env_option("--outer-every", type=int, default=None,
@@ -227,8 +230,10 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
                               pick("beta1", base.optimizer.beta1), pick("beta2", base.optimizer.beta2),
                               base.optimizer.adam_eps)
     lr = pick("lr", base.schedule.lr)
-    if model.arch and "lr" in kw and ctx.get_parameter_source("lr") is click.core.ParameterSource.DEFAULT \
-            and not from_file:
+    lr_not_given = "lr" in kw and ctx.get_parameter_source("lr") is click.core.ParameterSource.DEFAULT and not from_file
+    if lr_not_given and kw.get("algorithm") == "local" and kw.get("inner_optimizer") in ("adam", "adamw"):
+        lr = LOCAL_ADAM_DEFAULT_LR  # 0.1 is SGD's rate: AdamW's inner steps would throw the weights about
+    elif lr_not_given and model.arch:
         lr = CONV_DEFAULT_LR  # the MLP's 0.1 diverges LeNet-5 (to 11% in epoch 2); 0.03 reached 99.04%
     schedule = ScheduleSpec(pick("schedule", base.schedule.name), lr,
                             pick("lr_tau", base.schedule.tau), pick("lr_every", base.schedule.every),

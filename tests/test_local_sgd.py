@@ -50,7 +50,7 @@ def test_delayed_nesterov_by_hand():
         opt.step(w, g, 0.5)
     ref, m, acc = w0.copy(), np.zeros(5), np.zeros(5)
     for k, g in enumerate(grads, start=1):
-        ref -= 0.5 * g
+        ref -= 0.5 / 3 * g
         acc += g
         if k % 3 == 0:
             m = 0.8 * m + acc / 3
@@ -68,6 +68,86 @@ def test_delayed_nesterov_by_hand():
     c = make_optimizer(OptimizerSpec("delayed_nesterov", 0.8, nesterov_every=3), 5, np.float64)
     c.load_state(opt.state())
     assert c.pending == 1 and np.array_equal(c.acc, opt.acc) and np.array_equal(c.m, opt.m)
+
+
+def test_n_async_pushes_move_the_weights_as_one_sync_diloco_round_on_their_mean():
+    """Delayed Nesterov with N = 3: three pushes, then the momentum step, land where
+    Nesterov (N = 1) lands from one push of their mean; and an async run with no outer
+    momentum applies each push at outer_lr / N, not at the full rate."""
+    rng = np.random.default_rng(1)
+    w0 = rng.standard_normal(6)
+    rounds = [[rng.standard_normal(6) for _ in range(3)] for _ in range(4)]
+    delayed = make_optimizer(OptimizerSpec("delayed_nesterov", 0.9, nesterov_every=3), 6, np.float64)
+    sync = make_optimizer(OptimizerSpec("delayed_nesterov", 0.9, nesterov_every=1), 6, np.float64)
+    wa, wb = w0.copy(), w0.copy()
+    for pushes in rounds:
+        for g in pushes:
+            delayed.step(wa, g, 0.7)
+        sync.step(wb, np.mean(pushes, axis=0), 0.7)
+        np.testing.assert_allclose(wa, wb, rtol=1e-12)
+    spec = server_update(TrainConfig(algorithm="local", workers=4, outer_momentum=0.0, outer_lr=1.0))[0]
+    assert spec.name == "delayed_nesterov" and spec.nesterov_every == 4 and spec.momentum == 0.0
+    w = np.zeros(2)
+    make_optimizer(spec, 2, np.float64).step(w, np.ones(2), 1.0)
+    assert np.array_equal(w, [-0.25, -0.25])
+    assert server_update(TrainConfig(algorithm="local", workers=1, outer_momentum=0.0))[0].name == "sgd"
+
+
+def test_outer_momentum_defaults_to_dilocos_under_sync_and_less_under_async():
+    from psgd.config import ASYNC_OUTER_MOMENTUM, SYNC_OUTER_MOMENTUM
+    local = TrainConfig(algorithm="local", workers=2)
+    assert server_update(local.with_(consistency="sync"))[0].momentum == SYNC_OUTER_MOMENTUM == 0.9
+    assert server_update(local)[0].momentum == ASYNC_OUTER_MOMENTUM < SYNC_OUTER_MOMENTUM
+    assert server_update(local.with_(outer_momentum=0.9))[0].momentum == 0.9
+    with pytest.raises(ConfigError, match="outer momentum"):
+        local.with_(outer_momentum=1.0)
+
+
+@pytest.mark.slow
+def test_a_worker_joining_async_local_sgd_late_does_not_knock_the_model_back(mnist):
+    """The run the README told of, in-process: 2 async workers of 784-64-10, H = 10 AdamW
+    steps at 0.002, outer lr 0.7 and Nesterov 0.9; the second joins after one epoch of the
+    first, with fresh AdamW state. When every push was applied at the full outer rate
+    (N rounds' worth of steps per round of N workers), accuracy here fell from 93.9% to
+    83.1% within 20 rounds of the join; at outer_lr / N the worst was 91.2% from 93.3%."""
+    train, test = mnist
+    spec = ModelSpec((784, 64, 10), "relu", "softmax_ce", "float32")
+    cfg = TrainConfig(model=spec, optimizer=OptimizerSpec("adamw"), schedule=ScheduleSpec("constant", 0.002, warmup=0),
+                      workers=2, algorithm="local", local_steps=10, inner_optimizer="adamw", outer_lr=0.7,
+                      outer_momentum=0.9)
+    state = ServerState(cfg, num_data_shards=2)
+    net = MLP(spec)
+    X, y = train.X[:30000], train.y[:30000]
+    channels = [StateChannel(state, f"w{i}") for i in range(2)]
+    cores = [LocalCore(net, Minibatches(np.ascontiguousarray(X[i::2]), np.ascontiguousarray(y[i::2]), 128, seed=i),
+                       StepSettings(), np.random.default_rng(i), OptimizerSpec("adamw"), 0.002, 10) for i in range(2)]
+
+    def begin(i):
+        c, ch = cores[i], channels[i]
+        c.start[...] = c.params
+        ch.mark_window()
+        c._local_round(ch, lambda: False, None)
+        np.subtract(c.start, c.params, out=ch.grad)
+
+    def accuracy():
+        return net.evaluate(state.store.params, test.X[:5000], test.y[:5000])[1]
+
+    channels[0].pull(cores[0].params)
+    for _ in range(43):  # one epoch of worker 0 alone (43 x 10 x 128 examples)
+        begin(0)
+        channels[0].push(1280, cores[0].params)
+    before = accuracy()
+    channels[1].pull(cores[1].params)
+    begin(1)
+    worst = 1.0
+    for r in range(20):  # each push computed from weights one push old (staleness 1)
+        begin(0)
+        channels[0].push(1280, cores[0].params)
+        channels[1].push(1280, cores[1].params)
+        begin(1)
+        if r % 2:
+            worst = min(worst, accuracy())
+    assert before > 0.9 and worst > before - 0.05, (before, worst)
 
 
 def test_diloco_rounds_under_sync_average_one_change_per_worker_and_learn():
@@ -175,3 +255,18 @@ def test_local_sgd_without_workers_is_refused_in_one_line():
     result = CliRunner().invoke(cli, ["train", "--workers", "0", "--algorithm", "local", "--out", ""])
     assert result.exit_code == 2 and "local SGD pushes to a server" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_local_sgds_adam_inside_defaults_to_its_own_rate_unless_one_is_given():
+    """--lr's default, 0.1, is SGD's: AdamW's inner steps at 0.1 would throw the weights
+    about, so a local-SGD run with an Adam-family inner optimizer and no --lr takes
+    LOCAL_ADAM_DEFAULT_LR; an explicit --lr, an SGD inside or Downpour keep theirs."""
+    import psgd.cli as cli_mod
+    cmd = cli_mod.cli.commands["train"]
+    seen = []
+    for args in (["--algorithm", "local"], ["--algorithm", "local", "--inner-optimizer", "adam"],
+                 ["--algorithm", "local", "--lr", "0.01"], ["--algorithm", "local", "--inner-optimizer", "sgd"],
+                 ["--optimizer", "adamw"]):
+        ctx = cmd.make_context("train", ["--workers", "2", *args])
+        seen.append(cli_mod.build_config(ctx, **ctx.params).schedule.lr)
+    assert seen == [cli_mod.LOCAL_ADAM_DEFAULT_LR] * 2 + [0.01, 0.1, 0.1]

@@ -165,3 +165,17 @@ def test_compressed_pushes_and_pulls_outrun_a_10_mbit_link(procs, net):
     assert set(traffic["pushed"]) == {"topk"} and set(traffic["pulled"]) == {"int8"}
     assert rate > 3 * plain_bound
     job.finish()
+
+
+def test_bench_comms_throttled_run_trains_and_leaves_no_namespace_behind():
+    """scripts/bench_comm.py's 10 Mbit/s path end to end on a small model: its server once
+    refused to listen in plaintext on the namespaces' network, and every throttled run of
+    the bench failed. A local-SGD run trains, and its namespaces are gone afterwards."""
+    sys.path.insert(0, str(os.path.join(os.path.dirname(__file__), "..", "scripts")))
+    import bench_comm
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    summary, records = bench_comm.run_throttled(
+        2, ["--layers", "784,32,10", "--epochs", "0.5", "--evals-per-epoch", "2", "--algorithm", "local",
+            "--local-steps", "20", "--consistency", "sync"], 10.0, os.environ.get("PSGD_DATA_DIR"))
+    assert summary["test_accuracy"] > 0.8 and records[-1]["payload_bytes"] > 0
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before

@@ -81,7 +81,7 @@ def text_report(run: Run) -> list[str]:
             f", {s.get('consistency', 'async')}, staleness rule {s.get('staleness_rule', 'none')}, "
             f"pushes via {', '.join(s.get('worker_transports', [])) or '-'}"
             + (f"; local SGD, {c.get('local_steps')} {c.get('inner_optimizer')} steps per push, outer lr "
-               f"{c.get('outer_lr')}, momentum {c.get('outer_momentum')}" if c.get("algorithm") == "local" else "")
+               f"{c.get('outer_lr')}, momentum {c.get('outer_momentum') if c.get('outer_momentum') is not None else 'default'}" if c.get("algorithm") == "local" else "")
             if s.get("workers") else " (one process)"),
     ]
     if s.get("virtual_time"):  # psgd simulate: every time below is virtual
