@@ -8,6 +8,7 @@ form written to a run directory's config.json); options given explicitly win.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import click
 
 from .config import ALGORITHMS, CONSISTENCY, STALENESS_RULES, TRANSPORTS, TrainConfig, default_workers
 from .data.augment import DistortionSpec
-from .errors import PsgdError
+from .errors import ColdStop, Interrupted, PsgdError
 from .model.functions import ACTIVATIONS, LOSSES
 from .model.momentum_rule import MOMENTUM_RULES
 from .model.network import ModelSpec, parse_sizes
@@ -36,9 +37,15 @@ class PsgdGroup(click.Group):
         except OSError as exc:  # the machine's, not psgd's: a full disk, a folder it may not write
             click.echo(f"psgd: error: {exc}", err=True)
             ctx.exit(2)
-        except KeyboardInterrupt:  # a second Ctrl-C (the first stops a run warm)
+        except Interrupted as exc:  # a signal before anything worth keeping was done
+            click.echo(f"psgd: {exc}", err=True)
+            ctx.exit(INTERRUPTED_STATUS)
+        except ColdStop:  # a second Ctrl-C (the first stops a run warm)
             click.echo("\npsgd: stopped at once (a second Ctrl-C); a cluster's servers keep their newest checkpoint",
                        err=True)
+            ctx.exit(INTERRUPTED_STATUS)
+        except KeyboardInterrupt:  # a first Ctrl-C before the command took over Ctrl-C (or one that never does)
+            click.echo("\npsgd: interrupted", err=True)
             ctx.exit(INTERRUPTED_STATUS)
 
 
@@ -634,11 +641,18 @@ def worker(ctx, connect, name, transport, shard, data_dir, batch_size, n_fetch, 
     options = WorkerOptions(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps,
                             server_wait if server_wait is not None else SERVER_WAIT_S, slowdown,
                             client_keys(curve_key, curve_server_key), model, overlap, threads)
-    stats = Worker(options).run()
+    work = Worker(options)
+    stats = work.run()
+    if work.stop_signal is not None and not work.joined_once:
+        click.echo(f"psgd: worker stopped by {signal.Signals(work.stop_signal).name} before it joined the server: "
+                   "nothing trained", err=True)
+        ctx.exit(128 + work.stop_signal)
     mean = stats["staleness_sum"] / stats["pushes"] if stats["pushes"] else 0.0
     click.echo(f"worker done: {stats['steps']} steps, {stats['pushes']} pushes, {stats['examples']} examples, "
                f"mean staleness {mean:.2f}, compute {stats['compute_s']:.2f} s, communication {stats['comm_s']:.2f} s, "
                f"{stats['reconnects']} reconnects")
+    if work.stop_signal is not None:  # stopped warm by a signal: 130 after a Ctrl-C, as psgd train
+        ctx.exit(128 + work.stop_signal)
 
 
 @cli.command()

@@ -42,3 +42,15 @@ class TransportError(PsgdError):
 
 class ShutdownRequested(PsgdError):
     """The server told this worker that the run is over (a clean end, not a failure)."""
+
+
+class Interrupted(Exception):
+    """A signal (Ctrl-C, SIGTERM) stopped a command before it had done anything worth
+    keeping: a worker that had not joined, a run stopped before its first update. Not a
+    PsgdError (nothing went wrong): the CLI says so in one line and exits 130."""
+
+
+class ColdStop(KeyboardInterrupt):
+    """A second Ctrl-C, after a first asked for a warm stop: stop at once. A
+    KeyboardInterrupt still (whatever catches that for clean-up still runs), but the CLI
+    tells it from a first Ctrl-C that came before a command took Ctrl-C over."""

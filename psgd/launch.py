@@ -24,7 +24,7 @@ from .wire import shm
 from .config import TrainConfig
 from .coordinator.dashboard import RunBoard
 from .coordinator.loop import Coordinator
-from .errors import PsgdError
+from .errors import ColdStop, Interrupted, PsgdError
 from .data.prepared import prepare_data
 
 READY_TIMEOUT_S = 30.0  # for the server to start listening
@@ -150,7 +150,7 @@ def _child_setup() -> None:
 class WarmThenCold:
     """SIGINT (Ctrl-C) handling of a process that runs a coordinator: the first asks for a
     warm stop (``requested`` turns true: final evaluation, checkpoint, summary and weights);
-    a second raises KeyboardInterrupt, a cold stop (the children get SIGTERM at once)."""
+    a second raises ColdStop (a KeyboardInterrupt), a cold stop (the children get SIGTERM at once)."""
 
     def __init__(self, say=None):
         self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
@@ -170,7 +170,7 @@ class WarmThenCold:
     def _handler(self, signum, frame):
         self.count += 1
         if self.count > 1:
-            raise KeyboardInterrupt
+            raise ColdStop
         self.say("\npsgd: interrupted: stopping after a final evaluation (and checkpoint), Ctrl-C again to stop at once")
 
 
@@ -184,11 +184,13 @@ def terminate_on_signals() -> None:
         signal.signal(sig, handler)
 
 
-def _wait_ready(server: Child, ready_file: Path) -> str:
+def _wait_ready(server: Child, ready_file: Path, interrupted=lambda: False) -> str:
     """The endpoint ``server`` wrote to ``ready_file`` once listening. A ready file of another
     process (a dead run's: a SIGKILLed launcher cleans nothing up) is not this server's."""
     end = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < end:
+        if interrupted():
+            raise Interrupted("interrupted before the run started: nothing was trained")
         if ready_file.exists():
             ready = json.loads(ready_file.read_text())
             if ready.get("pid") == server.proc.pid:
@@ -227,6 +229,10 @@ def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = F
     interrupt = WarmThenCold(say)
     try:
         return _run_cluster(config, on_event, say, resume, interrupt, dashboard, dashboard_hold)
+    except Interrupted as exc:  # a Ctrl-C before the first update: no run to write, nor to resume
+        where = f"; {config.out_dir} holds the run up to its newest checkpoint: resume with: " \
+                f"psgd train --resume {config.out_dir}" if resume else ""
+        raise Interrupted(f"{exc}{where}") from None
     finally:
         interrupt.restore()
 
@@ -234,6 +240,8 @@ def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = F
 def _run_cluster(config: TrainConfig, on_event, say, resume: bool, interrupt: WarmThenCold,
                  dashboard: str | None = None, dashboard_hold: float = 0.0) -> dict:
     data = prepare_data(config)  # first: a bad option fails here, before any process starts
+    if interrupt.requested():
+        raise Interrupted("interrupted before the run started: nothing was trained")
     config = data.config  # fitted to the data: every process gets the same concrete settings
     board = RunBoard(dashboard, config.to_dict(), Path(config.out_dir).name if config.out_dir else "live",
                      say or _say)
@@ -285,7 +293,7 @@ def _run_cluster_served(config, data, on_event, say, resume: bool, interrupt: Wa
                 server_args += ["--checkpoint-dir", str(ckpt),
                                 "--checkpoint-every", str(CHECKPOINT_EVERY_S)] + (["--resume"] if resume else [])
             servers.append((cluster.spawn(name, server_args, role="server"), ready))
-        endpoint = ",".join(_wait_ready(server, ready) for server, ready in servers)
+        endpoint = ",".join(_wait_ready(server, ready, interrupt.requested) for server, ready in servers)
         oversubscribed = config.workers + config.servers > (os.cpu_count() or 1)
         for i in range(config.workers):
             args = ["worker", "--connect", endpoint, "--name", f"worker-{i}", "--data-shard", str(i),

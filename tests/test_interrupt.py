@@ -111,3 +111,98 @@ def test_ctrl_c_stops_a_single_process_run_warm_too(procs, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "interrupted" and (out / "weights.npz").exists()
     assert "test accuracy" in procs.log("train") and "resume with" not in procs.log("train")
+
+
+# --- Ctrl-C before anything was trained ---------------------------------------------------
+
+
+def wait_for(condition, timeout, proc, log):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None and time.monotonic() < deadline, log()
+        time.sleep(0.02)
+
+
+def test_a_ctrl_c_during_start_up_stops_everything_at_once_and_writes_no_run(procs, tmp_path):
+    """Before: a Ctrl-C while the workers were starting wrote a 0-update run ("test accuracy
+    8.19%", "workers pushed via " and nothing), suggested resuming it, and took 16-20 s: the
+    server ended, and the workers, still saying hello, waited a minute for it until SIGKILL."""
+    out = tmp_path / "run"
+    proc = procs.start("train", *SMALL, "--epochs", "20", "--out", str(out), log="train", own_group=True)
+    wait_for(lambda: (out / "logs" / "worker-1.log").exists(), 60, proc, lambda: procs.log("train"))
+    time.sleep(0.3)  # the workers are starting, the coordinator waits for the first update
+    t0 = time.monotonic()
+    ctrl_c(proc)
+    assert proc.wait(30) == 130, procs.log("train")
+    took = time.monotonic() - t0
+    print(f"a Ctrl-C at start-up took {took:.2f} s")
+    log = procs.log("train")
+    assert took < 6, log  # about 0.5 s on an idle 2-core machine
+    assert "nothing was trained" in log and "resume with" not in log and "test accuracy" not in log, log
+    assert "did not stop in time" not in log and "Traceback" not in log, log
+    assert not (out / "summary.json").exists() and not (out / "weights.npz").exists()
+
+
+def test_a_first_ctrl_c_before_the_launcher_takes_it_over_is_not_called_a_second(procs, tmp_path):
+    proc = procs.start("train", *SMALL, "--out", str(tmp_path / "run"), log="train", own_group=True)
+    time.sleep(0.3)  # still importing: Python's own Ctrl-C handling
+    ctrl_c(proc)
+    assert proc.wait(20) == 130, procs.log("train")
+    log = procs.log("train")
+    assert "interrupted" in log and "second Ctrl-C" not in log and "Traceback" not in log, log
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP port that accepts connections and never says a word: a worker connects and
+    waits for a server that does not answer. Yields (endpoint, how many connected)."""
+    import socket
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.05)
+    accepted = []
+
+    def connected() -> int:
+        try:
+            while True:
+                accepted.append(listener.accept()[0])
+        except (TimeoutError, socket.timeout):
+            pass
+        return len(accepted)
+
+    yield f"tcp://127.0.0.1:{listener.getsockname()[1]}", connected
+    for conn in accepted:
+        conn.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_the_first_ctrl_c_stops_a_worker_still_waiting_for_its_server(procs, silent_server, count):
+    """Before: the first Ctrl-C was taken for a warm stop that the wait for the server never
+    looked at; the worker waited its whole --server-wait (60 s), then said "no answer"."""
+    endpoint, connected = silent_server
+    proc = procs.start("worker", "--connect", endpoint, "--count", str(count), log="worker", own_group=True)
+    wait_for(lambda: connected() >= count, 60, proc, lambda: procs.log("worker"))
+    time.sleep(1.0)  # well into the hello
+    t0 = time.monotonic()
+    ctrl_c(proc)
+    assert proc.wait(20) == 130, procs.log("worker")
+    took = time.monotonic() - t0
+    log = procs.log("worker")
+    assert took < 3, (took, log)  # about 0.2 s
+    assert "no answer" not in log and "WARNING" not in log and "Traceback" not in log, log
+    assert log.count("before it joined the server") == count, log
+
+
+def test_a_ctrl_c_while_a_worker_group_starts_is_a_warm_stop_not_a_failure(procs, silent_server):
+    """Before: the group passed SIGTERM to workers still importing, which died of it:
+    "WARNING worker i of 3 was killed by signal 15" three times and exit status 15."""
+    endpoint, _ = silent_server
+    proc = procs.start("worker", "--connect", endpoint, "--count", "3", log="group", own_group=True)
+    wait_for(lambda: "started 3 workers" in procs.log("group"), 60, proc, lambda: procs.log("group"))
+    t0 = time.monotonic()
+    ctrl_c(proc)  # the workers are still importing: no handlers of their own yet
+    assert proc.wait(20) == 130, procs.log("group")
+    assert time.monotonic() - t0 < 3, procs.log("group")
+    assert "WARNING" not in procs.log("group") and "Traceback" not in procs.log("group"), procs.log("group")

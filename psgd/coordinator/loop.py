@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from ..config import TrainConfig, server_update
-from ..errors import PsgdError, TransportError
+from ..errors import Interrupted, PsgdError, TransportError
 from ..metrics import FLAG_AFTER_OUTLIERS, StalenessHistogram, time_shares
 from .report import momentum_line, traffic_line
 from ..model.interface import build_model
@@ -112,6 +112,7 @@ class Coordinator:
         t_first, eval_time, stop_reason = None, 0.0, "epochs"
         last_examples, last_joined, progress_at = -1, -1, time.perf_counter()
         nan_at = None  # when the servers last refused a gradient as NaN/Inf
+        start_version = None  # the servers' version at the first poll (a resumed run's is its checkpoint's)
         try:
             self._set_lr(0)
             if c.on_divergence == "rollback":  # the start is the first healthy state, and its loss the baseline
@@ -126,6 +127,8 @@ class Coordinator:
                     self.live.on_workers(self.servers.worker_records())
                 self._check_checkpoints(stats)
                 examples, version = stats["examples"], stats["version"]
+                if start_version is None:
+                    start_version = version
                 refused_nan = (stats.get("errors") or {}).get("not_finite", 0)
                 if refused_nan > self._not_finite_seen:
                     nan_at = time.perf_counter()
@@ -148,6 +151,10 @@ class Coordinator:
                 elapsed = time.perf_counter() - t0
                 server_ended = stats.get("stopping", False)  # its own budget, or a signal
                 interrupted = self.stop_requested()
+                if interrupted and version == start_version:
+                    # A Ctrl-C before any update: an evaluation of the starting weights and a
+                    # summary of nothing would pass for a run. Say so instead, and stop.
+                    raise Interrupted("interrupted before the first update: nothing was trained")
                 budget_hit = examples >= total or (c.max_updates is not None and version >= c.max_updates) \
                     or (c.max_seconds is not None and elapsed >= c.max_seconds) or server_ended or interrupted
                 if examples >= next_eval or budget_hit or force_eval:

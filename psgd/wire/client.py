@@ -185,13 +185,15 @@ class ParameterClient:
 
     # --- a worker ------------------------------------------------------------------------
 
-    def hello(self, data_shards: list[int] | None) -> list:
+    def hello(self, data_shards: list[int] | None, interrupted=None) -> list:
         """Hello to every shard, shard 0 first: it hands out the data shards, and the
-        others are asked for the same. Returns the welcomes."""
+        others are asked for the same. Returns the welcomes. ``interrupted()``: asked
+        while a shard does not answer; once true, :class:`Interrupted` ends the wait."""
         welcomes = []
         for k, link in enumerate(self.links):
             reply = link.client.request({"type": "hello", "worker": self.name, "transport": self.transport,
-                                         "data_shards": data_shards, "codecs": list(CODECS)})
+                                         "data_shards": data_shards, "codecs": list(CODECS)},
+                                        interrupted=interrupted)
             if reply.type == "shutdown":
                 raise ShutdownRequested("the server ended the run")
             if reply.type != "welcome":

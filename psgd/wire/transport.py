@@ -33,7 +33,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from ..errors import ConfigError, ProtocolError, TransportError
+from ..errors import ConfigError, Interrupted, ProtocolError, TransportError
 from .protocol import CONTROL, MAX_HEADER_BYTES, MAX_REPLY_HEADER_BYTES, WORKER, Message, decode, encode
 
 REQUEST_TIMEOUT_S = 5.0  # one try of a request
@@ -214,6 +214,7 @@ class Client:
         self.seq = 0
         self.reconnects = 0
         self.socket = None
+        self._interrupted = None  # the current request's stop check (see request)
         self._connect()
 
     def _connect(self):
@@ -247,17 +248,22 @@ class Client:
             self._connect()
 
     def request(self, header: dict, arrays=(), offsets=None, copy: bool = False,
-                server_wait: float | None = None, request_timeout: float | None = None) -> Message:
+                server_wait: float | None = None, request_timeout: float | None = None,
+                interrupted=None) -> Message:
         """Send one request and return the decoded reply (which may be an ``error``).
 
         With ``copy=False`` the arrays are sent without copying: leave them unchanged
         until this returns. ``server_wait`` and ``request_timeout`` override the client's
-        for this request alone (a goodbye need not wait a minute)."""
-        self.send(header, arrays, offsets, copy, server_wait, request_timeout)
+        for this request alone (a goodbye need not wait a minute). ``interrupted()``, if
+        given, is asked every ``POLL_INTERVAL_MS`` while the request waits (to be sent,
+        for its reply, between tries): once true, :class:`Interrupted` ends the wait (a
+        worker told to stop while its server is absent must not wait a minute)."""
+        self.send(header, arrays, offsets, copy, server_wait, request_timeout, interrupted)
         return self.receive()
 
     def send(self, header: dict, arrays=(), offsets=None, copy: bool = False,
-             server_wait: float | None = None, request_timeout: float | None = None) -> None:
+             server_wait: float | None = None, request_timeout: float | None = None,
+             interrupted=None) -> None:
         """The first half of :meth:`request`: send now, and let :meth:`receive` wait (and
         retry). Several clients can so have one request each in flight at once."""
         self.seq += 1
@@ -265,7 +271,12 @@ class Client:
         self._wait = self.server_wait if server_wait is None else server_wait
         self._deadline = time.monotonic() + self._wait
         self._timeout = self.request_timeout if request_timeout is None else request_timeout
-        self._sent = self._try_send(copy)
+        self._interrupted = interrupted
+        try:
+            self._sent = self._try_send(copy)
+        except BaseException:
+            self._frames = None
+            raise
 
     def receive(self) -> Message:
         """The reply to the request :meth:`send` sent, resending it on a fresh socket (with
@@ -280,7 +291,7 @@ class Client:
                 if time.monotonic() + pause >= self._deadline:
                     raise TransportError(f"no answer from {self.endpoint} for {self._wait:.0f} s; "
                                          "is the server running?")
-                time.sleep(pause)
+                self._pause(pause)
                 pause = min(pause * 2, RECONNECT_BACKOFF_S[1])
                 self.reconnects += 1
                 self._connect()
@@ -290,7 +301,33 @@ class Client:
         finally:
             self._frames = None
 
+    def _check_interrupted(self) -> None:
+        if self._interrupted is not None and self._interrupted():
+            raise Interrupted(f"stopped while waiting for {self.endpoint}")
+
+    def _poll(self, timeout: float, event: int) -> bool:
+        """Whether the socket is ready for ``event`` within ``timeout`` seconds; with an
+        ``interrupted`` check, in slices of POLL_INTERVAL_MS, asking it between them."""
+        if self._interrupted is None:
+            return bool(self.socket.poll(int(timeout * 1000) + 1, event))
+        end = time.monotonic() + timeout
+        while True:
+            self._check_interrupted()
+            remaining = end - time.monotonic()
+            if self.socket.poll(max(1, min(POLL_INTERVAL_MS, int(remaining * 1000) + 1)), event):
+                return True
+            if remaining <= POLL_INTERVAL_MS / 1000:
+                return False
+
+    def _pause(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while (remaining := end - time.monotonic()) > 0:
+            self._check_interrupted()
+            time.sleep(min(remaining, POLL_INTERVAL_MS / 1000) if self._interrupted is not None else remaining)
+
     def _try_send(self, copy: bool) -> bool:
+        if self._interrupted is not None and not self._poll(self.request_timeout, zmq.POLLOUT):
+            return False  # no peer to take it within the send timeout: a lost try
         try:
             self.socket.send_multipart(self._frames, copy=copy)
         except zmq.Again:
@@ -301,7 +338,7 @@ class Client:
         end = time.monotonic() + timeout
         while True:
             remaining = end - time.monotonic()
-            if remaining <= 0 or not self.socket.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+            if remaining <= 0 or not self._poll(remaining, zmq.POLLIN):
                 return None
             frames = self.socket.recv_multipart(copy=False)
             try:

@@ -3,8 +3,9 @@ with K cores would run them), started together and reaped together.
 
 The command's own process only supervises: it starts K ``psgd worker`` processes with the
 same options (``--name NAME-i`` when a name is given), passes a Ctrl-C or SIGTERM on to
-them as a warm stop (a second one kills them), and exits with the worst status once all
-have ended. Each child gets the launcher's parent-death signal, so even a supervisor
+them as a warm stop (a second one kills them), and exits once all have ended: with the
+worst status of a worker that failed, else 128 + the signal that stopped it (130 after a
+Ctrl-C), else 0. Each child gets the launcher's parent-death signal, so even a supervisor
 killed outright leaves no worker behind.
 """
 
@@ -24,7 +25,8 @@ POLL_S = 0.2
 
 def run_group(count: int, child_args: list[str], name: str, group_args: list[str] = ()) -> int:
     """Start ``count`` workers (``psgd [group_args] worker [child_args] --count 1 --name ...``),
-    wait for all of them; return the worst exit status (0 when every one ended cleanly)."""
+    wait for all of them; return the worst status of a worker that failed, else 128 + the
+    first signal this process got (a warm stop asked for), else 0."""
     children: list[subprocess.Popen] = []
     signals = []
 
@@ -37,6 +39,8 @@ def run_group(count: int, child_args: list[str], name: str, group_args: list[str
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         for i in range(count):
+            if signals:  # stopped while starting them: start no more
+                break
             names = ["--name", f"{name}-{i}"] if name else []
             children.append(subprocess.Popen(
                 [sys.executable, "-m", "psgd", *group_args, "worker", *child_args, "--count", "1", *names],
@@ -58,7 +62,19 @@ def run_group(count: int, child_args: list[str], name: str, group_args: list[str
         for sig, old in previous.items():
             signal.signal(sig, old)
     codes = [child.returncode for child in children]
-    failed = [(i, code) for i, code in enumerate(codes) if code != 0]
+    failed = [(i, code) for i, code in enumerate(codes) if code != 0 and code not in stopped_as_asked(signals)]
     for i, code in failed:
         log.warning(f"worker {i} of {count} " + (f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"))
-    return max((abs(code) for _, code in failed), default=0)
+    if failed:
+        return max(abs(code) for _, code in failed)
+    return 128 + signals[0] if signals else 0  # 130 after a Ctrl-C, as psgd train and a single worker
+
+
+def stopped_as_asked(signals: list[int]) -> set[int]:
+    """Exit statuses of a child that did what the signals passed on to it asked: a warm
+    stop (128 + SIGTERM), or death by the SIGTERM itself when it came before the worker
+    had set up its handlers (it had not joined: nothing to say goodbye to); after a
+    second signal, death by SIGKILL too."""
+    if not signals:
+        return set()
+    return {128 + signal.SIGTERM, -signal.SIGTERM} | ({-signal.SIGKILL} if len(signals) > 1 else set())

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import data as data_mod
 from ..config import validation_size
-from ..errors import ConfigError, ShutdownRequested, TransportError
+from ..errors import ConfigError, Interrupted, ShutdownRequested, TransportError
 from ..data.augment import DistortionSpec
 from ..model.interface import build_model, check_welcome
 from ..model.network import ModelSpec
@@ -68,6 +68,8 @@ class Worker:
         self.channel = ParameterClient(options.connect, self.name, options.keys, options.server_wait_s,
                                        transport=options.transport)
         self.stop_requested = False
+        self.stop_signal: int | None = None  # the signal that stopped this worker, if one did
+        self.joined_once = False  # whether it ever trained: a stop before that has nothing to say
         self.threads = ThreadShare(options.threads)
         self.stats = new_stats()
         self.data_shards: list[int] | None = [options.shard] if options.shard is not None else None
@@ -83,6 +85,8 @@ class Worker:
         self.channel.close_channels()
         said_hello = time.monotonic()
         welcomes = self._hello()
+        if self.stop_requested:  # a signal while the server answered: do not load the data first
+            raise Interrupted("stopped before joining")
         first = welcomes[0]
         spec = ModelSpec.from_dict({k: v for k, v in first["model"].items() if k != "factory"})
         if first["model"].get("user"):  # the server names no module: this worker brings its own
@@ -99,12 +103,14 @@ class Worker:
             welcomes = self._hello()
         self.core.data_generation = welcomes[0]["data_generation"]
         self.channel.open(welcomes, self.core.net.n_params, self.core.net.dtype, self.core.settings.buffers)
+        self.joined_once = True
         log.info(f"{self.name} joined {len(welcomes)} server shard(s) at version {welcomes[0]['version']}: "
                  f"data shards {self.data_shards} of {self._num_data_shards}, pushing via "
                  f"{', '.join(self.channel.transports)}")
 
     def _hello(self) -> list:
-        welcomes = self.channel.hello(self.data_shards)
+        # A signal ends the wait for an absent server (a minute, by default) at once.
+        welcomes = self.channel.hello(self.data_shards, interrupted=lambda: self.stop_requested)
         self.data_shards = list(welcomes[0]["data_shards"])  # the other shards take shard 0's word
         return welcomes
 
@@ -175,8 +181,8 @@ class Worker:
                     log.warning(f"{self.name} lost the server ({exc}); saying hello again")
                     self.stats["reconnects"] += 1
                     self.join()  # Client.request retries with backoff, then gives up with a clear error
-        except ShutdownRequested:
-            pass
+        except (ShutdownRequested, Interrupted):
+            pass  # Interrupted: a signal while (re)joining; stop_signal says which
         finally:
             self.channel.close()
             self.threads.close()
@@ -196,6 +202,8 @@ class Worker:
         def handler(signum, frame):
             if self.stop_requested and signum != signal.SIGHUP:  # SIGHUP: a dying launcher's, maybe repeated
                 os._exit(128 + signum)
+            if not self.stop_requested:
+                self.stop_signal = signum
             self.stop_requested = True
 
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
