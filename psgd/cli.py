@@ -77,11 +77,25 @@ def _group_args(ctx: click.Context) -> list[str]:
     return ["-v"] * params.get("verbose", 0) + ["-q"] * params.get("quiet", 0)
 
 
+class EnvOption(click.Option):
+    """An option that also reads PSGD_<NAME>: a bad value from the environment names the
+    variable it came from (click names only the option, which the user never typed)."""
+
+    def process_value(self, ctx, value):
+        try:
+            return super().process_value(ctx, value)
+        except click.BadParameter as exc:
+            if ctx.get_parameter_source(self.name) is click.core.ParameterSource.ENVIRONMENT:
+                exc.message = f"{exc.message} (from the environment variable {self.envvar})"
+            raise
+
+
 def env_option(*decls, **kwargs):
     """A click option that also reads PSGD_<NAME> from the environment."""
     name = next(d for d in decls if d.startswith("--")).lstrip("-").split("/")[0]
     kwargs.setdefault("envvar", "PSGD_" + name.upper().replace("-", "_"))
     kwargs.setdefault("show_default", True)
+    kwargs.setdefault("cls", EnvOption)
     return click.option(*decls, **kwargs)
 
 

@@ -202,3 +202,11 @@ def test_a_servers_description_is_a_config_though_its_model_carries_a_fingerprin
     assert TrainConfig.from_description(header["config"]) == config
     with pytest.raises(ConfigError, match="unknown setting 'model.bogus'"):
         TrainConfig.from_description({**header["config"], "model": {**header["config"]["model"], "bogus": 1}})
+
+
+def test_a_bad_value_from_the_environment_names_the_variable():
+    result = CliRunner().invoke(cli, ["train", "--workers", "1"], env={"PSGD_EPOCHS": "abc"})
+    assert result.exit_code == 2
+    assert "PSGD_EPOCHS" in result.output and "'abc' is not a valid float" in result.output
+    result = CliRunner().invoke(cli, ["train", "--workers", "1", "--epochs", "abc"], env={"PSGD_EPOCHS": "2"})
+    assert result.exit_code == 2 and "PSGD_EPOCHS" not in result.output  # typed, so not named
