@@ -8,6 +8,7 @@ form written to a run directory's config.json); options given explicitly win.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -46,7 +47,19 @@ class PsgdGroup(click.Group):
             ctx.exit(INTERRUPTED_STATUS)
         except KeyboardInterrupt:  # a first Ctrl-C before the command took over Ctrl-C (or one that never does)
             click.echo("\npsgd: interrupted", err=True)
+            global _exit_at_once
+            _exit_at_once = True
             ctx.exit(INTERRUPTED_STATUS)
+
+
+# Set when a KeyboardInterrupt was caught: main() then leaves with os._exit(130). A Ctrl-C
+# that lands while CPython runs code through its PyRun_* entry points (as some extension
+# modules do at import) sets CPython's "unhandled KeyboardInterrupt" flag even though psgd
+# handled it, and a normal exit then kills the process with SIGINT: status -2, not 130
+# (seen about once in 40 Ctrl-Cs during start-up, traced with strace: exit_sigint's
+# kill(getpid(), SIGINT) after finalization). The exception has already unwound every
+# `with` and `finally` on its way here: nothing is left to clean up but the streams.
+_exit_at_once = False
 
 
 INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
@@ -894,7 +907,22 @@ def main():
     sys.stdout, sys.stderr = LossyStream(sys.stdout), LossyStream(sys.stderr)
     if hasattr(signal, "SIGUSR1"):  # kill -USR1 PID prints every thread's stack: where is it stuck?
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-    cli(prog_name="psgd")
+    try:
+        cli(prog_name="psgd")
+    except SystemExit:
+        if _exit_at_once:
+            exit_interrupted()
+        raise
+
+
+def exit_interrupted() -> None:
+    """Exit with status 130 now, the streams flushed (see _exit_at_once for why not sys.exit)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(INTERRUPTED_STATUS)
 
 
 if __name__ == "__main__":
