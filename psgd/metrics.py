@@ -51,7 +51,15 @@ class StalenessHistogram:
 
     def summary(self) -> dict:
         return {"mean": self.mean(), "p50": self.quantile(0.5), "p99": self.quantile(0.99), "max": self.max_seen,
-                "count": self.total}
+                "count": self.total, "cap": self.cap}
+
+    @staticmethod
+    def text(summary: dict) -> str:
+        """"p50 P, p99 Q, max M" of a summary: a quantile in the shared top bucket prints as
+        ">= cap" (its value is only known to be at least that); max is exact."""
+        cap = summary.get("cap", STALENESS_CAP)
+        q = {k: (f">={cap}" if summary[k] >= cap else str(summary[k])) for k in ("p50", "p99")}
+        return f"p50 {q['p50']}, p99 {q['p99']}, max {summary['max']}"
 
     def to_dict(self) -> dict:
         return {"cap": self.cap, "counts": list(self.counts), "max": self.max_seen}

@@ -34,3 +34,12 @@ def test_a_worker_that_joined_twice_is_one_row_with_all_its_pushes():
     assert a["staleness"]["count"] == 4 and a["staleness"]["max"] == 4
     assert rows["b"]["pushes"] == 2 and rows["b"]["records"] == 1
     assert sum(r["pushes"] for r in rows.values()) == 6
+
+
+def test_a_staleness_quantile_in_the_shared_top_bucket_prints_as_at_least_the_cap():
+    hist = StalenessHistogram(cap=8)
+    for s in [0] * 10 + [3] * 80 + [40] * 10:  # 40 lands in the bucket for 8 and beyond
+        hist.add(s)
+    summary = hist.summary()
+    assert (summary["p50"], summary["p99"], summary["max"]) == (3, 8, 40)
+    assert StalenessHistogram.text(summary) == "p50 3, p99 >=8, max 40"

@@ -377,7 +377,7 @@ class Coordinator:
                                      if (r := self.recorder.first_reaching(a))}
         summary["report"] = [
             f"{updates} updates applied, {summary['pushes_per_s']:.0f} pushes/s; staleness mean {hist['mean']:.2f}, "
-            f"p50 {hist['p50']}, p99 {hist['p99']}, max {hist['max']}; stopped on {stop_reason}",
+            f"{StalenessHistogram.text(hist)}; stopped on {stop_reason}",
             f"{stats['bytes_in'] / 1e6:.1f} MB in and {stats['bytes_out'] / 1e6:.1f} MB out over ZeroMQ; "
             f"workers pushed via {', '.join(summary['worker_transports'])}",
         ]

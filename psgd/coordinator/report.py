@@ -105,7 +105,7 @@ def text_report(run: Run) -> list[str]:
     if hist is not None and hist.total:
         sm = hist.summary()
         top = sorted(((c, v) for v, c in enumerate(hist.counts) if c), reverse=True)[:6]
-        lines.append(f"  staleness: mean {sm['mean']:.2f}, p50 {sm['p50']}, p99 {sm['p99']}, max {sm['max']} "
+        lines.append(f"  staleness: mean {sm['mean']:.2f}, {StalenessHistogram.text(sm)} "
                      f"over {sm['count']} pushes; most common: "
                      + ", ".join(f"{v}{'+' if v == hist.cap else ''} ({c / hist.total:.0%})" for c, v in top))
     if s.get("traffic") and (s["traffic"].get("pushed") or s["traffic"].get("pulled")):

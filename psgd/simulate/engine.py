@@ -556,7 +556,7 @@ class Simulator:
                                      if (r := self.recorder.first_reaching(a))}
         summary["report"] = [
             f"simulated {c.workers} workers: {s.version} updates in {vt:.3f} virtual seconds; staleness mean "
-            f"{sim['staleness_mean']:.2f}, p50 {hist['p50']}, p99 {hist['p99']}, max {hist['max']}; stopped on {self.stop_reason}",
+            f"{sim['staleness_mean']:.2f}, {StalenessHistogram.text(hist)}; stopped on {self.stop_reason}",
             f"simulator: {wall:.2f} s wall, of which gradients {self.timers['gradient_s']:.2f} s, server rules "
             f"{self.timers['server_s']:.2f} s, evaluation {self.timers['eval_s']:.2f} s, workers' hellos and data "
             f"{self.timers['setup_s'] + self.timers['data_s']:.2f} s, its own overhead "
