@@ -107,7 +107,9 @@ class WorkerRecord:
         return self.outliers >= FLAG_AFTER_OUTLIERS
 
     def to_dict(self, now: float) -> dict:
-        alive_for = max(now - self.joined, 1e-9)
+        # A worker that left worked until it was last seen: its rate is over that span, not
+        # one that keeps falling for as long as the run outlives it.
+        alive_for = max((now if self.connected else self.last_seen) - self.joined, 1e-9)
         return {"worker_id": self.worker_id, "name": self.name, "data_shards": list(self.data_shards),
                 "data_generation": self.data_generation, "transport": self.transport,
                 "pushes": self.pushes, "examples": self.examples, "refused": self.refused,

@@ -43,3 +43,11 @@ def test_a_staleness_quantile_in_the_shared_top_bucket_prints_as_at_least_the_ca
     summary = hist.summary()
     assert (summary["p50"], summary["p99"], summary["max"]) == (3, 8, 40)
     assert StalenessHistogram.text(summary) == "p50 3, p99 >=8, max 40"
+
+
+def test_a_departed_workers_rate_is_over_the_time_it_was_there():
+    from psgd.metrics import WorkerRecord
+    record = WorkerRecord(1, "w", [0], "zmq", joined=100.0, last_seen=110.0, examples=5000)
+    assert record.to_dict(now=110.0)["examples_per_s"] == 500.0
+    record.connected = False  # it left at 110 s: an hour later its rate is still what it did
+    assert record.to_dict(now=3710.0)["examples_per_s"] == 500.0
