@@ -17,8 +17,12 @@ worker does, and counts whole pushes. The ratio is against 1 shard in the same r
 machine with few cores the shards compete with the clients for CPU: the gain needs cores.
 
     python scripts/bench_server.py --grid [--grid-clients 1 4 16] [--grid-shards 1 2 4]
+                                   [--grid-models 0.3M 10M 100M] [--grid-transport zmq shm]
 
-The grid: models of 0.3M, 10M and 100M parameters, 1..16 clients, 1, 2 and 4 shards;
+The grid: models of 0.3M, 10M and 100M parameters, 1..16 clients, 1, 2 and 4 shards,
+each pushing over ZeroMQ on loopback (every byte of a gradient through TCP, on the same
+cores as the server) and over psgd's shared-memory path (the gradient in a segment the
+server maps, a doorbell per push: what a worker on the server's host uses);
 pushes/s and GB/s of gradient applied per shard, next to the limit for the same update
 measured in the same run: this process's numpy momentum update plus the finiteness check
 (one dot product) over an array of one shard's range, back to back, as pushes/s. The
@@ -56,6 +60,7 @@ import zmq  # noqa: E402
 
 from psgd.model.network import MLP, ModelSpec, parse_sizes  # noqa: E402
 from psgd.model.optim import OptimizerSpec, make_optimizer  # noqa: E402
+from psgd.wire.client import ParameterClient  # noqa: E402
 from psgd.wire.protocol import encode  # noqa: E402
 from psgd.wire.transport import Client  # noqa: E402
 
@@ -145,11 +150,37 @@ def shard_client(endpoints, n_params, seconds, start_at, out_q):
         c.close()
 
 
-def start_servers(layers, shards, tmp):
+def shm_shard_client(endpoints, n_params, seconds, start_at, out_q):
+    """As :func:`shard_client`, through psgd's worker client over shared memory: each push
+    is the worker's gradient segment of each shard's range and a doorbell; nothing of the
+    gradient travels through a socket."""
+    client = ParameterClient(endpoints, f"bench-{os.getpid()}", transport="shm", server_wait=60)
+    client.open(client.hello(None), n_params, np.float32)
+    if client.transports != ["shm"] * len(endpoints):
+        raise SystemExit(f"no shared-memory path: {client.transports}")
+    channels = [link.channel for link in client.links]
+    versions = [0] * len(channels)
+    for channel in channels:
+        channel.grads[0][...] = 1e-3
+    while time.time() < start_at:
+        time.sleep(0.001)
+    count, end = 0, start_at + seconds
+    while time.time() < end:
+        for k, channel in enumerate(channels):  # all shards' pushes in flight at once, as a worker's
+            channel.push_begin(0, versions[k], 128, None)
+        for k, channel in enumerate(channels):
+            versions[k] = channel.push_end()[0]  # based on the version acked: never too stale
+        count += time.time() <= end  # a push still in flight at the end is not counted: no bias up
+    out_q.put(count)
+    client.close()
+
+
+def start_servers(layers, shards, tmp, shm=False):
     servers, endpoints = [], []
     for k in range(shards):
         ready = Path(tmp) / f"ready-{k}"
-        cmd = [sys.executable, "-m", "psgd", "server", "--layers", layers, "--no-shm", "--bind", "tcp://127.0.0.1:0",
+        cmd = [sys.executable, "-m", "psgd", "server", "--layers", layers, *([] if shm else ["--no-shm"]),
+               "--bind", "tcp://127.0.0.1:0",
                "--ready-file", str(ready), "--optimizer", "momentum", "--lr", "1e-6", "--schedule", "constant",
                "--shard", str(k), "--num-shards", str(shards),
                # these clients send no heartbeats, and a 400 MB push queued behind 15 others
@@ -178,11 +209,12 @@ def stop_servers(servers):
             server.wait()
 
 
-def measure_shards(layers, n_params, shards, clients, seconds):
+def measure_shards(layers, n_params, shards, clients, seconds, transport="zmq"):
     with tempfile.TemporaryDirectory() as tmp:
-        servers, endpoints = start_servers(layers, shards, tmp)
+        servers, endpoints = start_servers(layers, shards, tmp, shm=transport == "shm")
         try:
-            return run_clients(shard_client, endpoints, n_params, clients, seconds)
+            return run_clients(shm_shard_client if transport == "shm" else shard_client, endpoints, n_params,
+                               clients, seconds)
         finally:
             stop_servers(servers)
 
@@ -308,9 +340,10 @@ def apply_threads(args):
 
 
 def grid(args):
-    print(f"{'model':>6} {'shards':>6} {'clients':>7} {'pushes/s':>9} {'GB/s/shard':>11} {'limit/s':>8} "
+    print(f"{'model':>6} {'shards':>6} {'clients':>7} {'path':>5} {'pushes/s':>9} {'GB/s/shard':>11} {'limit/s':>8} "
           f"{'limit GB/s':>11} {'ratio':>6}")
-    for name, layers in GRID_MODELS.items():
+    models = {name: GRID_MODELS[name] for name in args.grid_models}
+    for name, layers in models.items():
         n = MLP(ModelSpec(parse_sizes(layers))).n_params
         for shards in args.grid_shards:
             per_shard = -(-n // shards)
@@ -322,10 +355,11 @@ def grid(args):
                     continue
                 # long enough for a few pushes of each client even at 100M parameters (~1 s each)
                 seconds = max(args.seconds, 4.0 * clients * n * 4 / 1e9 * 5)
-                rate = measure_shards(layers, n, shards, clients, seconds)
-                gb = rate * per_shard * 4 / 1e9
-                print(f"{name:>6} {shards:>6} {clients:>7} {rate:9.1f} {gb:11.2f} {limit:8.1f} "
-                      f"{limit * per_shard * 4 / 1e9:11.2f} {rate / limit:6.2f}", flush=True)
+                for transport in args.grid_transport:
+                    rate = measure_shards(layers, n, shards, clients, seconds, transport)
+                    gb = rate * per_shard * 4 / 1e9
+                    print(f"{name:>6} {shards:>6} {clients:>7} {transport:>5} {rate:9.1f} {gb:11.2f} {limit:8.1f} "
+                          f"{limit * per_shard * 4 / 1e9:11.2f} {rate / limit:6.2f}", flush=True)
 
 
 def main():
@@ -333,6 +367,9 @@ def main():
     ap.add_argument("--grid", action="store_true", help="the model x shards x clients table instead")
     ap.add_argument("--grid-clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--grid-shards", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--grid-models", nargs="+", choices=list(GRID_MODELS), default=list(GRID_MODELS))
+    ap.add_argument("--grid-transport", nargs="+", choices=["zmq", "shm"], default=["zmq", "shm"],
+                    help="how the grid's clients push: ZeroMQ on loopback, or psgd's shared-memory path")
     ap.add_argument("--layers", default="784,1024,192,10")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--seconds", type=float, default=3.0)
