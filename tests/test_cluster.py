@@ -349,7 +349,7 @@ def test_server_killed_and_resumed_from_its_checkpoint_workers_carry_on(procs, t
     killed_at = client.request({"type": "stats"})["stats"]["version"]
     server.send_signal(signal.SIGKILL)
     server.wait(10)
-    target = killed_at + 6000
+    target = killed_at + 2000  # a few seconds of training after the rejoin: enough to show it carries on
     server2 = procs.start(*server_args, "--resume", "--max-updates", str(target), log="server2")
     stats = wait_for(client, both_pushing, "both workers rejoining the restarted server")
     restored = int(re.search(r"resumed from .* at version (\d+)", procs.log("server2")).group(1))
