@@ -205,3 +205,41 @@ def test_worker_count_starts_named_workers_and_a_signal_reaps_them_all(procs):
         assert server.wait(30) == 0
     finally:
         client.close()
+
+
+def test_a_zeromq_worker_of_one_shard_takes_its_weights_where_they_arrived(procs):
+    """Zero-copy pulls: after adopt_weights, a ZeroMQ worker of one shard reads its fetched
+    weights from the received frame (read-only, no copy into its own array), the same
+    weights a monitor's pull copies out; each fetch (pull, or a push's ack) hands over the
+    new frame. Two shards' ranges must meet in one vector: they never adopt."""
+    from psgd.worker.core import StepSettings, WorkerCore
+    from psgd.model.network import MLP, ModelSpec
+    server, endpoint = procs.start_server("--data-shards", "1", "--epochs", "1000", "--layers", "784,64,10")
+    n = 784 * 64 + 64 + 64 * 10 + 10
+    worker = ParameterClient(endpoint, "adopter", transport="zmq")
+    worker.open(worker.hello(None), n, np.float32)
+    worker.adopt_weights()
+    own = np.zeros(n, np.float32)
+    worker.pull(own)
+    first = worker.weights(own)
+    monitor, copied = ParameterClient(endpoint, "monitor"), np.empty(n, np.float32)
+    monitor.pull(copied)
+    assert first is not own and not first.flags.writeable and np.array_equal(first, copied)
+    assert not own.any()  # nothing was copied into the worker's own array
+    assert worker.weights(own) is own  # handed over once
+    worker.grad[...] = 0.01
+    worker.mark_window()
+    worker.push(128, first)  # the fresh weights come back in the ack
+    second = worker.weights(first)
+    assert second is not first and not np.array_equal(second, first)
+    # A WorkerCore over that client trains from adopted frames to the end of its steps.
+    net = MLP(ModelSpec(sizes=(784, 64, 10)))
+    rng = np.random.default_rng(0)
+    batches = iter(lambda: (rng.random((16, 784), np.float32), rng.integers(0, 10, 16)), None)
+    core = WorkerCore(net, batches, StepSettings(max_steps=5), rng)
+    core.run(worker)
+    assert core.stats["pushes"] == 5 and not core.params.flags.writeable
+    worker.close()
+    monitor.control({"type": "shutdown"})
+    monitor.close()
+    assert server.wait(30) == 0
