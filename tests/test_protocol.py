@@ -173,3 +173,47 @@ def test_worker_records_come_in_pages_within_the_header_limit():
             break
     assert seen == list(range(10, 4106)) and pages > 4096 // STATS_PAGE_RECORDS
     assert page_records([], None) == ([], None)
+
+
+def test_a_client_taking_large_replies_waits_for_them_instead_of_resending():
+    """A reply that takes longer than one try (a large model's weights on a loaded host):
+    a client sized for large replies gets more time per try and takes it on the first
+    socket; one sized for small replies gives up on each try and resends."""
+    import threading
+    import time
+
+    import zmq
+
+    from psgd.wire.transport import SLOW_TRANSFER_BYTES_PER_S, Client, max_reply_bytes
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def slow_server():  # answers every request 0.8 s after it came
+        while not stop.is_set():
+            if router.poll(50):
+                identity, *frames = router.recv_multipart()
+                request = decode(frames)
+                time.sleep(0.8)
+                router.send_multipart([identity, *encode({"type": "ok", "seq": request["seq"], "sender": "s"})])
+
+    thread = threading.Thread(target=slow_server, daemon=True)
+    thread.start()
+    big = Client(f"tcp://127.0.0.1:{port}", "big", request_timeout=0.3, server_wait=0.5,
+                 max_message=max_reply_bytes() + int(2 * SLOW_TRANSFER_BYTES_PER_S))
+    small = Client(f"tcp://127.0.0.1:{port}", "small", request_timeout=0.3, server_wait=0.5)
+    try:
+        assert big.transfer_allowance() == pytest.approx(2.0) and small.transfer_allowance() == 0
+        assert big.request({"type": "stats"}).type == "ok" and big.reconnects == 0
+        from psgd.errors import TransportError
+        with pytest.raises(TransportError, match="no answer"):
+            small.request({"type": "stats"})
+        assert small.reconnects >= 1
+    finally:
+        stop.set()
+        thread.join(5)
+        big.close()
+        small.close()
+        router.close(0)
+        ctx.term()

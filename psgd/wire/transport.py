@@ -37,6 +37,12 @@ from ..errors import ConfigError, Interrupted, ProtocolError, TransportError
 from .protocol import CONTROL, MAX_HEADER_BYTES, MAX_REPLY_HEADER_BYTES, WORKER, Message, decode, encode
 
 REQUEST_TIMEOUT_S = 5.0  # one try of a request
+# A reply of many megabytes (the weights of a large model) takes time to copy, send and
+# receive on a loaded host: a try and the whole wait get a second for every this many
+# bytes a client may receive beyond UNSIZED_WEIGHTS_BYTES. Without it a coordinator gave up
+# on a 100M-parameter server (107 MB a shard's pull) after 10 s under load, each retry
+# having made the server copy its range again.
+SLOW_TRANSFER_BYTES_PER_S = 20e6
 SERVER_WAIT_S = 60.0  # all tries of a request, before giving up on the server
 RECONNECT_BACKOFF_S = (0.1, 2.0)  # first pause between tries, and the cap it doubles up to
 LINGER_MS = 0  # an abandoned socket drops what it has not sent
@@ -240,6 +246,11 @@ class Client:
             raise ConfigError(f"cannot connect to {self.endpoint!r}: {zmq.strerror(exc.errno)}; "
                               "an address looks like tcp://HOST:PORT") from None
 
+    def transfer_allowance(self) -> float:
+        """Seconds a request's try and wait grow by for the large replies this client takes
+        (0 up to UNSIZED_WEIGHTS_BYTES of weights; an explicit timeout gets none)."""
+        return max(0, self.max_message - max_reply_bytes()) / SLOW_TRANSFER_BYTES_PER_S
+
     def limit_messages(self, max_message: int) -> None:
         """Refuse replies above this size from now on (on a fresh socket: the option
         applies to new connections)."""
@@ -268,9 +279,10 @@ class Client:
         retry). Several clients can so have one request each in flight at once."""
         self.seq += 1
         self._frames = encode({**header, "sender": self.name, "seq": self.seq}, arrays, offsets)
-        self._wait = self.server_wait if server_wait is None else server_wait
+        allowance = self.transfer_allowance()
+        self._wait = self.server_wait + allowance if server_wait is None else server_wait
         self._deadline = time.monotonic() + self._wait
-        self._timeout = self.request_timeout if request_timeout is None else request_timeout
+        self._timeout = self.request_timeout + allowance if request_timeout is None else request_timeout
         self._interrupted = interrupted
         try:
             self._sent = self._try_send(copy)
