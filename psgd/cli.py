@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .config import ALGORITHMS, CONSISTENCY, STALENESS_RULES, TRANSPORTS, TrainConfig, default_workers
+from .config import ALGORITHMS, CONSISTENCY, INNER_SCHEDULES, STALENESS_RULES, TRANSPORTS, TrainConfig, default_workers
 from .data.augment import DistortionSpec
 from .errors import ColdStop, Interrupted, PsgdError
 from .model.functions import ACTIVATIONS, LOSSES
@@ -234,6 +234,10 @@ def training_options(f):
                         "0.5 under async]"),
         env_option("--dynamic-local-steps/--fixed-local-steps", default=_DEFAULT.dynamic_local_steps,
                    help="local: scale each worker's H to its speed (the fastest takes --local-steps); ZeroMQ only."),
+        env_option("--inner-schedule", type=click.Choice(list(INNER_SCHEDULES)), default=_DEFAULT.inner_schedule,
+                   help="local: the inner rate stays at --lr (constant), or follows the run's --schedule (run; with "
+                        "its warm-up) at the run's progress in Downpour's updates, examples / --batch-size; told in "
+                        "each ack, so ZeroMQ only."),
         env_option("--outer-every", type=int, default=None,
                    help="local, async: pushes between moves of the outer momentum (delayed Nesterov). "
                         "[default: the number of workers]"),
@@ -277,7 +281,7 @@ def build_config(ctx: click.Context, **kw) -> TrainConfig:
               "target_accuracy", "evals_per_epoch", "out_dir", "workers", "servers", "curve", "n_fetch", "n_push", "overlap", "transport",
               "staleness_rule", "momentum_rule", "dc_lambda", "consistency", "ssp_bound", "lease_s", "max_staleness", "outlier_k", "outlier_window", "on_divergence",
               "rollback_factor", "max_rollbacks", "slow_worker", "max_updates", "push_codec", "pull_codec", "topk_fraction",
-              "algorithm", "local_steps", "inner_optimizer", "outer_lr", "outer_momentum", "outer_every", "dynamic_local_steps",
+              "algorithm", "local_steps", "inner_optimizer", "outer_lr", "outer_momentum", "outer_every", "dynamic_local_steps", "inner_schedule",
               "max_seconds"]
     changes = {name: pick(name, getattr(base, name)) for name in fields if name in kw}
     distort = DistortionSpec(**{k: pick(f"distort_{k}", getattr(base.distort, k))

@@ -54,6 +54,9 @@ def default_workers() -> int:
 
 ON_DIVERGENCE = ("stop", "rollback")
 ALGORITHMS = ("downpour", "local")
+# local SGD's inner rate: constant at schedule.lr, or the run's schedule (psgd.model.schedules)
+# at the run's progress, counted in Downpour's updates (examples applied / batch size)
+INNER_SCHEDULES = ("constant", "run")
 MODEL_WIRE_ONLY = ("fingerprint", "user")  # in a server's description of its model, not in a config
 
 
@@ -141,6 +144,10 @@ class TrainConfig:
     # local: each worker's H scaled to its measured speed (the fastest takes local_steps), so
     # that all push at a similar cadence; told in each ack, so over ZeroMQ only
     dynamic_local_steps: bool = False
+    # local: the inner rate, INNER_SCHEDULES. "run": the server tells each worker, in every
+    # ack, the run's schedule at the run's progress in Downpour's updates (examples applied /
+    # batch_size), so that local SGD's rate decays where Downpour's would; over ZeroMQ only.
+    inner_schedule: str = "constant"
     # stop conditions besides epochs and target accuracy
     max_updates: int | None = None
     max_seconds: float | None = None
@@ -187,6 +194,12 @@ class TrainConfig:
              "codecs compress the ZeroMQ wire; shared memory has none: use --transport zmq (or auto)"),
             (self.transport != "shm" or not self.dynamic_local_steps,
              "dynamic local steps are told in ZeroMQ acks: use --transport zmq (or auto)"),
+            (self.inner_schedule in INNER_SCHEDULES, f"the inner schedule must be one of {', '.join(INNER_SCHEDULES)}"),
+            (self.transport != "shm" or not self.schedules_inner_lr,
+             "the inner rate is told in ZeroMQ acks: use --transport zmq (or auto), or --inner-schedule constant"),
+            (not self.schedules_inner_lr or self.schedule.name != "plateau",
+             "plateau listens to the coordinator's evaluations, which the server that schedules local SGD's inner "
+             "rate never sees: use step, diminishing or constant, or --inner-schedule constant"),
             (self.evals_per_epoch >= 1, "evals per epoch must be >= 1"),
             (self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target accuracy must be in (0, 1]"),
         ]
@@ -201,8 +214,13 @@ class TrainConfig:
 
     @property
     def wire_only(self) -> bool:
-        """Workers must talk ZeroMQ: a codec, or dynamic local steps (told in acks)."""
-        return self.compresses or (self.algorithm == "local" and self.dynamic_local_steps)
+        """Workers must talk ZeroMQ: a codec, dynamic local steps or a scheduled inner rate (told in acks)."""
+        return self.compresses or (self.algorithm == "local" and self.dynamic_local_steps) or self.schedules_inner_lr
+
+    @property
+    def schedules_inner_lr(self) -> bool:
+        """Local SGD whose inner rate follows the run's schedule (told in each ack)."""
+        return self.algorithm == "local" and self.inner_schedule == "run"
 
     def to_dict(self) -> dict:
         return asdict(self)

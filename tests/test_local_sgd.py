@@ -270,3 +270,75 @@ def test_local_sgds_adam_inside_defaults_to_its_own_rate_unless_one_is_given():
         ctx = cmd.make_context("train", ["--workers", "2", *args])
         seen.append(cli_mod.build_config(ctx, **ctx.params).schedule.lr)
     assert seen == [cli_mod.LOCAL_ADAM_DEFAULT_LR] * 2 + [0.01, 0.1, 0.1]
+
+
+def test_a_scheduled_inner_rate_follows_the_runs_schedule_in_downpours_updates():
+    """--inner-schedule run: the welcome and every ack tell the run's schedule at the run's
+    progress, examples applied / batch size, here a step schedule dropping x0.2 every 10
+    such updates after 4 of warm-up; constant: no ack says a rate."""
+    cfg = TrainConfig(model=SPEC32, schedule=ScheduleSpec("step", 0.01, every=10, factor=0.2, warmup=4), batch_size=32,
+                      workers=1, algorithm="local", local_steps=3, inner_schedule="run")
+    assert cfg.wire_only and cfg.schedules_inner_lr
+    state = ServerState(cfg)
+    w = state.members.register("w", "zmq")
+    assert state.welcome(w)["run"]["inner_lr"] == pytest.approx(0.01 * 1 / 4)  # update 0 of the warm-up
+    g = np.zeros(state.store.size, np.float32)
+    told = []
+    for examples in (96, 192, 32, 320):  # updates 3, 9, 10, 20
+        decision = state.push(w.worker_id, state.store.version, examples, g)
+        told.append(state.ack_reply((w.worker_id, decision.version, decision.staleness), False)[0]["inner_lr"])
+    assert told == pytest.approx([0.01, 0.01, 0.002, 0.0004])
+    constant = ServerState(cfg.with_(inner_schedule="constant"))
+    c = constant.members.register("w", "zmq")
+    assert "inner_lr" not in constant.ack_reply((c.worker_id, 0, 0), False)[0]
+    assert constant.welcome(c)["run"]["inner_lr"] == 0.01
+
+
+def test_a_local_core_takes_each_rate_the_server_tells_for_its_next_round():
+    """The worker's side: the rate an ack tells is the one the next round's inner steps
+    use; an ack that tells none leaves the rate as it was."""
+    from psgd.wire.client import PushResult
+
+    class TellingChannel(StateChannel):
+        def push(self, examples, params):
+            r = super().push(examples, params)
+            told = self.state.ack_reply((self.record.worker_id, self.state.store.version, 0), False)[0].get("inner_lr")
+            return PushResult(r.staleness, r.refused, r.data_generation, inner_lr=told)
+
+    X, y = problem(512)
+    cfg = TrainConfig(model=SPEC32, schedule=ScheduleSpec("step", 0.01, every=20, factor=0.5, warmup=0), batch_size=32,
+                      workers=1, algorithm="local", local_steps=5, inner_optimizer="adam", inner_schedule="run")
+    state = ServerState(cfg)
+    core = LocalCore(MLP(SPEC32), Minibatches(X, y, 32, seed=1), StepSettings(max_steps=60), np.random.default_rng(0),
+                     OptimizerSpec("adam"), state.inner_lr(), 5)
+    used = []
+    step = core.inner.step
+    core.inner.step = lambda w, g, lr: (used.append(lr), step(w, g, lr))
+    core.run(TellingChannel(state))
+    # rounds of 5 steps; the ack after update 20 (4 rounds) and 40 (8 rounds) halves the rate
+    assert used == [0.01] * 20 + [0.005] * 20 + [0.0025] * 20
+    assert core.inner_lr == 0.00125  # told after the last round
+    core._take_inner_lr(None)
+    assert core.inner_lr == 0.00125
+
+
+def test_the_inner_schedule_is_checked():
+    local = TrainConfig(algorithm="local", inner_schedule="run")
+    with pytest.raises(ConfigError, match="inner schedule"):
+        TrainConfig(algorithm="local", inner_schedule="cosine")
+    with pytest.raises(ConfigError, match="ZeroMQ"):
+        local.with_(transport="shm")
+    with pytest.raises(ConfigError, match="plateau"):
+        local.with_(schedule=ScheduleSpec("plateau", 0.002))
+    assert not TrainConfig(inner_schedule="run").wire_only  # Downpour: no inner rate to tell
+    assert local.with_(inner_schedule="constant", transport="shm").transport == "shm"
+
+
+def test_an_ack_that_tells_a_rate_is_checked_on_the_wire():
+    from psgd.errors import ProtocolError
+    from psgd.wire.protocol import decode, encode
+    ack = {"type": "ack", "version": 3, "staleness": 0, "data_generation": 0}
+    assert decode(encode({**ack, "inner_lr": 0.002}))["inner_lr"] == 0.002
+    for bad in (float("nan"), -0.1, float("inf"), "0.1", True):
+        with pytest.raises(ProtocolError, match="inner_lr"):
+            decode(encode({**ack, "inner_lr": bad}))

@@ -83,6 +83,8 @@ class ServerState:
         self.checkpoint_status = {"version": None, "failures": 0, "error": None, "failed_version": None}
         self.started = clock()
         self._released: list[tuple[int, int, int]] = []  # (worker, version, staleness) of held pushes, now free
+        # local SGD with --inner-schedule run: the run's schedule, told to workers as their inner rate
+        self.inner_schedule = config.schedule.build() if config.schedules_inner_lr else None
 
     # --- the one door -------------------------------------------------------------------
 
@@ -318,7 +320,7 @@ class ServerState:
         record = self.members.workers.get(worker_id)
         generation = record.data_generation if record is not None else 0
         header = {"type": "ack", "version": version, "staleness": staleness, "data_generation": generation,
-                  **self._local_steps_field(record)}
+                  **self._local_steps_field(record), **self._inner_lr_field()}
         if not want_params:
             return header, []
         codec, frames = self.traffic.encode_params(record, self.store.params)
@@ -340,6 +342,17 @@ class ServerState:
             return {"local_steps": c.local_steps}
         return {"local_steps": max(1, round(c.local_steps * rate(record) / fastest))}
 
+    def inner_lr(self) -> float:
+        """Local SGD's inner rate now: the run's schedule at the run's progress in Downpour's
+        updates (examples applied / batch size), so that a local-SGD run's rate decays where
+        a Downpour run's would after as many examples; the configured rate when not scheduled."""
+        if self.inner_schedule is None:
+            return self.config.schedule.lr
+        return float(self.inner_schedule(self.store.examples // self.config.batch_size))
+
+    def _inner_lr_field(self) -> dict:
+        return {"inner_lr": self.inner_lr()} if self.inner_schedule is not None else {}
+
     def welcome(self, record: WorkerRecord) -> dict:
         c, s = self.config, self.store
         return {
@@ -350,7 +363,7 @@ class ServerState:
             "layout": s.net.layout.to_wire(),
             "run": {"data": c.data, "seed": c.seed, "validation": c.validation, "batch_size": c.batch_size,
                     "n_fetch": c.n_fetch, "n_push": c.n_push, "overlap": c.overlap, "dropout": c.dropout, "augment": c.augment, "distort": c.distort.to_dict(),
-                    "lease_s": c.lease_s, **local_sgd(c)},
+                    "lease_s": c.lease_s, **local_sgd(c, self.inner_lr())},
             "update": self.update_rule(),
         }
 
@@ -390,12 +403,13 @@ class ServerState:
         }
 
 
-def local_sgd(c: TrainConfig) -> dict:
-    """What a worker of a local-SGD run needs in the welcome's ``run`` (Downpour: nothing new)."""
+def local_sgd(c: TrainConfig, inner_lr: float) -> dict:
+    """What a worker of a local-SGD run needs in the welcome's ``run`` (Downpour: nothing new);
+    ``inner_lr``: the inner rate now (each ack tells the next when it is scheduled)."""
     if c.algorithm != "local":
         return {}
     return {"algorithm": "local", "local_steps": c.local_steps, "inner_optimizer": inner_optimizer(c).to_dict(),
-            "inner_lr": c.schedule.lr}
+            "inner_lr": inner_lr}
 
 
 def _codec_field(codec: str) -> dict:

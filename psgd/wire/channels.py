@@ -35,6 +35,7 @@ class ZmqChannel:
         self.grads, self.offset = grads, offset  # views into the worker's whole gradients, maybe
         self._params = None
         self.local_steps = None
+        self.inner_lr = None  # local SGD with a scheduled inner rate: the server's word on it
         # the codecs the server's welcome agreed (none: plain frames); error feedback lives in the encoder
         agreed = agreed if isinstance(agreed, dict) else {}
         self.push_codec = str(agreed.get("push", "none"))
@@ -90,6 +91,7 @@ class ZmqChannel:
         """(server version, staleness, version of refreshed params or None, data generation)."""
         reply = check_reply(self.client.receive(), "ack")
         self.local_steps = reply.get("local_steps")  # local SGD, dynamic: the server's word on our next H
+        self.inner_lr = reply.get("inner_lr")  # local SGD, scheduled: the inner rate for our next round
         params, self._params = self._params, None
         if params is not None:
             self._take_params(reply, params)

@@ -60,6 +60,7 @@ class PushResult:
     refused: bool  # some shard refused it (its weights were pulled afresh instead)
     data_generation: int  # shard 0's: a change means the data shards moved
     local_steps: int | None = None  # local SGD with dynamic local steps: shard 0's word on the next H
+    inner_lr: float | None = None  # local SGD with a scheduled inner rate: shard 0's word on the next round's
 
 
 
@@ -321,7 +322,9 @@ class ParameterClient:
         if self._timing_by_heartbeat:
             self._timing_by_heartbeat = False
             self.heartbeat(first_only=True)
-        return PushResult(staleness, refused, generation, getattr(self.links[0].channel, "local_steps", None))
+        first = self.links[0].channel
+        return PushResult(staleness, refused, generation, getattr(first, "local_steps", None),
+                          getattr(first, "inner_lr", None))
 
     def _timing_due(self) -> dict | None:
         if self.timing_source is None or time.monotonic() - self._timing_sent < TIMING_EVERY_S:

@@ -75,7 +75,7 @@ OPTIONAL: dict[str, dict[str, str]] = {
     "push": {"want_params": "bool", "codec": "codec", "timing": "timing"},
     "heartbeat": {"timing": "timing"},
     "params": {"codec": "codec"},
-    "ack": {"codec": "codec", "local_steps": "int?"},
+    "ack": {"codec": "codec", "local_steps": "int?", "inner_lr": "rate"},
     "pull": {"worker_id": "int?"},
     "bye": {"worker_id": "int?"},
     "stats": {"workers": "bool", "after": "int?"},
@@ -115,7 +115,8 @@ def timing_ok(value) -> bool:
 
 _RULES = {"bool": "a bool", "int?": "an int or nil", "shards?": "nil or a list of distinct ints >= 0",
           "codec": f"one of {', '.join(CODECS)}", "codecs": f"a list of at most {MAX_CODECS} strings",
-          "timing": f"a map of {', '.join(TIMING_KEYS)} to seconds in [0, 1e9]"}
+          "timing": f"a map of {', '.join(TIMING_KEYS)} to seconds in [0, 1e9]",
+          "rate": "a finite number >= 0"}
 
 
 def _optional_ok(kind: str, value) -> bool:
@@ -127,6 +128,8 @@ def _optional_ok(kind: str, value) -> bool:
         return isinstance(value, list) and len(value) <= MAX_CODECS and all(isinstance(c, str) for c in value)
     if kind == "timing":
         return timing_ok(value)
+    if kind == "rate":
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
     if value is None:
         return True
     if kind == "int?":

@@ -28,8 +28,8 @@ MAX_LOCAL_STEPS_FACTOR = 4
 
 
 class LocalCore(WorkerCore):
-    """``inner``: the inner optimizer's spec, ``inner_lr`` its constant rate, ``local_steps``
-    H; the rest as :class:`WorkerCore` (``settings.n_push``/``n_fetch`` do not apply)."""
+    """``inner``: the inner optimizer's spec, ``inner_lr`` its rate (constant, unless the
+    server's acks tell another: ``--inner-schedule run``), ``local_steps`` H; the rest as :class:`WorkerCore` (``settings.n_push``/``n_fetch`` do not apply)."""
 
     def __init__(self, net, batches, settings: StepSettings, rng, inner: OptimizerSpec, inner_lr: float,
                  local_steps: int, stats: dict | None = None):
@@ -55,6 +55,7 @@ class LocalCore(WorkerCore):
             result = channel.push(examples, self.params)  # the ack brings the server's new weights
             self._count_push(result, examples)
             self._take_local_steps(getattr(result, "local_steps", None))
+            self._take_inner_lr(getattr(result, "inner_lr", None))
             if result.data_generation is not None and result.data_generation != self.data_generation:
                 self._check_assignment(channel, on_assignment)
             st["comm_s"] += time.perf_counter() - t1
@@ -64,6 +65,12 @@ class LocalCore(WorkerCore):
         MAX_LOCAL_STEPS_FACTOR x the run's, so a confused server cannot stall a worker)."""
         if isinstance(told, int) and told >= 1:
             self.local_steps = min(told, MAX_LOCAL_STEPS_FACTOR * self.run_local_steps)
+
+    def _take_inner_lr(self, told) -> None:
+        """A scheduled inner rate (``--inner-schedule run``): the server's word, from the
+        run's progress, on the rate of the next round; none told: the rate stays."""
+        if told is not None:
+            self.inner_lr = float(told)
 
     def _local_round(self, channel, should_stop, on_assignment) -> int:
         """H inner steps on ``self.params``; returns the examples seen. A long round still
