@@ -147,7 +147,9 @@ class TrainConfig:
     # local: the inner rate, INNER_SCHEDULES. "run": the server tells each worker, in every
     # ack, the run's schedule at the run's progress in Downpour's updates (examples applied /
     # batch_size), so that local SGD's rate decays where Downpour's would; over ZeroMQ only.
-    inner_schedule: str = "constant"
+    # "run" by default: on loopback (2 workers, 784-256-256-10, H = 50 and 200, sync and async)
+    # it reached 98% test accuracy in as many epochs or fewer (README, "Thin links").
+    inner_schedule: str = "run"
     # stop conditions besides epochs and target accuracy
     max_updates: int | None = None
     max_seconds: float | None = None
@@ -264,7 +266,9 @@ class TrainConfig:
         Settings given explicitly stay as they are."""
         validation = validation_size(self.validation, n_examples)
         warmup = self.schedule.warmup
-        if warmup is None:
+        if warmup is None and self.algorithm == "local":
+            warmup = 0  # see inner_schedule_spec
+        elif warmup is None:
             updates = self.epochs * max(0, n_examples - validation) / (self.batch_size * self.n_push)
             warmup = min(WARMUP_MAX, int(math.ceil(WARMUP_FRACTION * updates)))
         return replace(self, validation=validation, schedule=replace(self.schedule, warmup=warmup))
@@ -351,6 +355,14 @@ def outer_momentum(config: TrainConfig) -> float:
     if config.outer_momentum is not None:
         return config.outer_momentum
     return SYNC_OUTER_MOMENTUM if config.consistency == "sync" else ASYNC_OUTER_MOMENTUM
+
+
+def inner_schedule_spec(config: TrainConfig) -> ScheduleSpec:
+    """Local SGD's inner schedule (``inner_schedule`` run): the run's, without a warm-up unless
+    one is given. AdamW inside needs none: at the fitted 500 updates, 2 loopback workers took
+    1.9-3.4 epochs to 97% test accuracy where the same runs without took 1.6-1.7 (README,
+    "Thin links")."""
+    return replace(config.schedule, warmup=config.schedule.warmup or 0)
 
 
 def inner_optimizer(config: TrainConfig) -> OptimizerSpec:

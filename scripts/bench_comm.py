@@ -4,14 +4,16 @@
                                  [--cells loopback:2 10mbit:4 ...] [--repeats K]
                                  [--layers 784,256,256,10] [--only PATTERN ...] [--keep-blas-env]
 
-The whole grid (2 networks x 2 worker counts x 9 contenders, up to --max-seconds each) takes
+The whole grid (2 networks x 2 worker counts x 11 contenders, up to --max-seconds each) takes
 hours; ``--cells`` picks (network, workers) pairs and ``--only`` contenders (Downpour, the
 baseline of the ratios, always runs). ``--repeats`` runs a cell's contenders K times over,
 interleaved, to show how much a ratio moves on a loaded machine.
 
 Contenders: Downpour (plain float32), Downpour with float16 pushes and pulls, Downpour with
-top-1% pushes (error feedback; pulls plain), and local SGD (DiLoCo: AdamW inside at
---inner-lr, Nesterov outside) with H = 10, 50 and 200, sync and async. Every run talks
+top-1% pushes (error feedback; pulls plain), local SGD (DiLoCo: AdamW inside at --inner-lr,
+its rate following the run's step schedule as psgd's default --inner-schedule run does;
+Nesterov outside) with H = 10, 50 and 200, sync and async, and local SGD with H = 200 and
+int8 pushes and pulls, sync and async. Every run talks
 ZeroMQ (no shared memory), trains on all 60,000 training images (``--validation 0``, as
 scripts/bench_train.py: the coordinator then evaluates the 10,000 test images, so the
 accuracy targets are test accuracy, as time-to-accuracy benchmarks such as DAWNBench count
@@ -50,15 +52,21 @@ DOWNPOUR = [("downpour", []), ("downpour fp16", ["--push-codec", "float16", "--p
             ("downpour top1%", ["--push-codec", "topk", "--topk-fraction", "0.01"])]
 
 
+INT8 = ["--push-codec", "int8", "--pull-codec", "int8"]
+
+
 def contenders(inner_lr: float | None) -> list[tuple[str, list[str]]]:
     """Each contender's name and options; local SGD with psgd's defaults for what is not named
-    (AdamW's inner rate: psgd.cli.LOCAL_ADAM_DEFAULT_LR unless --inner-lr; outer lr 0.7,
-    Nesterov 0.9)."""
+    (AdamW's inner rate: psgd.cli.LOCAL_ADAM_DEFAULT_LR unless --inner-lr, following the run's
+    schedule; outer lr 0.7, Nesterov 0.9 under sync and 0.5 under async)."""
     rate = ["--lr", str(inner_lr)] if inner_lr is not None else []
-    local = [(f"local H={h} {mode}", ["--algorithm", "local", "--local-steps", str(h), "--inner-optimizer", "adamw",
-                                      *rate] + (["--consistency", "sync"] if mode == "sync" else []))
-             for h in (10, 50, 200) for mode in ("sync", "async")]
-    return DOWNPOUR + local
+
+    def local(h: int, mode: str, extra: list[str] = ()) -> list[str]:
+        return ["--algorithm", "local", "--local-steps", str(h), "--inner-optimizer", "adamw", *rate, *extra] + \
+            (["--consistency", "sync"] if mode == "sync" else [])
+    plain = [(f"local H={h} {mode}", local(h, mode)) for h in (10, 50, 200) for mode in ("sync", "async")]
+    int8 = [(f"local H=200 {mode} int8", local(200, mode, INT8)) for mode in ("sync", "async")]
+    return DOWNPOUR + plain + int8
 
 
 def run_loopback(workers: int, args: list[str]) -> tuple[dict, list[dict]]:

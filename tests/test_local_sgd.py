@@ -228,7 +228,7 @@ def test_dynamic_local_steps_size_each_workers_h_to_its_speed():
     from psgd.wire.client import PushResult
     clock = FakeClock()
     cfg = TrainConfig(model=SPEC32, algorithm="local", local_steps=20, dynamic_local_steps=True, workers=2)
-    assert cfg.wire_only and not TrainConfig(model=SPEC32, algorithm="local").wire_only
+    assert cfg.wire_only and not TrainConfig(model=SPEC32, algorithm="local", inner_schedule="constant").wire_only
     state = ServerState(cfg, num_data_shards=2, clock=clock)
     fast, slow = (state.members.register(n, "zmq") for n in ("fast", "slow"))
     g = np.zeros(state.store.size, np.float32)
@@ -331,6 +331,13 @@ def test_the_inner_schedule_is_checked():
     with pytest.raises(ConfigError, match="plateau"):
         local.with_(schedule=ScheduleSpec("plateau", 0.002))
     assert not TrainConfig(inner_schedule="run").wire_only  # Downpour: no inner rate to tell
+    # the default, without a warm-up unless one is given (Downpour's is fitted to the run)
+    assert TrainConfig(algorithm="local").inner_schedule == "run"
+    assert TrainConfig(algorithm="local").fitted_to(60000).schedule.warmup == 0
+    assert TrainConfig().fitted_to(60000).schedule.warmup == 500
+    assert ServerState(TrainConfig(model=SPEC32, algorithm="local")).inner_lr() == 0.1
+    assert ServerState(TrainConfig(model=SPEC32, algorithm="local",
+                                   schedule=ScheduleSpec(warmup=10))).inner_lr() == pytest.approx(0.01)
     assert local.with_(inner_schedule="constant", transport="shm").transport == "shm"
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import TrainConfig, inner_optimizer
+from ..config import TrainConfig, inner_optimizer, inner_schedule_spec
 from ..errors import ProtocolError
 from ..metrics import FLAG_AFTER_OUTLIERS, WorkerRecord
 from ..model.interface import fingerprint
@@ -84,7 +84,7 @@ class ServerState:
         self.started = clock()
         self._released: list[tuple[int, int, int]] = []  # (worker, version, staleness) of held pushes, now free
         # local SGD with --inner-schedule run: the run's schedule, told to workers as their inner rate
-        self.inner_schedule = config.schedule.build() if config.schedules_inner_lr else None
+        self.inner_schedule = inner_schedule_spec(config).build() if config.schedules_inner_lr else None
 
     # --- the one door -------------------------------------------------------------------
 
