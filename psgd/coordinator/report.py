@@ -69,6 +69,9 @@ def _seconds(x):
     return f"{x:.2f} s" if x is not None else "not reached"
 
 
+INNER_RATE = {"run": "at the run's schedule", "constant": "at a constant rate"}  # older runs: constant
+
+
 def text_report(run: Run) -> list[str]:
     c, s = run.config, run.summary
     m = c["model"]
@@ -80,7 +83,8 @@ def text_report(run: Run) -> list[str]:
         f"  cluster: {s.get('workers', 0)} workers" + (
             f", {s.get('consistency', 'async')}, staleness rule {s.get('staleness_rule', 'none')}, "
             f"pushes via {', '.join(s.get('worker_transports', [])) or '-'}"
-            + (f"; local SGD, {c.get('local_steps')} {c.get('inner_optimizer')} steps per push, outer lr "
+            + (f"; local SGD, {c.get('local_steps')} {c.get('inner_optimizer')} steps per push "
+               f"({INNER_RATE.get(c.get('inner_schedule', 'constant'), 'at an unknown rate')}), outer lr "
                f"{c.get('outer_lr')}, momentum {c.get('outer_momentum') if c.get('outer_momentum') is not None else 'default'}" if c.get("algorithm") == "local" else "")
             if s.get("workers") else " (one process)"),
     ]
