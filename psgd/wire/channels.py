@@ -42,12 +42,6 @@ class ZmqChannel:
         self.encoder = codecs.PushEncoder(self.push_codec, grads[0].size, grads[0].dtype,
                                           float(agreed.get("topk_fraction", codecs.DEFAULT_TOPK_FRACTION)))
         self.bytes_pushed = self.bytes_pulled = 0  # payload bytes, as the server counts them
-        # Zero-copy pulls (a worker of one server shard whose weights it only reads): the
-        # weights of a plain reply are taken as they arrived, a read-only view on the
-        # received frame, instead of being copied into the caller's array (1 MB a step for
-        # the default model: 4-6% of a step). ``adopted`` is that view, until taken.
-        self.adopt = False
-        self.adopted = None
 
     def pull(self, params: np.ndarray) -> int:
         reply = check_reply(self.client.request({"type": "pull", "worker_id": self.worker_id}), "params")
@@ -55,20 +49,9 @@ class ZmqChannel:
         return reply["version"]
 
     def _take_params(self, reply, params: np.ndarray) -> None:
-        """The weights of a params or ack reply, in whatever codec it says, into ``params``
-        (or, adopting, into :attr:`adopted` when they came plain, whole and aligned)."""
-        codec, arrays = reply.get("codec", "none"), reply.arrays
-        self.bytes_pulled += codecs.payload_bytes(arrays)
-        self.adopted = None
-        if self.adopt:
-            if codec == "none" and len(arrays) == 1 and arrays[0].dtype == params.dtype \
-                    and arrays[0].shape == params.shape and arrays[0].flags.aligned:
-                self.adopted = arrays[0]
-                return
-            if not params.flags.writeable:  # the caller's weights are an earlier adopted frame
-                self.adopted = codecs.decode(codec, arrays, np.empty_like(params))
-                return
-        codecs.decode(codec, arrays, params)
+        """The weights of a params or ack reply, in whatever codec it says, into ``params``."""
+        codecs.decode(reply.get("codec", "none"), reply.arrays, params)
+        self.bytes_pulled += codecs.payload_bytes(reply.arrays)
 
     def push_begin(self, slot: int, base_version: int, examples: int, params: np.ndarray | None,
                    timing: dict | None = None) -> bool:

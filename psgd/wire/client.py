@@ -241,23 +241,6 @@ class ParameterClient:
             self.grads = self.links[0].channel.grads
         self.last_contact = time.monotonic()
 
-    def adopt_weights(self) -> None:
-        """Let fetched weights stay where they arrived (see :meth:`weights`): for a worker
-        that only reads them. Only a single ZeroMQ shard can: several shards' ranges must
-        meet in one vector, and shared memory is read by copying anyway."""
-        if len(self.links) == 1 and isinstance(self.links[0].channel, ZmqChannel):
-            self.links[0].channel.adopt = True
-
-    def weights(self, params: np.ndarray) -> np.ndarray:
-        """The weights last fetched into ``params``: ``params`` itself, or, after
-        :meth:`adopt_weights`, a read-only view on the frame they arrived in."""
-        channel = self.links[0].channel if len(self.links) == 1 else None
-        adopted = getattr(channel, "adopted", None)
-        if adopted is None:
-            return params
-        channel.adopted = None
-        return adopted
-
     @property
     def grad(self) -> np.ndarray:
         """The buffer the next gradient is computed into (not the one in flight)."""

@@ -17,10 +17,7 @@ A channel (a joined psgd.wire.client.ParameterClient, or any object with the sam
 ``mark_window()``, ``window_open``, ``push(examples, params_or_None) -> PushResult``,
 ``push_begin(examples, params_or_None)`` and ``push_end() -> PushResult`` (the same push in
 two halves), ``heartbeat(first_only) -> assignment reply`` and ``last_contact``
-(time.monotonic of the last exchange). Optionally ``adopt_weights()`` and
-``weights(params) -> array``: the core only reads its weights, so a channel may leave
-fetched weights in the buffer they arrived in (a ZeroMQ frame) and hand that over
-instead of copying them into ``params``.
+(time.monotonic of the last exchange).
 """
 
 from __future__ import annotations
@@ -71,12 +68,8 @@ class WorkerCore:
         from the channel (ShutdownRequested, TransportError) ends it. ``on_assignment(reply)``
         is called when the server moved this worker's data shards."""
         s, st, lap = self.settings, self.stats, self.timer.lap
-        if not self.params.flags.writeable:  # a frame adopted over an earlier connection
-            self.params = np.empty_like(self.params)
-        if hasattr(channel, "adopt_weights"):  # it only reads its weights: they may stay in the frame they came in
-            channel.adopt_weights()
         self.timer.start()
-        self._pull(channel)
+        channel.pull(self.params)
         lap("pull")
         window_examples = 0
         in_flight = None  # (examples, fetch) of the push travelling while this step computes
@@ -121,7 +114,7 @@ class WorkerCore:
                 lap("push")
                 window_examples = 0
             elif fetch:
-                self._pull(channel)
+                channel.pull(self.params)
                 lap("pull")
             elif time.monotonic() - channel.last_contact > s.heartbeat_every_s:
                 self._check_assignment(channel, on_assignment, first_only=False)
@@ -132,22 +125,10 @@ class WorkerCore:
             lap("push")
         self.timer.stop()
 
-    def _pull(self, channel) -> None:
-        channel.pull(self.params)
-        self._take_weights(channel)
-
-    def _take_weights(self, channel) -> None:
-        """After a fetch: the weights are in self.params, or (adopted) where they arrived."""
-        weights = getattr(channel, "weights", None)
-        if weights is not None:
-            self.params = weights(self.params)
-
     def _after_push(self, channel, result, examples: int, fetched: bool, on_assignment) -> None:
         self._count_push(result, examples)
-        if fetched:
-            self._take_weights(channel)
         if result.refused and not fetched:  # too stale, say: go on from the server's weights
-            self._pull(channel)
+            channel.pull(self.params)
         if result.data_generation is not None and result.data_generation != self.data_generation:
             self._check_assignment(channel, on_assignment)
 
