@@ -587,6 +587,9 @@ def fetch(data_dir, mirrors):
 @env_option("--resume/--no-resume", default=False, help="Start from the newest valid checkpoint.")
 @env_option("--metrics", default=None, metavar="[HOST:]PORT", callback=_check_address,
             help="Serve this server's Prometheus /metrics (and its page) here; a bare PORT listens on 127.0.0.1.")
+@env_option("--timing-trace", type=click.Path(file_okay=False), default=None,
+            help="Folder: at the end, write when each push was applied, and whose, to FOLDER/server.npz "
+                 "(psgd.simulate.calibrate lines it up with the workers' traces).")
 @click.pass_context
 @env_option("--curve-secret-key", type=click.Path(dir_okay=False, exists=True), default=None,
             help="CURVE: encrypt and authenticate with this secret key file (from psgd keygen).")
@@ -595,8 +598,8 @@ def fetch(data_dir, mirrors):
                  "control/ subfolder may also steer the run (set_lr, pause, resume, shutdown, describe). All "
                  "others get nothing.")
 def server(ctx, bind, insecure, server_shard, num_shards, data_shards, wait_for_workers, shared_memory, ready_file,
-           checkpoint_dir, checkpoint_every, checkpoint_every_updates, resume, metrics, curve_secret_key, curve_allow,
-           **kw):
+           checkpoint_dir, checkpoint_every, checkpoint_every_updates, resume, metrics, timing_trace, curve_secret_key,
+           curve_allow, **kw):
     """Run a parameter server: hold the weights, apply every push the moment it arrives.
 
     --max-updates and --max-seconds stop it by itself. A coordinator that watches it still
@@ -614,7 +617,7 @@ def server(ctx, bind, insecure, server_shard, num_shards, data_shards, wait_for_
     srv = Server(config, ServerOptions(bind, data_shards, shared_memory, ready_file, config.max_updates,
                                        config.max_seconds, checkpoint_dir, checkpoint_every, resume,
                                        server_shard, num_shards, keys,
-                                       checkpoint_every_updates, insecure, wait_for_workers))
+                                       checkpoint_every_updates, insecure, wait_for_workers, timing_trace))
     st = srv.state.store
     click.echo(f"psgd server listening on {srv.endpoint} ({config.model.sizes}; shard {st.shard} of "
                f"{st.num_server_shards}: parameters [{st.lo}, {st.hi}))")
@@ -657,10 +660,13 @@ def server(ctx, bind, insecure, server_shard, num_shards, data_shards, wait_for_
             help="Start this many workers, one process each, reaped together (named NAME-0.. with --name).")
 @env_option("--threads", type=click.IntRange(1), default=None,
             help="BLAS threads per worker. Default: this host's cores divided by the workers running on it.")
+@env_option("--timing-trace", type=click.Path(file_okay=False), default=None,
+            help="Folder: at the end, write each step's phase timings to FOLDER/NAME.npz (the first "
+                 "100,000 laps; psgd.simulate.calibrate replays them).")
 @client_curve_options
 @click.pass_context
 def worker(ctx, connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps, server_wait, slowdown,
-           model, overlap, count, threads, curve_key, curve_server_key):
+           model, overlap, count, threads, timing_trace, curve_key, curve_server_key):
     """Run a worker: pull weights, compute gradients on a data shard, push them (Downpour)."""
     if count > 1:
         from .worker.group import run_group
@@ -671,7 +677,7 @@ def worker(ctx, connect, name, transport, shard, data_dir, batch_size, n_fetch, 
     from .worker.loop import Worker, WorkerOptions
     options = WorkerOptions(connect, name, transport, shard, data_dir, batch_size, n_fetch, n_push, max_steps,
                             server_wait if server_wait is not None else SERVER_WAIT_S, slowdown,
-                            client_keys(curve_key, curve_server_key), model, overlap, threads)
+                            client_keys(curve_key, curve_server_key), model, overlap, threads, timing_trace)
     work = Worker(options)
     stats = work.run()
     if work.stop_signal is not None and not work.joined_once:

@@ -304,6 +304,7 @@ def _run_cluster_served(config, data, on_event, say, resume: bool, interrupt: Wa
                 ckpt = Path(config.out_dir) / "checkpoints" / ("" if config.servers == 1 else f"shard-{k}")
                 server_args += ["--checkpoint-dir", str(ckpt),
                                 "--checkpoint-every", str(CHECKPOINT_EVERY_S)] + (["--resume"] if resume else [])
+                server_args += ["--timing-trace", str(Path(config.out_dir) / "timing")]  # with the workers'
             servers.append((cluster.spawn(name, server_args, role="server"), ready))
         endpoint = ",".join(_wait_ready(server, ready, interrupt.requested) for server, ready in servers)
         oversubscribed = config.workers + config.servers > (os.cpu_count() or 1)
@@ -316,6 +317,8 @@ def _run_cluster_served(config, data, on_event, say, resume: bool, interrupt: Wa
                 args += ["--slowdown", str(config.slow_worker)]
             if config.model.factory:  # each worker loads the user's model itself
                 args += ["--model", config.model.factory]
+            if keep_logs:  # what each step took, in order: psgd.simulate.calibrate replays it
+                args += ["--timing-trace", str(Path(config.out_dir) / "timing")]
             cluster.spawn(f"worker-{i}", args, WORKER_ENV, nice=worker_nice(config.workers) if oversubscribed else 0)
 
         def watch() -> list[str]:

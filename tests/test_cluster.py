@@ -265,6 +265,15 @@ def test_four_workers_with_the_defaults_and_the_report_of_where_the_time_went(pr
     text = procs.log("report")
     assert "where the time went: start-up" in text and "training" in text and "evaluation" in text
     assert sorted(p.name for p in (out / "logs").iterdir()) == ["server.log"] + [f"worker-{i}.log" for i in range(4)]
+    # each step's timings, for psgd simulate to replay: every push a worker made, and the server's applies
+    assert sorted(p.name for p in (out / "timing").iterdir()) == ["server.npz"] + [f"worker-{i}.npz" for i in range(4)]
+    from psgd.server.pushtimes import read_push_times
+    from psgd.simulate.calibrate import measured_spec
+    applied = read_push_times(out / "timing" / "server.npz")
+    pushes = [summary["per_worker"][f"worker-{i}"]["pushes"] for i in range(4)]
+    assert [len(applied[f"worker-{i}"]) for i in range(4)] == pushes and sum(pushes) == summary["updates"]
+    trips = measured_spec(out).worker_trip_trace  # a worker's refused pushes are round trips too
+    assert all(len(t) >= p for t, p in zip(trips, pushes)), ([len(t) for t in trips], pushes)
 
 
 @pytest.mark.parametrize("transport", ["zmq", "shm"])

@@ -29,6 +29,7 @@ from ..wire.protocol import SERVER_TAKES, decode, encode
 from ..wire.transport import POLL_INTERVAL_MS, Poller, ServerKeys, ServerSocket, max_message_bytes
 from .exposure import resolve_bind
 from .phase import Phase
+from .pushtimes import PushTimes
 from .state import APPLIED, HELD, REFUSED, SHUTDOWN, ServerState
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class ServerOptions:
     checkpoint_every_updates: int | None = None  # also checkpoint after this many updates
     insecure: bool = False  # allow a non-loopback bind without CURVE (the caller warns)
     wait_for_workers: int = 0  # ssp/sync: hold every ack until this many workers said hello
+    timing_trace: str | None = None  # a folder: write when each push was applied to FOLDER/server[-K].npz at the end
 
 
 class Server:
@@ -73,6 +75,8 @@ class Server:
         self.state = ServerState(config, options.data_shards, params, writer,
                                  shard=options.shard, num_server_shards=options.num_shards,
                                  max_updates=options.max_updates, wait_for_workers=options.wait_for_workers)
+        if options.timing_trace:
+            self.state.push_times = PushTimes()
         self._last_checkpoint = (time.monotonic(), 0)  # version 0 is the seed: nothing to keep
         if options.resume:
             self._resume()
@@ -168,6 +172,17 @@ class Server:
             return self.state.stats()
         finally:
             self.close()
+            self._save_push_times()
+
+    def _save_push_times(self) -> None:
+        times, o = self.state.push_times, self.options
+        if times is None:
+            return
+        path = Path(o.timing_trace) / ("server.npz" if o.num_shards == 1 else f"server-{o.shard}.npz")
+        try:
+            times.save(path)
+        except OSError as exc:  # the run is what matters: a full disk costs the trace only
+            log.warning(f"cannot write the push times {path}: {exc.strerror or exc}")
 
     def _finished(self, start) -> bool:
         o, s = self.options, self.state

@@ -73,6 +73,7 @@ class ServerState:
         self.wait_for_workers = wait_for_workers  # ssp/sync: the start barrier (see _release)
         self.store = ParameterStore(config, params, write_lock, shard, num_server_shards, max_updates)
         self.members = Membership(config.lease_s, num_data_shards, clock)
+        self.push_times = None  # a psgd.server.pushtimes.PushTimes: when each push was applied, if kept
         self.phase = RunPhase(clock)
         self.gate = make_gate(config, self.store.size, self.store.dtype)
         self.guard = OutlierGuard(config.outlier_k, config.outlier_window)
@@ -126,6 +127,8 @@ class ServerState:
         if action in (APPLY, APPLY_HOLD):
             version, staleness = self.store.apply(base_version, examples, grad)
             self.members.count(worker_id, examples, staleness)
+            if self.push_times is not None:
+                self.push_times.add(record.name)
             if action == APPLY:
                 decision = Decision(APPLIED, version, staleness)
             else:

@@ -30,6 +30,7 @@ from ..model.optim import OptimizerSpec
 from .core import StepSettings, WorkerCore, new_stats
 from .threads import ThreadShare
 from .local import LocalCore
+from .timing import TimingTrace
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class WorkerOptions:
     model: str | None = None  # package.module:factory of a user's model (the server never names it)
     overlap: bool | None = None  # None: the run's (from the server's welcome)
     threads: int | None = None  # BLAS threads; None: this host's cores shared by its workers (worker.threads)
+    timing_trace: str | None = None  # a folder: write every lap's timing to FOLDER/NAME.npz at the end (worker.timing)
 
 
 def make_core(net, settings: StepSettings, run: dict, stats: dict) -> WorkerCore:
@@ -136,6 +138,8 @@ class Worker:
                                     max_steps=o.max_steps, heartbeat_every_s=float(run.get("lease_s", 10.0)) / 3,
                                     overlap=o.overlap if o.overlap is not None else run.get("overlap") is True)
             self.core = make_core(net, settings, run, self.stats)
+            if o.timing_trace:
+                self.core.timer.trace = TimingTrace()
             self.channel.timing_source = self.core.timer.snapshot
             self._model_key = key
         else:
@@ -186,7 +190,18 @@ class Worker:
         finally:
             self.channel.close()
             self.threads.close()
+            self._save_trace()
         return self.stats
+
+    def _save_trace(self) -> None:
+        trace = self.core.timer.trace if self.core is not None else None
+        if trace is None or trace.wall_start is None:
+            return
+        path = os.path.join(self.options.timing_trace, f"{self.name}.npz")
+        try:
+            trace.save(path)
+        except OSError as exc:  # the training happened: a full disk costs the trace, not the run's exit
+            log.warning(f"{self.name}: cannot write its timing trace {path}: {exc.strerror or exc}")
 
     def _should_stop(self) -> bool:
         """Asked every step: a signal ends the run; now and then the cores are shared again."""
