@@ -228,3 +228,124 @@ def test_measured_spec_reads_a_clusters_logs(tmp_path):
     assert spec.delay.mean == pytest.approx(trip / 4) and spec.reply_delay.mean == pytest.approx(trip * 3 / 4)
     with pytest.raises(Exception, match="no worker logs"):
         measured_spec(tmp_path / "nothing")
+
+
+# --- measured timing traces, and their replay -------------------------------------------
+
+def _trace_file(path, laps, clock_start=100.0, max_laps=1000):
+    """A worker's trace of ``laps`` [(phase, seconds)], as psgd worker writes it."""
+    from psgd.worker.timing import StepTimer, TimingTrace
+    now = [clock_start]
+    timer = StepTimer(clock=lambda: now[0], trace=TimingTrace(max_laps))
+    timer.start()
+    for phase, seconds in laps:
+        now[0] += seconds
+        timer.lap(phase)
+    timer.trace.save(path)
+    return timer.trace
+
+
+def test_a_timing_trace_keeps_every_lap_in_order_and_is_bounded(tmp_path):
+    from psgd.worker.timing import read_trace
+    laps = [("pull", 0.001), ("batch", 0.0005), ("compute", 0.002), ("push", 0.003), ("other", 0.0001)]
+    _trace_file(tmp_path / "w.npz", laps)
+    t = read_trace(tmp_path / "w.npz")
+    assert t["phase"] == ["start"] + [p for p, _ in laps] and t["clock_start"] == 100.0 and t["dropped"] == 0
+    assert t["end"] == pytest.approx(np.cumsum([0.0] + [s for _, s in laps]))
+    bounded = _trace_file(tmp_path / "b.npz", laps * 10, max_laps=4)
+    assert bounded.n == 4 and bounded.dropped == 47  # the start mark and 50 laps: the first 4 kept, 47 counted
+    assert read_trace(tmp_path / "b.npz")["phase"] == ["start", "pull", "batch", "compute"]
+    assert (tmp_path / "b.npz").stat().st_size < 2000
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(Exception, match="bad.npz"):
+        read_trace(tmp_path / "bad.npz")
+
+
+def test_push_times_say_whose_push_was_applied_when_and_are_bounded(tmp_path):
+    from psgd.server.pushtimes import PushTimes, read_push_times
+    now = iter([1.0, 2.0, 3.0, 4.0])
+    times = PushTimes(max_pushes=3, clock=lambda: next(now))
+    for name in ("worker-1", "worker-0", "worker-1", "worker-0"):
+        times.add(name)
+    assert times.dropped == 1
+    times.save(tmp_path / "server.npz")
+    got = read_push_times(tmp_path / "server.npz")
+    assert {k: list(v) for k, v in got.items()} == {"worker-1": [1.0, 3.0], "worker-0": [2.0]}
+
+
+def test_measured_spec_replays_traces_split_at_the_servers_apply(tmp_path):
+    from psgd.server.pushtimes import PushTimes
+    from psgd.simulate.calibrate import trace_windows
+    from psgd.worker.timing import read_trace
+    timing = tmp_path / "timing"
+    # worker-0 starts at clock 100: pull 1 ms, then two pushes; worker-1 at clock 100.5, one push
+    laps0 = [("pull", 0.001), ("batch", 0.0005), ("compute", 0.002), ("push", 0.002), ("other", 0.0001),
+             ("batch", 0.0004), ("compute", 0.002), ("push", 0.003), ("other", 0.0001)]
+    _trace_file(timing / "worker-0.npz", laps0, clock_start=100.0)
+    _trace_file(timing / "worker-1.npz", [("pull", 0.002), ("batch", 0.001), ("compute", 0.004), ("push", 0.001)],
+                clock_start=100.5)
+    applied = iter([100.0045, 100.5075, 100.0090])  # worker-0's first, worker-1's, worker-0's second
+    server = PushTimes(clock=lambda: next(applied))
+    for name in ("worker-0", "worker-1", "worker-0"):
+        server.add(name)
+    server.save(timing / "server.npz")
+    computes, trips, theres = trace_windows(read_trace(timing / "worker-0.npz"), [100.0045, 100.0090])
+    assert computes == pytest.approx([0.0025, 0.0025]) and trips == pytest.approx([0.002, 0.003])
+    assert theres == pytest.approx([0.001, 0.001])
+    assert trace_windows(read_trace(timing / "worker-0.npz"))[2] == [None, None]  # no server times: not measured
+    spec = measured_spec(tmp_path)
+    flat = lambda traces: [t for trace in traces for t in trace]  # noqa: E731
+    assert flat(spec.worker_compute_trace) == pytest.approx([0.0025, 0.0025, 0.005])
+    assert flat(spec.worker_there_trace) == pytest.approx([0.001, 0.001, 0.0005])
+    assert spec.worker_start == pytest.approx((0.0, 0.501)) and spec.start_holding_weights  # first reads
+    assert spec.server.mean == 0.0 and spec.replay == "ordered"
+    (timing / "server.npz").unlink()  # without the server's times: the fixed fraction
+    assert measured_spec(tmp_path, before_apply=0.25).worker_there_trace == ()
+
+
+def _oracle_staleness(starts, computes, theres, backs, pushes: int) -> list[int]:
+    """The staleness of the first ``pushes`` applies of a timeline the traces imply, worked
+    out by hand: a worker reads at its start, computes, its push is applied after the way
+    there, it reads again after the way back; a push's staleness is the applies between
+    its worker's read and its own."""
+    applies = []  # (apply time, read time)
+    for i, start in enumerate(starts):
+        t = start
+        for k in range(pushes):
+            at = t + computes[i][k % len(computes[i])] + theres[i][k % len(theres[i])]
+            applies.append((at, t))
+            t = at + backs[i][k % len(backs[i])]
+    applies.sort()
+    times = [a for a, _ in applies]
+    return [int(np.searchsorted(times, a) - np.searchsorted(times, r)) for a, r in applies[:pushes]]
+
+
+def test_an_ordered_replay_reproduces_the_measured_timelines_staleness(blobs):
+    """Three workers with irregular measured times (cycled: the traces are shorter than the
+    run): the simulation's staleness histogram is the one the timeline implies, exactly."""
+    rng = np.random.default_rng(3)
+    n = 3
+    computes = tuple(tuple(rng.uniform(0.5e-3, 4e-3, 37)) for _ in range(n))
+    trips = tuple(tuple(rng.uniform(0.2e-3, 3e-3, 29)) for _ in range(n))
+    theres = tuple(tuple(t * f for t, f in zip(trip, rng.uniform(0, 1, len(trip)))) for trip in trips)
+    starts = (0.0, 0.0013, 0.0021)
+    spec = SimSpec(worker_compute_trace=computes, worker_trip_trace=trips, worker_there_trace=theres,
+                   worker_start=starts, start_holding_weights=True)
+    # no outlier guard: a refused push leaves the timeline (its worker pulls afresh)
+    sim, summary = run(config(blobs, workers=n, outlier_k=0), spec)
+    assert sim.counts["refused"] == 0
+    backs = [[t - w for t, w in zip(trip, there)] for trip, there in zip(trips, theres)]
+    expected = StalenessHistogram()
+    for s in _oracle_staleness(starts, computes, theres, backs, summary["updates"]):
+        expected.add(s)
+    got = StalenessHistogram.from_dict(summary["staleness_histogram"])
+    assert got.counts == expected.counts and summary["staleness"]["max"] >= 2
+    shuffled, _ = run(config(blobs, workers=n), SimSpec(**{**spec.__dict__, "replay": "shuffled"}))
+    for w, times in zip(shuffled.workers, computes):  # the same times, in another order
+        assert sorted(w.compute_trace.times) == sorted(times) and w.compute_trace.times != list(times)
+    with pytest.raises(ConfigError, match="compute traces for 3 workers"):
+        run(config(blobs, workers=n), SimSpec(worker_compute_trace=computes[:2]))
+    with pytest.raises(ConfigError, match="same length"):
+        SimSpec(worker_trip_trace=trips, worker_there_trace=theres[:2])
+    with pytest.raises(ConfigError, match="replay"):
+        SimSpec(replay="backwards")

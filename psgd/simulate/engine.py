@@ -60,6 +60,7 @@ from .events import Dist, EventQueue
 MAX_SIM_WORKERS = 10_000
 RATES_MAX_WORKERS = 256  # per-worker rates and straggler flags in each evaluation record up to this many workers
 TIMING_STREAM = 7  # seeds each worker's timing generator apart from its data's
+REPLAYS = ("ordered", "shuffled")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,24 @@ class SimSpec:
     # once it has a core: fewer pushes land between its read and its push.
     cores: int = 0
     timing_seed: int = 0  # draws the timings (the run's seed draws the weights and the data)
+    # Measured traces (psgd.simulate.calibrate), replayed in order and from the start again
+    # when the run asks for more: per worker, the compute seconds of each push window (its
+    # n_push steps), overriding compute; and each push's round trip (the gradient's way to
+    # the server, the server's work on it, the ack and the reading of the weights),
+    # overriding delay and reply_delay for pushes. Of a round trip, the way there is
+    # worker_there_trace's time for that push where measured, else before_apply of it; the
+    # server's mean work (``server``) is taken off the way there, since the queue adds it.
+    worker_compute_trace: tuple[tuple[float, ...], ...] = ()
+    worker_trip_trace: tuple[tuple[float, ...], ...] = ()
+    worker_there_trace: tuple[tuple[float, ...], ...] = ()
+    before_apply: float = 0.5
+    # "ordered": the traces as measured, one after the other; "shuffled": each worker's
+    # measured times in an order drawn with the timing seed (the same times, a different
+    # timeline: how far the measured spread alone takes the simulation)
+    replay: str = "ordered"
+    # Each worker begins holding the server's weights at its worker_start (a trace's first
+    # read), instead of saying hello and pulling then
+    start_holding_weights: bool = False
     memory_limit_mb: float = 4096.0  # the weight copies in flight may not exceed this (worst case)
 
     def __post_init__(self):
@@ -94,11 +113,25 @@ class SimSpec:
             raise ConfigError("cores must be >= 0 (0: one per worker)")
         if not self.memory_limit_mb > 0:
             raise ConfigError("the memory limit must be > 0 MB")
+        for what, traces in (("compute", self.worker_compute_trace), ("round-trip", self.worker_trip_trace),
+                             ("way-there", self.worker_there_trace)):
+            if any(not trace or not all(t >= 0 for t in trace) for trace in traces):
+                raise ConfigError(f"a worker's {what} trace needs at least one time, each >= 0 seconds")
+        if self.worker_there_trace and [len(t) for t in self.worker_there_trace] != \
+                [len(t) for t in self.worker_trip_trace]:
+            raise ConfigError("way-there traces need a round-trip trace of the same length each")
+        if self.replay not in REPLAYS:
+            raise ConfigError(f"replay is one of {', '.join(REPLAYS)}, not {self.replay!r}")
+        if not 0 <= self.before_apply <= 1:
+            raise ConfigError(f"before_apply is a fraction of the round trip in [0, 1], not {self.before_apply}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["worker_compute"], d["worker_start"] = list(self.worker_compute), list(self.worker_start)
         d["reply_delay"] = self.reply_delay.to_dict() if self.reply_delay is not None else None
+        for key in ("worker_compute_trace", "worker_trip_trace", "worker_there_trace"):  # a summary, not every time
+            d[key] = {"lengths": [len(t) for t in d[key]], "means": [sum(t) / len(t) for t in d[key]]} \
+                if d[key] else None
         return d
 
 
@@ -114,11 +147,15 @@ class _Worker:
     """One simulated worker process: its data, its timing, what it holds."""
 
     __slots__ = ("index", "name", "shards", "worker_id", "batches", "rng", "timing", "compute", "generation",
-                 "alive", "snap", "snap_version", "steps", "data_generation", "reassignments", "done", "on_cpu")
+                 "alive", "snap", "snap_version", "steps", "data_generation", "reassignments", "done", "on_cpu",
+                 "compute_trace", "there_trace", "back_trace", "way_back")
 
-    def __init__(self, index: int, compute: Dist, timing_rng):
+    def __init__(self, index: int, compute: Dist, timing_rng, compute_trace=None, there_trace=None, back_trace=None):
         self.index, self.name, self.shards = index, f"worker-{index}", [index]
         self.compute, self.timing = compute, timing_rng
+        self.compute_trace = compute_trace  # Replay objects, or None
+        self.there_trace, self.back_trace = there_trace, back_trace  # a push's way there and back, replayed together
+        self.way_back: float | None = None  # the replayed round trip's way back of the push in flight
         self.worker_id = -1
         self.batches = self.rng = None
         self.generation = 0  # an incarnation: events of an earlier one are ignored
@@ -127,6 +164,22 @@ class _Worker:
         self.steps = 0
         self.data_generation = self.reassignments = 0
         self.on_cpu = False
+
+
+class Replay:
+    """A measured sequence of durations, in order, from the start again at its end;
+    each ``factor`` times as long plus ``shift`` seconds, never below 0."""
+
+    __slots__ = ("times", "at")
+
+    def __init__(self, times, factor: float = 1.0, shift: float = 0.0):
+        self.times = [max(float(t) * factor + shift, 0.0) for t in times]
+        self.at = 0
+
+    def next(self) -> float:
+        t = self.times[self.at]
+        self.at = (self.at + 1) % len(self.times)
+        return t
 
 
 def shards_of(n: int, num_shards: int, seed: int) -> list[np.ndarray]:
@@ -152,9 +205,10 @@ class Simulator:
         if config.n_fetch % config.n_push:
             raise ConfigError(f"the simulator needs n_fetch a multiple of n_push (here {config.n_fetch} and "
                               f"{config.n_push}): a fetch inside a push window is not modelled")
-        for what, values in (("compute", spec.worker_compute), ("start", spec.worker_start)):
+        for what, values in (("compute", spec.worker_compute), ("start", spec.worker_start),
+                             ("compute trace", spec.worker_compute_trace), ("round-trip trace", spec.worker_trip_trace)):
             if values and len(values) != n:
-                raise ConfigError(f"{len(values)} per-worker {what} times for {n} workers")
+                raise ConfigError(f"{len(values)} per-worker {what}s for {n} workers")
         if n > len(data.train):
             raise ConfigError(f"{n} workers for {len(data.train)} training examples: every worker's data shard "
                               "needs at least one example")
@@ -207,15 +261,18 @@ class Simulator:
         self._set_lr()
         setup0 = time.perf_counter()
         for i in range(c.workers):
-            mean = spec.worker_compute[i] if spec.worker_compute else spec.compute.mean
-            if i >= c.workers - spec.stragglers:
-                mean *= spec.straggler_factor
+            slow = spec.straggler_factor if i >= c.workers - spec.stragglers else 1.0
+            mean = (spec.worker_compute[i] if spec.worker_compute else spec.compute.mean) * slow
             w = _Worker(i, Dist(spec.compute.kind, mean, spec.compute.sigma),
-                        np.random.default_rng([c.seed, TIMING_STREAM, spec.timing_seed, i]))
+                        np.random.default_rng([c.seed, TIMING_STREAM, spec.timing_seed, i]),
+                        self._compute_replay(i, slow), *self._trip_replays(i))
             self.workers.append(w)
             self.now = spec.worker_start[i] if spec.worker_start else 0.0
             self._join(w)
-            self.queue.schedule(self._after(w, spec.delay, 2), "pull", i, w.generation)  # hello, then the pull
+            if spec.start_holding_weights:
+                self.queue.schedule(self.now, "read", i, w.generation)  # it has read them: it computes
+            else:
+                self.queue.schedule(self._after(w, spec.delay, 2), "pull", i, w.generation)  # hello, then the pull
             self._schedule_death(w)
         self.now = 0.0
         self.timers["setup_s"] = time.perf_counter() - setup0  # the workers' hellos: not the loop's overhead
@@ -287,10 +344,11 @@ class Simulator:
                 w.snap = copy
         self.live_holders.clear()
 
-    def _pull(self, w: _Worker) -> None:
+    def _pull(self, w: _Worker, way_back: float | None = None) -> None:
         """A pull reaches the server: its weights go back with the reply."""
         self._fetch(w)
-        self.queue.schedule(self._after(w, self.reply_delay), "ready", w.index, w.generation)
+        back = way_back if way_back is not None else self.reply_delay.sample(w.timing)
+        self.queue.schedule(self.now + back, "ready", w.index, w.generation)
 
     def _read(self, w: _Worker) -> None:
         """Shared memory: the worker reads the server's weights itself, then computes."""
@@ -312,16 +370,53 @@ class Simulator:
         """(Read the weights,) n_push steps of compute; then the push travels to the server."""
         if read:
             self._fetch(w)
-        t = self.now + sum(w.compute.sample(w.timing) for _ in range(self.config.n_push))
+        if w.compute_trace is not None:
+            t = self.now + w.compute_trace.next()
+        else:
+            t = self.now + sum(w.compute.sample(w.timing) for _ in range(self.config.n_push))
         if self.spec.cores:
             w.on_cpu = True
             self.queue.schedule(t, "computed", w.index, w.generation)
         else:
-            self.queue.schedule(t + self.spec.delay.sample(w.timing), "arrive", w.index, w.generation)
+            self.queue.schedule(t + self._way_there(w), "arrive", w.index, w.generation)
 
     def _computed(self, w: _Worker) -> None:
         self._release_cpu(w)
-        self.queue.schedule(self._after(w, self.spec.delay), "arrive", w.index, w.generation)
+        self.queue.schedule(self.now + self._way_there(w), "arrive", w.index, w.generation)
+
+    def _way_there(self, w: _Worker) -> float:
+        """A push's delay to the server: drawn, or its part of a replayed round trip (the
+        rest is kept for the ack's way back)."""
+        if w.there_trace is None:
+            return self.spec.delay.sample(w.timing)
+        w.way_back = w.back_trace.next()
+        return w.there_trace.next()
+
+    def _replay_order(self, i: int, stream: int, n: int) -> np.ndarray:
+        if self.spec.replay == "ordered":
+            return np.arange(n)
+        return np.random.default_rng([self.config.seed, TIMING_STREAM, self.spec.timing_seed, i, stream]).permutation(n)
+
+    def _compute_replay(self, i: int, slow: float):
+        """Worker i's replayed compute windows (None: drawn)."""
+        if not self.spec.worker_compute_trace:
+            return None
+        times = self.spec.worker_compute_trace[i]
+        return Replay([times[k] for k in self._replay_order(i, 1, len(times))], slow)
+
+    def _trip_replays(self, i: int) -> tuple:
+        """Worker i's replayed ways there and back, one push's pair at a time (None, None: drawn)."""
+        spec = self.spec
+        if not spec.worker_trip_trace:
+            return None, None
+        trips = spec.worker_trip_trace[i]
+        there = spec.worker_there_trace[i] if spec.worker_there_trace else [t * spec.before_apply for t in trips]
+        order = self._replay_order(i, 2, len(trips))
+        return Replay([there[k] for k in order], 1.0, -spec.server.mean), Replay([trips[k] - there[k] for k in order])
+
+    def _way_back(self, w: _Worker) -> float:
+        back, w.way_back = w.way_back, None
+        return back if back is not None else self.reply_delay.sample(w.timing)
 
     def _release_cpu(self, w: _Worker) -> None:
         """The worker's core goes to the next worker waiting (of one still alive)."""
@@ -421,11 +516,11 @@ class Simulator:
                 w.shards, w.reassignments = list(record.data_shards), w.reassignments + 1
                 w.batches = None
         if w.steps % c.n_fetch:
-            self.queue.schedule(self._after(w, self.reply_delay), "ready", w.index, w.generation)
+            self.queue.schedule(self.now + self._way_back(w), "ready", w.index, w.generation)
         elif c.transport == "zmq":
-            self._pull(w)  # the weights ride in the ack
+            self._pull(w, self._way_back(w))  # the weights ride in the ack
         else:
-            self.queue.schedule(self._after(w, self.reply_delay), "read", w.index, w.generation)
+            self.queue.schedule(self.now + self._way_back(w), "read", w.index, w.generation)
 
     def _die(self, w: _Worker) -> None:
         """The process dies: its pending messages are lost. Over shared memory its doorbell
@@ -434,7 +529,7 @@ class Simulator:
         if w.on_cpu:
             self._release_cpu(w)
         w.generation += 1
-        w.alive, w.snap, w.snap_version = False, None, -1
+        w.alive, w.snap, w.snap_version, w.way_back = False, None, -1, None
         if self.config.transport == "zmq":
             for k in (1, 2):  # the lease check is rate-limited: look twice
                 self.queue.schedule(self.now + self.config.lease_s + k * LEASE_CHECK_S, "tick")
