@@ -261,20 +261,31 @@ def test_a_timing_trace_keeps_every_lap_in_order_and_is_bounded(tmp_path):
         read_trace(tmp_path / "bad.npz")
 
 
-def test_push_times_say_whose_push_was_applied_when_and_are_bounded(tmp_path):
+def test_push_times_say_whose_push_was_applied_when_from_which_weights_and_are_bounded(tmp_path):
     from psgd.server.pushtimes import PushTimes, read_push_times
     now = iter([1.0, 2.0, 3.0, 4.0])
     times = PushTimes(max_pushes=3, clock=lambda: next(now))
-    for name in ("worker-1", "worker-0", "worker-1", "worker-0"):
-        times.add(name)
+    for name, version, base in (("worker-1", 1, 0), ("worker-0", 2, 0), ("worker-1", 3, 1), ("worker-0", 4, 2)):
+        times.add(name, version, base)
     assert times.dropped == 1
     times.save(tmp_path / "server.npz")
-    got = read_push_times(tmp_path / "server.npz")
-    assert {k: list(v) for k, v in got.items()} == {"worker-1": [1.0, 3.0], "worker-0": [2.0]}
+    log = read_push_times(tmp_path / "server.npz")
+    assert {k: list(v) for k, v in log.times.items()} == {"worker-1": [1.0, 3.0], "worker-0": [2.0]}
+    assert list(log.bases["worker-1"]) == [0, 1] and log.version_time == {1: 1.0, 2: 2.0, 3: 3.0}
+
+
+def _push_log(folder, applies):
+    """The server's push times: ``applies`` [(clock time, worker name, version, base version)]."""
+    from psgd.server.pushtimes import PushTimes
+    clock = iter([t for t, *_ in applies])
+    server = PushTimes(clock=lambda: next(clock))
+    for _, name, version, base in applies:
+        server.add(name, version, base)
+    server.save(folder / "server.npz")
 
 
 def test_measured_spec_replays_traces_split_at_the_servers_apply(tmp_path):
-    from psgd.server.pushtimes import PushTimes
+    from psgd.server.pushtimes import read_push_times
     from psgd.simulate.calibrate import trace_windows
     from psgd.worker.timing import read_trace
     timing = tmp_path / "timing"
@@ -284,23 +295,40 @@ def test_measured_spec_replays_traces_split_at_the_servers_apply(tmp_path):
     _trace_file(timing / "worker-0.npz", laps0, clock_start=100.0)
     _trace_file(timing / "worker-1.npz", [("pull", 0.002), ("batch", 0.001), ("compute", 0.004), ("push", 0.001)],
                 clock_start=100.5)
-    applied = iter([100.0045, 100.5075, 100.0090])  # worker-0's first, worker-1's, worker-0's second
-    server = PushTimes(clock=lambda: next(applied))
-    for name in ("worker-0", "worker-1", "worker-0"):
-        server.add(name)
-    server.save(timing / "server.npz")
-    computes, trips, theres = trace_windows(read_trace(timing / "worker-0.npz"), [100.0045, 100.0090])
-    assert computes == pytest.approx([0.0025, 0.0025]) and trips == pytest.approx([0.002, 0.003])
-    assert theres == pytest.approx([0.001, 0.001])
-    assert trace_windows(read_trace(timing / "worker-0.npz"))[2] == [None, None]  # no server times: not measured
+    _push_log(timing, [(100.0045, "worker-0", 1, 0), (100.0090, "worker-0", 2, 1), (100.5075, "worker-1", 3, 2)])
+    cycle = trace_windows(read_trace(timing / "worker-0.npz"), read_push_times(timing / "server.npz"), "worker-0")
+    assert cycle.compute == pytest.approx([0.0025, 0.0025]) and cycle.trip == pytest.approx([0.002, 0.003])
+    assert cycle.there == pytest.approx([0.001, 0.001]) and cycle.first_read == pytest.approx(0.001)
+    assert trace_windows(read_trace(timing / "worker-0.npz")).there == [None, None]  # no server times: not measured
     spec = measured_spec(tmp_path)
     flat = lambda traces: [t for trace in traces for t in trace]  # noqa: E731
     assert flat(spec.worker_compute_trace) == pytest.approx([0.0025, 0.0025, 0.005])
     assert flat(spec.worker_there_trace) == pytest.approx([0.001, 0.001, 0.0005])
     assert spec.worker_start == pytest.approx((0.0, 0.501)) and spec.start_holding_weights  # first reads
     assert spec.server.mean == 0.0 and spec.replay == "ordered"
+    # a worker that joined late and was still computing its first window when the run ended
+    _trace_file(timing / "worker-2.npz", [("pull", 0.001), ("batch", 0.001), ("compute", 0.1)], clock_start=100.9)
+    spec = measured_spec(tmp_path)
+    assert spec.worker_compute_trace[2] == pytest.approx((0.101,)) and spec.worker_start[2] == pytest.approx(0.9)
+    assert spec.worker_trip_trace[2] == pytest.approx(((0.002 + 0.003) / 2 + 0.001) / 2,)
     (timing / "server.npz").unlink()  # without the server's times: the fixed fraction
     assert measured_spec(tmp_path, before_apply=0.25).worker_there_trace == ()
+
+
+def test_a_read_the_workers_clock_put_after_a_later_apply_moves_before_it(tmp_path):
+    """worker-0 read version 1 (its own push) but looked at the clock only after worker-1's
+    push made version 2: its read moves to just before that apply, the way back shortens
+    and the next window's compute grows by as much."""
+    from psgd.server.pushtimes import read_push_times
+    from psgd.simulate.calibrate import READ_BEFORE_S, trace_windows
+    from psgd.worker.timing import read_trace
+    laps = [("pull", 0.001), ("compute", 0.002), ("push", 0.004), ("compute", 0.002), ("push", 0.002)]
+    _trace_file(tmp_path / "worker-0.npz", laps, clock_start=0.0)  # reads at 0.001 and 0.007
+    _push_log(tmp_path, [(0.004, "worker-0", 1, 0), (0.0055, "worker-1", 2, 0), (0.010, "worker-0", 3, 1)])
+    cycle = trace_windows(read_trace(tmp_path / "worker-0.npz"), read_push_times(tmp_path / "server.npz"), "worker-0")
+    early = 0.007 - (0.0055 - READ_BEFORE_S)
+    assert cycle.trip == pytest.approx([0.004 - early, 0.002]) and cycle.compute == pytest.approx([0.002, 0.002 + early])
+    assert cycle.there == pytest.approx([0.001, 0.001])
 
 
 def _oracle_staleness(starts, computes, theres, backs, pushes: int) -> list[int]:

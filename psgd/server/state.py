@@ -128,7 +128,7 @@ class ServerState:
             version, staleness = self.store.apply(base_version, examples, grad)
             self.members.count(worker_id, examples, staleness)
             if self.push_times is not None:
-                self.push_times.add(record.name)
+                self.push_times.add(record.name, version, base_version)
             if action == APPLY:
                 decision = Decision(APPLIED, version, staleness)
             else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from ..errors import DataError
 from ..metrics import StalenessHistogram
 import numpy as np
 
-from ..server.pushtimes import read_push_times
+from ..server.pushtimes import PushLog, read_push_times
 from ..worker.timing import read_trace
 from .engine import SimSpec, staleness_tv
 from .events import Dist
@@ -37,41 +38,73 @@ _DONE = re.compile(r"worker done: (\d+) steps, (\d+) pushes, .* compute ([0-9.]+
 _JOINED = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) worker INFO \S+ joined")
 
 
-def trace_windows(trace: dict, applied=None) -> tuple[list[float], list[float], list[float | None]]:
-    """(compute seconds of each push window, round trip of each push, its way there) from a
-    trace read by psgd.worker.timing.read_trace. A window's compute is every lap since the
-    previous push but pulls; a loop's restart (after a reconnect) begins a new window.
-    ``applied``: the sorted clock times at which the server applied this worker's pushes
-    (psgd.server.pushtimes); a push's way there is from its start to the apply inside its
-    round trip, None where there is none (refused, or not recorded)."""
+READ_BEFORE_S = 1e-6  # a read moved back before an apply lands this long before it
+
+
+@dataclass
+class Windows:
+    """One worker's measured cycle, push by push (seconds): ``compute`` from its read of
+    the weights to its push, ``trip`` the push's round trip to the next read, ``there`` the
+    part of it before the server applied the push (None where no apply was seen: refused);
+    ``first_read``: when it first held weights, since its trace began; ``unfinished``:
+    the compute of the window the run's end cut short."""
+
+    compute: list
+    trip: list
+    there: list
+    first_read: float
+    unfinished: float = 0.0
+
+
+def trace_windows(trace: dict, log: PushLog | None = None, name: str = "") -> Windows:
+    """A worker's cycle from its trace (psgd.worker.timing.read_trace) and, if given, the
+    server's push log (psgd.server.pushtimes) in which it is ``name``.
+
+    A read is where a pull or a push lap ends; a window's compute is every lap from it to
+    the next push (the minibatch, the gradient, the loop's own work); a loop's restart
+    (after a reconnect) begins a new window. With the push log, a push's way there ends
+    when the server applied it, and a read that the worker's clock put after the apply of
+    version ``base + 1`` (the worker read version ``base``: it was descheduled between
+    reading and looking at the clock) moves back to just before that apply: the way back
+    shortens and the next window's compute grows by as much."""
     computes, trips, theres = [], [], []
+    start = trace["clock_start"]
     previous, window = 0.0, 0.0
-    applied = np.asarray(applied if applied is not None else [], np.float64)
+    read, first_read = start, None  # clock times: of the latest read, of the first one
+    floor = start  # a read is never moved before this: its worker's own previous apply
+    applied = log.times.get(name, np.empty(0)) if log is not None else np.empty(0)
     for phase, end in zip(trace["phase"], trace["end"]):
         lap, previous = end - previous, end
         if phase == "start":
-            window = 0.0
+            window, read, floor = 0.0, start + end, start + end
+        elif phase == "pull":
+            read = start + end
+            first_read = read if first_read is None else first_read
         elif phase == "push":
+            rang = start + end - lap
+            k = int(np.searchsorted(applied, rang))
+            seen = k < len(applied) and applied[k] <= rang + lap
+            made = log.version_time.get(int(log.bases[name][k]) + 1) if seen else None
+            if made is not None and floor <= made - READ_BEFORE_S < read:
+                early = read - (made - READ_BEFORE_S)
+                window += early
+                if computes:
+                    trips[-1] -= early
+                else:
+                    first_read = read - early
             computes.append(window)
             trips.append(lap)
-            window = 0.0
-            rang = trace["clock_start"] + end - lap
-            k = int(np.searchsorted(applied, rang))
-            theres.append(float(applied[k] - rang) if k < len(applied) and applied[k] <= rang + lap else None)
-        elif phase != "pull":
+            theres.append(float(applied[k] - rang) if seen else None)
+            first_read = read if first_read is None else first_read
+            window, read = 0.0, start + end
+            floor = float(applied[k]) if seen else read
+        else:
             window += lap
-    return computes, trips, theres
+    return Windows(computes, trips, theres, (first_read if first_read is not None else start) - start, window)
 
 
-def _first_read(trace: dict) -> float:
-    """Seconds from a trace's start to the end of its first pull: when the worker first
-    held weights (0 if the trace has no pull before its first push)."""
-    for phase, end in zip(trace["phase"], trace["end"]):
-        if phase == "pull":
-            return float(end)
-        if phase == "push":
-            break
-    return 0.0
+def _mean(xs) -> float:
+    return sum(xs) / len(xs)
 
 
 def _worker_files(folder: Path, pattern: str) -> list[Path]:
@@ -110,31 +143,38 @@ def _traced_spec(run_dir, files: list[Path], sigma: float, before_apply: float, 
     if names != [f"worker-{i}" for i in range(len(files))]:
         raise DataError(f"{run_dir}/timing: worker traces {', '.join(names)} are not worker-0 to worker-{len(files) - 1}")
     server_file = files[0].parent / "server.npz"
-    applied = read_push_times(server_file) if server_file.exists() else {}
-    computes, trips, theres, reads = [], [], [], []
+    log = read_push_times(server_file) if server_file.exists() else None
+    cycles, reads = [], []
     for path in files:
         trace = read_trace(path)
-        compute, trip, there = trace_windows(trace, applied.get(path.stem))
-        if not compute:
-            raise DataError(f"{path}: the worker never pushed: no round trip to replay")
-        computes.append(tuple(compute))
-        trips.append(tuple(trip))
+        cycles.append(trace_windows(trace, log, path.stem))
+        reads.append(trace["clock_start"] + cycles[-1].first_read)
+    pushed = [c for c in cycles if c.trip]
+    if not pushed:
+        raise DataError(f"{run_dir}: no worker pushed: no round trip to replay")
+    computes, trips, theres = [], [], []
+    for cycle in cycles:
         # where the apply was not seen (a refused push), the way there is the usual fraction
-        theres.append(tuple(t * before_apply if way is None else min(way, t) for t, way in zip(trip, there)))
-        reads.append(trace["clock_start"] + _first_read(trace))
+        there = [t * before_apply if way is None else min(way, t) for t, way in zip(cycle.trip, cycle.there)]
+        if not cycle.trip:  # it joined late and the run ended during its first window: that window, then
+            # a round trip as the others' on average (the simulation stops at the real run's end anyway)
+            cycle = Windows([cycle.unfinished], [_mean([_mean(c.trip) for c in pushed])], [], 0.0)
+            there = [cycle.trip[0] * before_apply]
+        computes.append(tuple(cycle.compute))
+        trips.append(tuple(cycle.trip))
+        theres.append(tuple(there))
     service = 0.0
     if server:
         summary = Path(run_dir) / "summary.json"
         per_push_us = json.loads(summary.read_text()).get("server_cpu_per_push_us") if summary.exists() else None
         service = (per_push_us or 0.0) * 1e-6
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    trip = mean([mean(t) for t in trips])
-    return SimSpec(compute=Dist("lognormal", mean([mean(c) for c in computes]), sigma),
+    trip = _mean([_mean(t) for t in trips])
+    return SimSpec(compute=Dist("lognormal", _mean([_mean(c) for c in computes]), sigma),
                    delay=Dist("lognormal", trip * before_apply, sigma),
                    reply_delay=Dist("lognormal", trip * (1 - before_apply), sigma),
                    server=Dist("constant", service), before_apply=before_apply,
                    worker_compute_trace=tuple(computes), worker_trip_trace=tuple(trips),
-                   worker_there_trace=tuple(theres) if applied else (),
+                   worker_there_trace=tuple(theres) if log is not None else (),
                    worker_start=tuple(t - min(reads) for t in reads), start_holding_weights=True, **overrides)
 
 
