@@ -310,7 +310,7 @@ def test_measured_spec_replays_traces_split_at_the_servers_apply(tmp_path):
     _trace_file(timing / "worker-2.npz", [("pull", 0.001), ("batch", 0.001), ("compute", 0.1)], clock_start=100.9)
     spec = measured_spec(tmp_path)
     assert spec.worker_compute_trace[2] == pytest.approx((0.101,)) and spec.worker_start[2] == pytest.approx(0.9)
-    assert spec.worker_trip_trace[2] == pytest.approx(((0.002 + 0.003) / 2 + 0.001) / 2,)
+    assert spec.worker_trip_trace[2] == pytest.approx((((0.002 + 0.003) / 2 + 0.001) / 2,))
     (timing / "server.npz").unlink()  # without the server's times: the fixed fraction
     assert measured_spec(tmp_path, before_apply=0.25).worker_there_trace == ()
 
