@@ -311,6 +311,11 @@ def test_measured_spec_replays_traces_split_at_the_servers_apply(tmp_path):
     spec = measured_spec(tmp_path)
     assert spec.worker_compute_trace[2] == pytest.approx((0.101,)) and spec.worker_start[2] == pytest.approx(0.9)
     assert spec.worker_trip_trace[2] == pytest.approx((((0.002 + 0.003) / 2 + 0.001) / 2,))
+    # a worker that never joined (the run ended while it started) starts a minute after the run's end
+    (tmp_path / "config.json").write_text(json.dumps({"workers": 4}))
+    (tmp_path / "summary.json").write_text(json.dumps({"wall_time": 5.0}))
+    spec = measured_spec(tmp_path)
+    assert len(spec.worker_compute_trace) == 4 and spec.worker_start[3] == 65.0
     (timing / "server.npz").unlink()  # without the server's times: the fixed fraction
     assert measured_spec(tmp_path, before_apply=0.25).worker_there_trace == ()
 

@@ -134,40 +134,62 @@ def measured_spec(run_dir, sigma: float = 0.3, before_apply: float = 0.5, server
     return _logged_spec(run_dir, sigma, before_apply, **overrides)
 
 
-def _traced_spec(run_dir, files: list[Path], sigma: float, before_apply: float, server: bool, **overrides) -> SimSpec:
-    config = Path(run_dir) / "config.json"
-    if config.exists() and json.loads(config.read_text()).get("overlap"):
+NEVER_JOINED_AFTER_S = 60.0  # a worker that never joined starts this long after the real run ended
+
+
+def _run_facts(run_dir) -> tuple[int | None, float]:
+    """(the run's worker count, seconds after the first worker's start that a worker which
+    never joined is given: the run's length and a minute), from config.json and
+    summary.json where they exist."""
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    if config.get("overlap"):
         # with overlap a step has two push laps (the previous push's ack, this one's send)
         raise DataError(f"{run_dir} ran with --overlap, which the simulator does not model: no replay")
-    names = [p.stem for p in files]
-    if names != [f"worker-{i}" for i in range(len(files))]:
-        raise DataError(f"{run_dir}/timing: worker traces {', '.join(names)} are not worker-0 to worker-{len(files) - 1}")
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    return config.get("workers"), float(summary.get("wall_time") or 0.0) + NEVER_JOINED_AFTER_S
+
+
+def _per_worker(run_dir, files: list[Path], kind: str) -> list[Path | None]:
+    """worker-0 to worker-(N-1)'s files, None for a worker that left none (it never joined:
+    the run ended while it started)."""
+    workers, _ = _run_facts(run_dir)
+    by_index = {int(p.stem.split("-")[1]): p for p in files}
+    n = workers or max(by_index) + 1
+    if max(by_index) >= n:
+        raise DataError(f"{run_dir}: {kind} of worker-{max(by_index)} in a run of {n} workers")
+    return [by_index.get(i) for i in range(n)]
+
+
+def _traced_spec(run_dir, files: list[Path], sigma: float, before_apply: float, server: bool, **overrides) -> SimSpec:
     server_file = files[0].parent / "server.npz"
     log = read_push_times(server_file) if server_file.exists() else None
     cycles, reads = [], []
-    for path in files:
-        trace = read_trace(path)
-        cycles.append(trace_windows(trace, log, path.stem))
-        reads.append(trace["clock_start"] + cycles[-1].first_read)
-    pushed = [c for c in cycles if c.trip]
+    for path in _per_worker(run_dir, files, "the timing trace"):
+        trace = read_trace(path) if path is not None else None
+        cycles.append(trace_windows(trace, log, path.stem) if trace is not None else None)
+        reads.append(trace["clock_start"] + cycles[-1].first_read if trace is not None else None)
+    pushed = [c for c in cycles if c is not None and c.trip]
     if not pushed:
         raise DataError(f"{run_dir}: no worker pushed: no round trip to replay")
+    mean_trip = _mean([_mean(c.trip) for c in pushed])
     computes, trips, theres = [], [], []
     for cycle in cycles:
-        # where the apply was not seen (a refused push), the way there is the usual fraction
-        there = [t * before_apply if way is None else min(way, t) for t, way in zip(cycle.trip, cycle.there)]
-        if not cycle.trip:  # it joined late and the run ended during its first window: that window, then
+        if cycle is None:  # never joined: the others' mean times, from after the run's end
+            cycle = Windows([_mean([_mean(c.compute) for c in pushed])], [mean_trip], [None], 0.0)
+        elif not cycle.trip:  # it joined late and the run ended during its first window: that window, then
             # a round trip as the others' on average (the simulation stops at the real run's end anyway)
-            cycle = Windows([cycle.unfinished], [_mean([_mean(c.trip) for c in pushed])], [], 0.0)
-            there = [cycle.trip[0] * before_apply]
+            cycle = Windows([cycle.unfinished], [mean_trip], [None], 0.0)
         computes.append(tuple(cycle.compute))
         trips.append(tuple(cycle.trip))
-        theres.append(tuple(there))
+        # where the apply was not seen (a refused push), the way there is the usual fraction
+        theres.append(tuple(t * before_apply if way is None else min(way, t) for t, way in zip(cycle.trip, cycle.there)))
     service = 0.0
     if server:
         summary = Path(run_dir) / "summary.json"
         per_push_us = json.loads(summary.read_text()).get("server_cpu_per_push_us") if summary.exists() else None
         service = (per_push_us or 0.0) * 1e-6
+    first, never = min(r for r in reads if r is not None), _run_facts(run_dir)[1]
     trip = _mean([_mean(t) for t in trips])
     return SimSpec(compute=Dist("lognormal", _mean([_mean(c) for c in computes]), sigma),
                    delay=Dist("lognormal", trip * before_apply, sigma),
@@ -175,7 +197,8 @@ def _traced_spec(run_dir, files: list[Path], sigma: float, before_apply: float, 
                    server=Dist("constant", service), before_apply=before_apply,
                    worker_compute_trace=tuple(computes), worker_trip_trace=tuple(trips),
                    worker_there_trace=tuple(theres) if log is not None else (),
-                   worker_start=tuple(t - min(reads) for t in reads), start_holding_weights=True, **overrides)
+                   worker_start=tuple(r - first if r is not None else never for r in reads),
+                   start_holding_weights=True, **overrides)
 
 
 def _logged_spec(run_dir, sigma: float, before_apply: float, **overrides) -> SimSpec:
@@ -184,24 +207,31 @@ def _logged_spec(run_dir, sigma: float, before_apply: float, **overrides) -> Sim
     if not names:
         raise DataError(f"{run_dir}: no worker logs (logs/worker-*.log): is it a local cluster run?")
     computes, delays, starts = [], [], []
-    for path in names:
+    for path in _per_worker(run_dir, names, "the log"):
         done = joined = None
-        for line in path.read_text().splitlines():
+        for line in (path.read_text().splitlines() if path is not None else []):
             joined = joined or _JOINED.match(line)
             done = _DONE.search(line) or done
-        if done is None or joined is None:
-            raise DataError(f"{path}: no 'joined' and 'worker done' lines to measure")
+        if done is None or joined is None or int(done[2]) == 0:  # it never joined, or never pushed
+            computes.append(None)
+            delays.append(None)
+            starts.append(None)
+            continue
         steps, pushes, compute, comm = int(done[1]), int(done[2]), float(done[3]), float(done[4])
         computes.append(compute / max(steps, 1))
         delays.append(comm / max(pushes, 1))
         starts.append(datetime.strptime(joined[1], "%H:%M:%S.%f"))
-    first = min(starts)
-    start_s = tuple((t - first).total_seconds() for t in starts)
-    trip = sum(delays) / len(delays)
-    return SimSpec(compute=Dist("lognormal", sum(computes) / len(computes), sigma),
+    if not [s for s in starts if s is not None]:
+        raise DataError(f"{run_dir}: no worker log has 'joined' and 'worker done' lines with pushes to measure")
+    first, never = min(s for s in starts if s is not None), _run_facts(run_dir)[1]
+    start_s = tuple((t - first).total_seconds() if t is not None else never for t in starts)
+    compute = _mean([c for c in computes if c is not None])
+    trip = _mean([d for d in delays if d is not None])
+    return SimSpec(compute=Dist("lognormal", compute, sigma),
                    delay=Dist("lognormal", trip * before_apply, sigma),
                    reply_delay=Dist("lognormal", trip * (1 - before_apply), sigma),
-                   worker_compute=tuple(computes), worker_start=start_s, **overrides)
+                   worker_compute=tuple(c if c is not None else compute for c in computes), worker_start=start_s,
+                   **overrides)
 
 
 def compare(real_dir, sim_dir) -> dict:
