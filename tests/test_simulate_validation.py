@@ -17,9 +17,21 @@ staleness from distributions of times: fed the same measured times in a shuffled
 or lognormal times around each worker's means, it missed the bar at 4 and 8 workers
 (scripts/validate_simulate.py prints all three; README, "Does it match real runs?").
 
-Measured on the 2-core development machine, shared with other work (load average 4-8),
-three real runs per size (scripts/validate_simulate.py --repeats 3):
-FIGURES
+Measured on the 2-core development machine, shared with other work (load average
+3.9-6.6), three real runs per size (scripts/validate_simulate.py --repeats 3), replayed:
+
+- 2 workers: TV 0.002, 0.001, 0.000; mean staleness equal to 0.01; accuracy gap 0.30,
+  0.23, 0.22 points;
+- 4 workers: TV 0.004, 0.000, 0.001; mean staleness within 0.01; gap 0.07, 0.65, 0.35;
+- 8 workers: TV 0.001, 0.002, 0.002; mean staleness within 0.01; gap 0.26, 0.21, 0.07.
+
+The accuracy gap is the least certain: the test accuracy of a 2-epoch async run moves by
+points within a few dozen updates (a simulation of 8 workers: 93.0% to 96.4% between
+updates 870 and 965), and a replay follows the real gradients in order but not to the
+bit (the real coordinator sets the warm-up's rate when it polls, every 20 ms). Before the
+read correction in calibrate (a worker descheduled between reading the weights and
+looking at the clock), one 8-worker run replayed with a gap of 2.45 points and mean
+staleness 0.06 low. The bounds: the issue's TV 0.15 and 1 point, mean staleness within 0.1.
 """
 
 import sys
@@ -40,5 +52,5 @@ def test_a_simulation_fed_a_real_runs_timings_matches_its_staleness_and_accuracy
     result = validate(workers, 2.0, folder=tmp_path)["replay"]
     print(result)
     assert result["tv"] <= 0.15
-    assert abs(result["real_staleness"]["mean"] - result["sim_staleness"]["mean"]) <= 0.15
+    assert abs(result["real_staleness"]["mean"] - result["sim_staleness"]["mean"]) <= 0.1
     assert result["accuracy_gap"] <= 0.01

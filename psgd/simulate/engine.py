@@ -482,8 +482,11 @@ class Simulator:
             self.counts["refused"] += 1
             if decision.code == "unknown_worker":  # its lease ran out (a slow straggler): hello again
                 self._join(w)
-            # the error travels back, the worker pulls fresh weights (psgd.worker.core)
-            self.queue.schedule(self._after(w, self.spec.delay, 2), "pull", w.index, w.generation)
+            if w.way_back is not None and decision.code != "unknown_worker":
+                # replayed: the measured round trip holds the refusal and the fresh weights' read
+                self._holds_weights_after(w, self._way_back(w))
+            else:  # the error travels back, the worker pulls fresh weights (psgd.worker.core)
+                self.queue.schedule(self._after(w, self.spec.delay, 2), "pull", w.index, w.generation)
         else:  # shutdown: the run is over for this worker
             w.done = True
         self._released(released)
@@ -517,10 +520,16 @@ class Simulator:
                 w.batches = None
         if w.steps % c.n_fetch:
             self.queue.schedule(self.now + self._way_back(w), "ready", w.index, w.generation)
-        elif c.transport == "zmq":
-            self._pull(w, self._way_back(w))  # the weights ride in the ack
         else:
-            self.queue.schedule(self.now + self._way_back(w), "read", w.index, w.generation)
+            self._holds_weights_after(w, self._way_back(w))
+
+    def _holds_weights_after(self, w: _Worker, way_back: float) -> None:
+        """Fresh weights reach the worker ``way_back`` from now: with ZeroMQ they ride in
+        the reply (the server's as they are now), over shared memory it reads them then."""
+        if self.config.transport == "zmq":
+            self._pull(w, way_back)
+        else:
+            self.queue.schedule(self.now + way_back, "read", w.index, w.generation)
 
     def _die(self, w: _Worker) -> None:
         """The process dies: its pending messages are lost. Over shared memory its doorbell
