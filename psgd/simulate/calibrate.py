@@ -9,8 +9,10 @@ worker, in order:
 - each push's round trip: its push lap (the gradient's way to the server, the server's
   work on it, the ack and the reading of fresh weights), split into the way there and back
   where the server's push times (RUN_DIR/timing/server.npz, psgd.server.pushtimes) say
-  when that push was applied, else by a fixed fraction;
-- its start: when its loop began, after the first worker's did.
+  when that push was applied, else by a fixed fraction; a read the worker's clock put
+  after an apply whose version the server says it did not see moves back before it;
+- its start: when it first read the weights, after the first worker did. A worker that
+  never joined (the run ended while it started) starts a minute after the run's end.
 
 A run without traces (an older one) is measured from its logs (RUN_DIR/logs/worker-i.log):
 the ``worker done`` line's compute and communication seconds give each worker's mean
@@ -25,10 +27,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from ..errors import DataError
-from ..metrics import StalenessHistogram
 import numpy as np
 
+from ..errors import DataError
+from ..metrics import StalenessHistogram
 from ..server.pushtimes import PushLog, read_push_times
 from ..worker.timing import read_trace
 from .engine import SimSpec, staleness_tv

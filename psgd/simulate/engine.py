@@ -8,13 +8,15 @@ What is real and what is simulated:
   the one door of ``psgd server``, so the consistency gate (async, ssp, sync), the
   staleness rule, the optimizer, the staleness bound, leases and data-shard handover are
   the server's own code, run on the simulator's clock.
-- simulated: time. A worker's step takes a compute time drawn from its distribution, each
-  message a network delay, the server a service time per push (one queue, first come
-  first served); workers may be a straggler class (k times slower compute) or die (after
-  an exponential time with mean ``mtbf_s``) and come back (after ``downtime``), saying
-  hello again for their data shards. The coordinator runs on virtual time too: it sets
-  the schedule's rate after every update (a coordinator polling infinitely often) and
-  evaluates at the same example counts a real one does; evaluation takes no virtual time.
+- simulated: time. A worker's step takes a compute time drawn from its distribution,
+  each message a network delay, the server a service time per push (one queue, first
+  come first served), or, fed a real run's timing traces (psgd.simulate.calibrate), each
+  worker's measured compute windows and round trips replayed; workers may be a straggler
+  class (k times slower compute) or die (after an exponential time with mean ``mtbf_s``)
+  and come back (after ``downtime``), saying hello again for their data shards. The
+  coordinator runs on virtual time too: it sets the schedule's rate after every update
+  (a coordinator polling infinitely often) and evaluates at the same example counts a
+  real one does; evaluation takes no virtual time.
 
 A worker's cycle mirrors psgd.worker.core with the default shared-memory transport:
 ``n_push`` steps of compute on the weights it holds, the push travels to the server, is
