@@ -47,14 +47,18 @@ def real_run(out: Path, workers: int, epochs: float, layers: str, data: str, ext
 
 
 def simulated_run(real: Path, out: Path, sigma: float, seed: int | None = None, **feed) -> dict:
-    """Simulate the real run in ``real`` and compare. The simulation stops at the update the
-    real run ended at: a real coordinator polls, and notices the last example of the last
-    epoch some updates late (868 to 874 updates for 860 in 2 epochs of 2 workers), and the
-    test accuracy of weights a few updates apart differs by up to a point at 2 epochs."""
+    """Simulate the real run in ``real`` and compare. The simulation stops at the update
+    whose weights the real run evaluated last and kept (its last metrics record): a real
+    coordinator polls, and notices the last example of the last epoch some updates late
+    (866 for 860 in 2 epochs of one worker; its servers applied 6 more pushes while it
+    evaluated and stopped them), and the test accuracy of weights a few updates apart
+    differs by up to a point or more at 2 epochs. So stopped, a replay of one worker ends
+    with the real run's weights to the bit."""
     config = TrainConfig.from_dict(json.loads((real / "config.json").read_text()))
+    last = json.loads((real / "metrics.jsonl").read_text().splitlines()[-1])
     ended = json.loads((real / "summary.json").read_text())
     config = config.with_(out_dir=str(out), seed=config.seed if seed is None else seed,
-                          max_updates=ended["updates"], epochs=max(config.epochs, ended["epochs"]) + 1)
+                          max_updates=last["updates"], epochs=max(config.epochs, ended["epochs"]) + 1)
     simulate(config, measured_spec(real, sigma, **feed), say=lambda text: None)
     return compare(real, out)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -49,13 +49,16 @@ class Windows:
     the weights to its push, ``trip`` the push's round trip to the next read, ``there`` the
     part of it before the server applied the push (None where no apply was seen: refused);
     ``first_read``: when it first held weights, since its trace began; ``unfinished``:
-    the compute of the window the run's end cut short."""
+    the compute of the window the run's end cut short; ``reads``: (clock time, version
+    read) of the read before each push, as the worker's clock put it (version None where
+    no apply was seen)."""
 
     compute: list
     trip: list
     there: list
     first_read: float
     unfinished: float = 0.0
+    reads: list = field(default_factory=list)
 
 
 def trace_windows(trace: dict, log: PushLog | None = None, name: str = "") -> Windows:
@@ -69,7 +72,7 @@ def trace_windows(trace: dict, log: PushLog | None = None, name: str = "") -> Wi
     version ``base + 1`` (the worker read version ``base``: it was descheduled between
     reading and looking at the clock) moves back to just before that apply: the way back
     shortens and the next window's compute grows by as much."""
-    computes, trips, theres = [], [], []
+    computes, trips, theres, reads = [], [], [], []
     start = trace["clock_start"]
     previous, window = 0.0, 0.0
     read, first_read = start, None  # clock times: of the latest read, of the first one
@@ -86,7 +89,9 @@ def trace_windows(trace: dict, log: PushLog | None = None, name: str = "") -> Wi
             rang = start + end - lap
             k = int(np.searchsorted(applied, rang))
             seen = k < len(applied) and applied[k] <= rang + lap
-            made = log.version_time.get(int(log.bases[name][k]) + 1) if seen else None
+            base = int(log.bases[name][k]) if seen else None
+            reads.append((read, base))
+            made = log.version_time.get(base + 1) if seen else None
             if made is not None and floor <= made - READ_BEFORE_S < read:
                 early = read - (made - READ_BEFORE_S)
                 window += early
@@ -102,7 +107,26 @@ def trace_windows(trace: dict, log: PushLog | None = None, name: str = "") -> Wi
             floor = float(applied[k]) if seen else read
         else:
             window += lap
-    return Windows(computes, trips, theres, (first_read if first_read is not None else start) - start, window)
+    return Windows(computes, trips, theres, (first_read if first_read is not None else start) - start, window,
+                   reads)
+
+
+def settle_applies(log: PushLog, reads) -> PushLog:
+    """The push log with each apply moved back before the first read that saw it: a read
+    of version ``b`` (``reads``: (clock time, version read) of every worker) came after the
+    applies of versions up to ``b``, and a server descheduled between an apply and its
+    clock records the apply late."""
+    seen_by = {}  # version -> the earliest read of it or a later one
+    for t, base in reads:
+        if base is not None:
+            seen_by[base] = min(t, seen_by.get(base, t))
+    latest = float("inf")
+    version_time = dict(log.version_time)
+    for v in sorted(version_time, reverse=True):
+        latest = min(latest, seen_by.get(v, latest))
+        version_time[v] = min(version_time[v], latest - READ_BEFORE_S)
+    times = {name: np.array([version_time[int(v)] for v in log.versions[name]]) for name in log.versions}
+    return replace(log, times=times, version_time=version_time)
 
 
 def _mean(xs) -> float:
@@ -166,9 +190,13 @@ def _per_worker(run_dir, files: list[Path], kind: str) -> list[Path | None]:
 def _traced_spec(run_dir, files: list[Path], sigma: float, before_apply: float, server: bool, **overrides) -> SimSpec:
     server_file = files[0].parent / "server.npz"
     log = read_push_times(server_file) if server_file.exists() else None
+    paths = _per_worker(run_dir, files, "the timing trace")
+    traces = [read_trace(path) if path is not None else None for path in paths]
+    if log is not None:  # applies the workers' reads say were recorded late move back first
+        seen = [read for t, p in zip(traces, paths) if t is not None for read in trace_windows(t, log, p.stem).reads]
+        log = settle_applies(log, seen)
     cycles, reads = [], []
-    for path in _per_worker(run_dir, files, "the timing trace"):
-        trace = read_trace(path) if path is not None else None
+    for trace, path in zip(traces, paths):
         cycles.append(trace_windows(trace, log, path.stem) if trace is not None else None)
         reads.append(trace["clock_start"] + cycles[-1].first_read if trace is not None else None)
     pushed = [c for c in cycles if c is not None and c.trip]
