@@ -275,12 +275,13 @@ def test_push_times_say_whose_push_was_applied_when_from_which_weights_and_are_b
 
 
 def _push_log(folder, applies):
-    """The server's push times: ``applies`` [(clock time, worker name, version, base version)]."""
+    """The server's push times: ``applies`` [(clock time, worker name, version, base
+    version[, refused])]."""
     from psgd.server.pushtimes import PushTimes
     clock = iter([t for t, *_ in applies])
     server = PushTimes(clock=lambda: next(clock))
-    for _, name, version, base in applies:
-        server.add(name, version, base)
+    for _, name, version, base, *refused in applies:
+        server.add(name, version, base, *refused)
     server.save(folder / "server.npz")
 
 
@@ -382,3 +383,18 @@ def test_an_ordered_replay_reproduces_the_measured_timelines_staleness(blobs):
         SimSpec(worker_trip_trace=trips, worker_there_trace=theres[:2])
     with pytest.raises(ConfigError, match="replay"):
         SimSpec(replay="backwards")
+
+
+def test_an_apply_the_server_clocked_after_a_read_that_saw_it_moves_before_that_read(tmp_path):
+    """worker-1 read version 2 at 0.0050, but the server's clock put that apply at 0.0052
+    (descheduled between the apply and the clock): the apply moves to just before the
+    read, and the versions before it with it when they were clocked later still."""
+    from psgd.server.pushtimes import read_push_times
+    from psgd.simulate.calibrate import READ_BEFORE_S, settle_applies
+    _push_log(tmp_path, [(0.0040, "worker-0", 1, 0), (0.0052, "worker-0", 2, 1), (0.0060, "worker-1", 2, 0, True),
+                         (0.0090, "worker-1", 3, 2)])
+    log = settle_applies(read_push_times(tmp_path / "server.npz"), [(0.0050, 2), (0.0030, 0), (0.0080, None)])
+    assert log.version_time == pytest.approx({1: 0.0040, 2: 0.0050 - READ_BEFORE_S, 3: 0.0090})
+    assert list(log.times["worker-0"]) == pytest.approx([0.0040, 0.0050 - READ_BEFORE_S])
+    assert list(log.times["worker-1"]) == pytest.approx([0.0060, 0.0090])  # a refusal keeps its time
+    assert list(log.refused["worker-1"]) == [True, False]

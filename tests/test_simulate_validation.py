@@ -61,3 +61,19 @@ def test_a_simulation_fed_a_real_runs_timings_matches_its_staleness_and_accuracy
     assert result["tv"] <= 0.15
     assert abs(result["real_staleness"]["mean"] - result["sim_staleness"]["mean"]) <= 0.1
     assert result["accuracy_gap"] <= 0.02
+
+
+def test_a_replay_of_a_real_run_at_a_constant_rate_ends_with_its_very_weights(tmp_path, data_dir, monkeypatch):
+    """4 workers at a constant rate, one BLAS thread each: nothing differs between the real
+    run and its replay but the clock, so the replay applies the same pushes (worker,
+    version, base version) in the same order and ends with the same weights, to the bit.
+    (With the default warm-up the real coordinator sets the rate when it polls, and the
+    replay's final test accuracy differs by tenths of a point.)"""
+    import numpy as np
+    from validate_simulate import validate
+    monkeypatch.setenv("PSGD_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("PSGD_THREADS", "1")  # the simulator computes one gradient at a time, on one thread
+    result = validate(4, 2.0, folder=tmp_path, extra=["--warmup", "0", "--schedule", "constant"])["replay"]
+    real, sim = (np.load(tmp_path / name / "weights.npz")["params"] for name in ("real-4", "sim-4-replay"))
+    assert np.array_equal(real, sim), (np.abs(real - sim).max(), result)
+    assert result["accuracy_gap"] == 0

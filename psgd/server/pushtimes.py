@@ -22,12 +22,13 @@ import numpy as np
 from ..errors import DataError
 from ..files import atomic_write, read_npz
 
-PUSH_TIMES_MAX = 1_000_000  # pushes kept (28 bytes each: 28 MB at most); later ones are counted, not kept
+PUSH_TIMES_MAX = 1_000_000  # pushes kept (29 bytes each: 29 MB at most); later ones are counted, not kept
 
 
 class PushTimes:
-    """Applied pushes in order: the worker's name, the clock after the apply, the version
-    it made and the version its gradient was computed from."""
+    """Pushes in order, applied or refused: the worker's name, the clock after the apply
+    (or the refusal), the version it made (a refused one: the version then), the version
+    its gradient was computed from, and whether it was refused."""
 
     def __init__(self, max_pushes: int = PUSH_TIMES_MAX, clock=time.perf_counter):
         if max_pushes < 1:
@@ -37,36 +38,39 @@ class PushTimes:
         self.time = np.zeros(max_pushes, np.float64)
         self.version = np.zeros(max_pushes, np.int64)
         self.base = np.zeros(max_pushes, np.int64)
+        self.refused = np.zeros(max_pushes, np.bool_)
         self.names: dict[str, int] = {}
         self.n = self.dropped = 0
 
-    def add(self, name: str, version: int, base_version: int) -> None:
+    def add(self, name: str, version: int, base_version: int, refused: bool = False) -> None:
         if self.n == len(self.time):
             self.dropped += 1
             return
         k = self.n
         self.worker[k] = self.names.setdefault(name, len(self.names))
-        self.time[k], self.version[k], self.base[k] = self.clock(), version, base_version
+        self.time[k], self.version[k], self.base[k], self.refused[k] = self.clock(), version, base_version, refused
         self.n += 1
 
     def save(self, path) -> Path:
-        """.npz, no pickles: worker (indices into names), time, version, base, names,
-        dropped; whole or not at all (psgd.files.atomic_write)."""
+        """.npz, no pickles: worker (indices into names), time, version, base, refused,
+        names, dropped; whole or not at all (psgd.files.atomic_write)."""
         n = self.n
         arrays = dict(worker=self.worker[:n], time=self.time[:n], version=self.version[:n], base=self.base[:n],
-                      names=np.array(list(self.names) or [""]), dropped=np.int64(self.dropped))
+                      refused=self.refused[:n], names=np.array(list(self.names) or [""]), dropped=np.int64(self.dropped))
         atomic_write(Path(path), lambda f: np.savez(f, **arrays))
         return Path(path)
 
 
 @dataclass
 class PushLog:
-    """A saved PushTimes: per worker name, its applies in time order (``times``,
-    ``versions``, ``bases``), and the time each version was made (``version_time``)."""
+    """A saved PushTimes: per worker name, its pushes in time order (``times``,
+    ``versions``, ``bases``, ``refused``), and the time each version was made
+    (``version_time``, applied pushes only)."""
 
     times: dict[str, np.ndarray]
     versions: dict[str, np.ndarray]
     bases: dict[str, np.ndarray]
+    refused: dict[str, np.ndarray]
     version_time: dict[int, float]
 
 
@@ -74,16 +78,17 @@ def read_push_times(path) -> PushLog:
     """Read a saved file; one that is not one raises DataError naming it."""
     z = read_npz(Path(path), "push times")
     try:
-        names, worker, times, versions, bases = ([str(x) for x in z["names"]], z["worker"], z["time"],
-                                                 z["version"], z["base"])
+        names, worker, times, versions, bases, refused = ([str(x) for x in z["names"]], z["worker"], z["time"],
+                                                          z["version"], z["base"], z["refused"].astype(bool))
     except KeyError as exc:
         raise DataError(f"push times {path}: not one (no {exc})") from None
-    if not len(worker) == len(times) == len(versions) == len(bases) or \
+    if not len(worker) == len(times) == len(versions) == len(bases) == len(refused) or \
             (len(worker) and not 0 <= int(worker.min()) <= int(worker.max()) < len(names)):
         raise DataError(f"push times {path}: worker indices, times and versions disagree")
-    log = PushLog({}, {}, {}, dict(zip(versions.tolist(), times.tolist())))
+    log = PushLog({}, {}, {}, {}, dict(zip(versions[~refused].tolist(), times[~refused].tolist())))
     for k, name in enumerate(names):
         mine = worker == k
         order = np.argsort(times[mine], kind="stable")
-        log.times[name], log.versions[name], log.bases[name] = times[mine][order], versions[mine][order], bases[mine][order]
+        log.times[name], log.versions[name] = times[mine][order], versions[mine][order]
+        log.bases[name], log.refused[name] = bases[mine][order], refused[mine][order]
     return log

@@ -112,6 +112,8 @@ class ServerState:
                                 "the run's gradients grew; warming up again")
             except ProtocolError as exc:
                 record.refused += 1
+                if self.push_times is not None:
+                    self.push_times.add(record.name, self.store.version, base_version, refused=True)
                 if exc.code == "outlier":
                     record.outliers += 1
                     if record.outliers == FLAG_AFTER_OUTLIERS:

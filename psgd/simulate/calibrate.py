@@ -47,7 +47,8 @@ READ_BEFORE_S = 1e-6  # a read moved back before an apply lands this long before
 class Windows:
     """One worker's measured cycle, push by push (seconds): ``compute`` from its read of
     the weights to its push, ``trip`` the push's round trip to the next read, ``there`` the
-    part of it before the server applied the push (None where no apply was seen: refused);
+    part of it before the server applied (or refused) the push, None where the server's
+    push log has no record of it;
     ``first_read``: when it first held weights, since its trace began; ``unfinished``:
     the compute of the window the run's end cut short; ``reads``: (clock time, version
     read) of the read before each push, as the worker's clock put it (version None where
@@ -125,7 +126,8 @@ def settle_applies(log: PushLog, reads) -> PushLog:
     for v in sorted(version_time, reverse=True):
         latest = min(latest, seen_by.get(v, latest))
         version_time[v] = min(version_time[v], latest - READ_BEFORE_S)
-    times = {name: np.array([version_time[int(v)] for v in log.versions[name]]) for name in log.versions}
+    times = {name: np.where(log.refused[name], log.times[name],  # a refusal keeps its own time
+                            [version_time.get(int(v), 0.0) for v in log.versions[name]]) for name in log.versions}
     return replace(log, times=times, version_time=version_time)
 
 
@@ -212,7 +214,7 @@ def _traced_spec(run_dir, files: list[Path], sigma: float, before_apply: float, 
             cycle = Windows([cycle.unfinished], [mean_trip], [None], 0.0)
         computes.append(tuple(cycle.compute))
         trips.append(tuple(cycle.trip))
-        # where the apply was not seen (a refused push), the way there is the usual fraction
+        # where the server's log has no record of the push, the way there is the usual fraction
         theres.append(tuple(t * before_apply if way is None else min(way, t) for t, way in zip(cycle.trip, cycle.there)))
     service = 0.0
     if server:
