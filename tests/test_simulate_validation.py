@@ -3,42 +3,32 @@
 A real run of N workers on MNIST (784-64-10, 2 epochs), then ``psgd simulate`` fed with
 the times that run measured (psgd.simulate.calibrate): each worker's timing trace (every
 push window's compute and every push's round trip, in order, psgd.worker.timing), split
-at the moment the server applied the push (psgd.server.pushtimes), replayed from when the
-worker first read the weights; the simulation stops at the update the real run ended at.
-The issue's bar: staleness histograms within total-variation distance 0.15, test accuracy
-within 1 point.
+where the server met the push (psgd.server.pushtimes), replayed from when the worker
+first read the weights; the simulation stops at the update whose weights the real run
+evaluated last. The issue's bar: staleness histograms within total-variation distance
+0.15, test accuracy within 1 point.
 
 What that checks: the replay gives the simulation the real run's timeline, so what is
 left to differ is the simulator's own model of a worker's cycle (when it reads the
 weights, when its push changes them, how staleness is counted) and the server's rules
 run on its clock (tests/test_simulate.py checks the replay itself against a timeline
-worked out by hand: the same histogram, exactly). It does not check that the simulator predicts
-staleness from distributions of times: fed the same measured times in a shuffled order,
-or lognormal times around each worker's means, it missed the bar at 4 and 8 workers
-(scripts/validate_simulate.py prints all three; README, "Does it match real runs?").
+worked out by hand: the same histogram, exactly). It does not check that the simulator
+predicts staleness from distributions of times: fed the same measured times in a
+shuffled order, or lognormal times around each worker's means, it missed the bar in 4
+and 8 of 9 runs (scripts/validate_simulate.py prints all three; README, "Does it match
+real runs?").
 
 Measured on the 2-core development machine, shared with other work (load average
-3.9-6.6), three real runs per size (scripts/validate_simulate.py --repeats 3), replayed:
+6.4-8.1), three real runs per size (scripts/validate_simulate.py --repeats 3), replayed:
+TV 0.003, 0.002, 0.000 at 2 workers, 0.000, 0.001, 0.005 at 4 and 0.009, 0.007, 0.003
+at 8; mean staleness within 0.03; accuracy gaps 0.08, 0.05, 0.28, 0.10, 0.07, 0.26,
+0.18, 0.13 and 0.12 points. Two rounds of this file's tests: TV at most 0.007, gaps at
+most 0.49 points, and the constant-rate replay's weights equal to the bit both times.
 
-- 2 workers: TV 0.002, 0.001, 0.000; mean staleness equal to 0.01; accuracy gap 0.30,
-  0.23, 0.22 points;
-- 4 workers: TV 0.004, 0.000, 0.001; mean staleness within 0.01; gap 0.07, 0.65, 0.35;
-- 8 workers: TV 0.001, 0.002, 0.002; mean staleness within 0.01; gap 0.26, 0.21, 0.07.
-
-Twelve more runs (six of 4 workers, six of 8, load average 6-8): TV at most 0.0023, mean
-staleness within 0.005, accuracy gaps 0.11-0.71 points at 4 workers and 0.02-1.04 at 8.
-
-So TV is asserted at the issue's bar, 0.15, and mean staleness within 0.1. The accuracy
-gap is asserted within 2 points, not the issue's 1, which two runs in about thirty-five
-missed (1.04 and 1.23 points, both of 8 workers): the test accuracy of a 2-epoch async run moves by points within a few dozen
-updates (one simulation of 8 workers: 93.0% to 96.4% between updates 870 and 965), and a
-replay follows the real gradients in order but not to the bit (the real coordinator sets
-the warm-up's rate when it polls, every 20 ms or more; with a constant rate and no warm-up
-three 4-worker replays missed by 0.27, 0.06 and 0.04 points). Real runs of the same seed
-and configuration differ among themselves by up to 2.8 points at 4 workers (93.60% to
-96.35%, nine runs) and 2.0 at 8 (94.62% to 96.65%). Before calibrate moved late-clocked
-reads back and the replay kept a refused push's round trip, one 8-worker run replayed
-with a gap of 2.45 points and a 4-worker run with TV 0.14.
+Before the replay stopped at the real run's last evaluated update and calibrate undid the
+clocks' lateness (a worker or the server descheduled between an event and its clock) and
+knew the server's refusals, gaps reached 1.04 and 1.23 points at 8 workers and TV 0.14 at
+4: the accuracy bound is the issue's 1 point with a margin of half of it, no more.
 """
 
 import sys
@@ -60,7 +50,7 @@ def test_a_simulation_fed_a_real_runs_timings_matches_its_staleness_and_accuracy
     print(result)
     assert result["tv"] <= 0.15
     assert abs(result["real_staleness"]["mean"] - result["sim_staleness"]["mean"]) <= 0.1
-    assert result["accuracy_gap"] <= 0.02
+    assert result["accuracy_gap"] <= 0.01
 
 
 def test_a_replay_of_a_real_run_at_a_constant_rate_ends_with_its_very_weights(tmp_path, data_dir, monkeypatch):
