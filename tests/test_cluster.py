@@ -271,7 +271,9 @@ def test_four_workers_with_the_defaults_and_the_report_of_where_the_time_went(pr
     from psgd.simulate.calibrate import measured_spec
     applied = read_push_times(out / "timing" / "server.npz")
     pushes = [summary["per_worker"][f"worker-{i}"]["pushes"] for i in range(4)]
-    assert [len(applied.times[f"worker-{i}"]) for i in range(4)] == pushes and sum(pushes) == summary["updates"]
+    assert [int((~applied.refused[f"worker-{i}"]).sum()) for i in range(4)] == pushes and sum(pushes) == summary["updates"]
+    refused = [summary["per_worker"][f"worker-{i}"]["refused"] for i in range(4)]
+    assert [int(applied.refused[f"worker-{i}"].sum()) for i in range(4)] == refused
     trips = measured_spec(out).worker_trip_trace  # a worker's refused pushes are round trips too
     assert all(len(t) >= p for t, p in zip(trips, pushes)), ([len(t) for t in trips], pushes)
 
