@@ -9,8 +9,11 @@ worker, in order:
 - each push's round trip: its push lap (the gradient's way to the server, the server's
   work on it, the ack and the reading of fresh weights), split into the way there and back
   where the server's push times (RUN_DIR/timing/server.npz, psgd.server.pushtimes) say
-  when that push was applied, else by a fixed fraction; a read the worker's clock put
-  after an apply whose version the server says it did not see moves back before it;
+  when that push was applied or refused, else by a fixed fraction. The clocks are read
+  after the events they time, and a process descheduled in between reads them late: a
+  read the worker's clock put after an apply whose version it did not see moves back
+  before that apply, and an apply the server's clock put after a read that saw it moves
+  back before that read (the server's log says which version each push came from);
 - its start: when it first read the weights, after the first worker did. A worker that
   never joined (the run ended while it started) starts a minute after the run's end.
 
@@ -136,7 +139,9 @@ def _mean(xs) -> float:
 
 
 def _worker_files(folder: Path, pattern: str) -> list[Path]:
-    return sorted(folder.glob(pattern), key=lambda p: int(p.stem.split("-")[1]))
+    """psgd train's worker-i files, in order (other names: not a local cluster's)."""
+    files = [p for p in folder.glob(pattern) if re.fullmatch(r"worker-\d+", p.stem)]
+    return sorted(files, key=lambda p: int(p.stem.split("-")[1]))
 
 
 def measured_spec(run_dir, sigma: float = 0.3, before_apply: float = 0.5, server: bool = False,
