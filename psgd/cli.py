@@ -433,9 +433,12 @@ def client_curve_options(f):
             help="How local workers push: auto (shared memory), shm, or zmq (the network path).")
 @env_option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True), default=None,
             help="Go on with the cluster run in this directory from its newest checkpoint.")
+@env_option("--keep-timings", is_flag=True, default=False,
+            help="Keep every step's timings of each worker and every push's of the server in RUN_DIR/timing "
+                 "(psgd.simulate.calibrate replays them; a few hundred KB per worker and 10,000 pushes).")
 @dashboard_options
 @click.pass_context
-def train(ctx, resume_dir, dashboard, dashboard_hold, **kw):
+def train(ctx, resume_dir, keep_timings, dashboard, dashboard_hold, **kw):
     """Train a network on a local cluster (--workers N) or in this process (--workers 0)."""
     if resume_dir:
         kw["config_file"] = str(Path(resume_dir) / "config.json")
@@ -461,7 +464,7 @@ def train(ctx, resume_dir, dashboard, dashboard_hold, **kw):
     else:
         from .launch import train_cluster
         summary = train_cluster(config, progress, resume=resume_dir is not None, dashboard=dashboard,
-                                dashboard_hold=dashboard_hold)
+                                dashboard_hold=dashboard_hold, keep_timings=keep_timings)
     print_summary(summary)
     say_where_the_run_went(config.out_dir, summary)
     if summary.get("stop_reason") == "interrupted":

@@ -229,18 +229,20 @@ CHECKPOINT_EVERY_S = 5.0  # the local server's checkpoints, when the run has a d
 
 
 def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = False,
-                  dashboard: str | None = None, dashboard_hold: float = 0.0) -> dict:
+                  dashboard: str | None = None, dashboard_hold: float = 0.0, keep_timings: bool = False) -> dict:
     """Run a local cluster of ``config.workers`` workers with an in-process coordinator;
     returns the run summary (also written to the run directory). With a run directory the
     server checkpoints into RUN_DIR/checkpoints; ``resume`` starts it from the newest one.
     ``dashboard``: [HOST:]PORT to serve the live page and /metrics on, and, once the run
-    is written, for ``dashboard_hold`` seconds more."""
+    is written, for ``dashboard_hold`` seconds more. ``keep_timings``: the workers and servers
+    keep their timing traces in RUN_DIR/timing (opt-in: on a small disk they would take
+    room the run's own outputs need)."""
     if resume and not config.out_dir:
         raise PsgdError("resuming needs the run directory")
     terminate_on_signals()
     interrupt = WarmThenCold(say)
     try:
-        return _run_cluster(config, on_event, say, resume, interrupt, dashboard, dashboard_hold)
+        return _run_cluster(config, on_event, say, resume, interrupt, dashboard, dashboard_hold, keep_timings)
     except Interrupted as exc:  # a Ctrl-C before the first update: no run to write, nor to resume
         where = f"; {config.out_dir} holds the run up to its newest checkpoint: resume with: " \
                 f"psgd train --resume {config.out_dir}" if resume else ""
@@ -250,7 +252,7 @@ def train_cluster(config: TrainConfig, on_event=None, say=None, resume: bool = F
 
 
 def _run_cluster(config: TrainConfig, on_event, say, resume: bool, interrupt: WarmThenCold,
-                 dashboard: str | None = None, dashboard_hold: float = 0.0) -> dict:
+                 dashboard: str | None = None, dashboard_hold: float = 0.0, keep_timings: bool = False) -> dict:
     data = prepare_data(config)  # first: a bad option fails here, before any process starts
     if interrupt.requested():
         raise Interrupted("interrupted before the run started: nothing was trained")
@@ -258,7 +260,7 @@ def _run_cluster(config: TrainConfig, on_event, say, resume: bool, interrupt: Wa
     board = RunBoard(dashboard, config.to_dict(), Path(config.out_dir).name if config.out_dir else "live",
                      say or _say)
     try:
-        summary = _run_cluster_served(config, data, on_event, say, resume, interrupt, board.live)
+        summary = _run_cluster_served(config, data, on_event, say, resume, interrupt, board.live, keep_timings)
         board.hold(dashboard_hold, interrupt.requested)
         return summary
     finally:
@@ -269,7 +271,8 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _run_cluster_served(config, data, on_event, say, resume: bool, interrupt: WarmThenCold, live) -> dict:
+def _run_cluster_served(config, data, on_event, say, resume: bool, interrupt: WarmThenCold, live,
+                        keep_timings: bool = False) -> dict:
     # Each process's output goes to RUN_DIR/logs (kept: it says why a process failed).
     keep_logs = config.out_dir is not None
     if keep_logs:
@@ -304,7 +307,8 @@ def _run_cluster_served(config, data, on_event, say, resume: bool, interrupt: Wa
                 ckpt = Path(config.out_dir) / "checkpoints" / ("" if config.servers == 1 else f"shard-{k}")
                 server_args += ["--checkpoint-dir", str(ckpt),
                                 "--checkpoint-every", str(CHECKPOINT_EVERY_S)] + (["--resume"] if resume else [])
-                server_args += ["--timing-trace", str(Path(config.out_dir) / "timing")]  # with the workers'
+                if keep_timings:  # when each push was applied: psgd.simulate.calibrate lines it up with the workers'
+                    server_args += ["--timing-trace", str(Path(config.out_dir) / "timing")]
             servers.append((cluster.spawn(name, server_args, role="server"), ready))
         endpoint = ",".join(_wait_ready(server, ready, interrupt.requested) for server, ready in servers)
         oversubscribed = config.workers + config.servers > (os.cpu_count() or 1)
@@ -317,7 +321,7 @@ def _run_cluster_served(config, data, on_event, say, resume: bool, interrupt: Wa
                 args += ["--slowdown", str(config.slow_worker)]
             if config.model.factory:  # each worker loads the user's model itself
                 args += ["--model", config.model.factory]
-            if keep_logs:  # what each step took, in order: psgd.simulate.calibrate replays it
+            if keep_logs and keep_timings:  # what each step took, in order: psgd.simulate.calibrate replays it
                 args += ["--timing-trace", str(Path(config.out_dir) / "timing")]
             cluster.spawn(f"worker-{i}", args, WORKER_ENV, nice=worker_nice(config.workers) if oversubscribed else 0)
 

@@ -42,7 +42,7 @@ FEEDS = {"replay": {}, "shuffled": {"replay": "shuffled"}, "means": {"traces": F
 
 def real_run(out: Path, workers: int, epochs: float, layers: str, data: str, extra: list[str]) -> None:
     cmd = [sys.executable, "-m", "psgd", "train", "--workers", str(workers), "--layers", layers, "--epochs", str(epochs),
-           "--data", data, "--out", str(out)] + extra
+           "--data", data, "--out", str(out), "--keep-timings"] + extra
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 

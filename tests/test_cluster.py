@@ -251,7 +251,7 @@ def test_four_workers_with_the_defaults_and_the_report_of_where_the_time_went(pr
     tells working defaults from the unstable ones they replaced (88% and 11% without the
     staleness rule and warm-up)."""
     out = tmp_path / "run"
-    proc = procs.start("train", "--workers", "4", "--out", str(out), log="train")
+    proc = procs.start("train", "--workers", "4", "--out", str(out), "--keep-timings", log="train")
     assert proc.wait(300) == 0, procs.log("train")
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
