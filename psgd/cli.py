@@ -435,7 +435,8 @@ def client_curve_options(f):
             help="Go on with the cluster run in this directory from its newest checkpoint.")
 @env_option("--keep-timings", is_flag=True, default=False,
             help="Keep every step's timings of each worker and every push's of the server in RUN_DIR/timing "
-                 "(psgd.simulate.calibrate replays them; a few hundred KB per worker and 10,000 pushes).")
+                 "(psgd.simulate.calibrate replays them; a few hundred KB per worker and 10,000 pushes). "
+                 "Downpour workers only: a local-SGD worker's rounds are not traced.")
 @dashboard_options
 @click.pass_context
 def train(ctx, resume_dir, keep_timings, dashboard, dashboard_hold, **kw):
