@@ -41,7 +41,7 @@ INHERITED_NOTE_MIN = 400  # updates found at the first look worth a line in the 
 STRAGGLER_FACTOR = 0.5  # a worker below this fraction of the median rate is a straggler
 LR_CHANGE = 1e-9  # relative change of the rate worth telling the server
 NAN_STALL_S = 2.0  # no new examples this long while the servers refuse NaN/Inf gradients: diverged
-DIVERGED_FACTOR = 10.0  # rollback: a validation loss this many times the best so far has diverged
+DIVERGED_FACTOR = 10.0  # a validation loss this many times the best so far has diverged (stop, or roll back)
 TRAIN_LOSS_SAMPLE = 2000  # training examples the training loss is measured on at each evaluation
 
 
@@ -258,10 +258,12 @@ class Coordinator:
             self.servers.control({"type": "resume"})
         if not np.isfinite(val_loss) or (self.rollbacks and self._refusing_nan(stats)):
             raise _Diverged(val_loss, stats["version"])
+        # Finite, but blowing up: the outlier guard can keep a diverging run's weights finite
+        # (it refuses the largest pushes), so a loss of 1e22 must stop a run as NaN does.
+        if val_loss > DIVERGED_FACTOR * self._best_val_loss:
+            raise _Diverged(val_loss, stats["version"])
+        self._best_val_loss = min(self._best_val_loss, val_loss)
         if self.config.on_divergence == "rollback":
-            if val_loss > DIVERGED_FACTOR * self._best_val_loss:  # finite, but blowing up
-                raise _Diverged(val_loss, stats["version"])
-            self._best_val_loss = min(self._best_val_loss, val_loss)
             self._validated = (snap_version, self.params.copy())
         # The training curve: the same snapshot on a fixed slice of the training set, after
         # the servers resumed (the workers' own losses are of older weights, mid-dropout).
