@@ -29,7 +29,8 @@ MAX_LOCAL_STEPS_FACTOR = 4
 
 class LocalCore(WorkerCore):
     """``inner``: the inner optimizer's spec, ``inner_lr`` its rate (constant, unless the
-    server's acks tell another: ``--inner-schedule run``), ``local_steps`` H; the rest as :class:`WorkerCore` (``settings.n_push``/``n_fetch`` do not apply)."""
+    server's acks tell another: ``--inner-schedule run``), ``local_steps`` H; the rest as
+    :class:`WorkerCore` (``settings.n_push``/``n_fetch`` do not apply)."""
 
     def __init__(self, net, batches, settings: StepSettings, rng, inner: OptimizerSpec, inner_lr: float,
                  local_steps: int, stats: dict | None = None):
