@@ -30,6 +30,11 @@ def test_a_diverging_run_stops_without_rollback_and_heals_with_it(procs, tmp_pat
     assert 1 <= len(rollbacks) <= 3 and "rolled back to the weights validated at update" in procs.log("healed")
     assert all(r["to_update"] < r["at_update"] for r in rollbacks)
     assert [r["lr"] for r in rollbacks] == pytest.approx([0.3 ** (k + 1) for k in range(len(rollbacks))])
+    # the examples each rollback threw away were trained again: 2 epochs kept, whenever it came
+    discarded = sum(r["examples_discarded"] for r in rollbacks)
+    n_train = summary["examples"] / summary["epochs"]  # 55,000: the validation set is held out
+    assert discarded > 0 and summary["examples"] >= 2 * n_train + discarded, (summary["examples"], rollbacks)
+    assert "the run trains the" in procs.log("healed")
     # the healed run trained: its test loss is well below that of the weights it started from
     _, test = mnist
     net = MLP(ModelSpec((784, 64, 10), loss="sse"))
