@@ -9,6 +9,7 @@ import re
 import signal
 import time
 
+import numpy as np
 import pytest
 
 from cluster_util import shm_segments
@@ -274,8 +275,13 @@ def test_four_workers_with_the_defaults_and_the_report_of_where_the_time_went(pr
     assert [int((~applied.refused[f"worker-{i}"]).sum()) for i in range(4)] == pushes and sum(pushes) == summary["updates"]
     refused = [summary["per_worker"][f"worker-{i}"]["refused"] for i in range(4)]
     assert [int(applied.refused[f"worker-{i}"].sum()) for i in range(4)] == refused
-    trips = measured_spec(out).worker_trip_trace  # a worker's refused pushes are round trips too
+    spec = measured_spec(out)
+    trips = spec.worker_trip_trace  # a worker's refused pushes are round trips too
     assert all(len(t) >= p for t, p in zip(trips, pushes)), ([len(t) for t in trips], pushes)
+    # the rate of every update, as the coordinator set it: the warm-up's rise, at most the run's 0.1
+    rates = np.array(spec.lr_trace)
+    assert len(rates) == summary["updates"] and np.isfinite(rates).all(), (len(rates), summary["updates"])
+    assert 0 < rates[0] < rates.max() <= 0.1 * (1 + 1e-6), (rates[0], rates.max())
 
 
 @pytest.mark.parametrize("transport", ["zmq", "shm"])

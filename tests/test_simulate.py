@@ -4,6 +4,7 @@ Every run here goes through the real ServerState (the simulator has no server ru
 own); the data set is a small synthetic .npz so each run takes well under a second.
 """
 
+import dataclasses
 import hashlib
 import json
 
@@ -20,6 +21,7 @@ from psgd.errors import ConfigError
 from psgd.metrics import StalenessHistogram
 from psgd.model.network import ModelSpec
 from psgd.model.optim import OptimizerSpec
+from psgd.model.schedules import ScheduleSpec
 from psgd.simulate import Dist, EventQueue, SimSpec, Simulator, simulate, staleness_tv
 from psgd.simulate.calibrate import measured_spec
 from psgd.simulate.engine import shards_of
@@ -272,6 +274,42 @@ def test_push_times_say_whose_push_was_applied_when_from_which_weights_and_are_b
     log = read_push_times(tmp_path / "server.npz")
     assert {k: list(v) for k, v in log.times.items()} == {"worker-1": [1.0, 3.0], "worker-0": [2.0]}
     assert list(log.bases["worker-1"]) == [0, 1] and log.version_time == {1: 1.0, 2: 2.0, 3: 3.0}
+    assert log.version_lr == {}  # no rates were given: none are kept
+
+
+def test_push_times_keep_the_rate_each_update_was_applied_at_and_calibrate_replays_it(tmp_path):
+    from psgd.server.pushtimes import PushTimes, read_push_times
+    from psgd.simulate.calibrate import _rate_trace
+    times = PushTimes()
+    times.add("worker-0", 1, 0, lr=0.01)
+    times.add("worker-1", 1, 0, refused=True)  # a refusal has no rate
+    times.add("worker-1", 2, 0, lr=0.02)
+    times.add("worker-0", 4, 1, lr=0.04)  # version 3 was made elsewhere (a rollback's set_params)
+    times.save(tmp_path / "server.npz")
+    log = read_push_times(tmp_path / "server.npz")
+    assert log.version_lr == {1: 0.01, 2: 0.02, 4: 0.04}
+    trace = _rate_trace(log)
+    assert trace[:2] == (0.01, 0.02) and np.isnan(trace[2]) and trace[3] == 0.04
+    # a log written before rates were kept replays the schedule, as before
+    z = dict(np.load(tmp_path / "server.npz"))
+    del z["lr"]
+    np.savez(tmp_path / "old.npz", **z)
+    assert read_push_times(tmp_path / "old.npz").version_lr == {} and _rate_trace(read_push_times(tmp_path / "old.npz")) == ()
+
+
+def test_a_rate_trace_replaces_the_schedule_where_it_is_known(blobs):
+    """Rates 0 for the first 40 updates: the weights do not move, then the schedule takes
+    over (NaN, and beyond the trace's end); the recorded rates say so."""
+    cfg = config(blobs, workers=2, schedule=ScheduleSpec("constant", warmup=0))
+    frozen, _ = run(cfg, SimSpec(lr_trace=(0.0,) * 40 + (float("nan"),) * 5))
+    plain, _ = run(cfg)
+    assert frozen.store.version == plain.store.version
+    assert not np.array_equal(frozen.store.params, plain.store.params)
+    stuck, _ = run(dataclasses.replace(cfg, max_updates=40), SimSpec(lr_trace=(0.0,) * 40))
+    fresh = Simulator(prepare_data(cfg), SimSpec(), say=lambda text: None)
+    assert stuck.store.version == 40 and np.array_equal(stuck.store.params, fresh.store.params)
+    with pytest.raises(ConfigError, match="rate trace"):
+        SimSpec(lr_trace=(-1.0,))
 
 
 def _push_log(folder, applies):

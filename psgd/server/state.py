@@ -127,10 +127,11 @@ class ServerState:
         record.last_push, record.last_ack = seq, None
         decision = Decision(HELD)
         if action in (APPLY, APPLY_HOLD):
+            lr = self.store.lr()  # the coordinator's rate this push is applied at (kept in the push log)
             version, staleness = self.store.apply(base_version, examples, grad)
             self.members.count(worker_id, examples, staleness)
             if self.push_times is not None:
-                self.push_times.add(record.name, version, base_version)
+                self.push_times.add(record.name, version, base_version, lr=lr)
             if action == APPLY:
                 decision = Decision(APPLIED, version, staleness)
             else:

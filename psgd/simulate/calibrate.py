@@ -17,6 +17,10 @@ worker, in order:
 - its start: when it first read the weights, after the first worker did. A worker that
   never joined (the run ended while it started) starts a minute after the run's end.
 
+And from the server's push log, the rate each update was applied with: the coordinator
+sets it when it polls (every 20 ms or more), so during a warm-up the real rate lags the
+schedule the simulator would follow, and a 2-epoch run's accuracy moves by a point with it.
+
 A run without traces (an older one) is measured from its logs (RUN_DIR/logs/worker-i.log):
 the ``worker done`` line's compute and communication seconds give each worker's mean
 compute per step and round trip, drawn lognormal around them; the ``joined`` line its start.
@@ -25,6 +29,7 @@ compute per step and round trip, drawn lognormal around them; the ``joined`` lin
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -235,7 +240,20 @@ def _traced_spec(run_dir, files: list[Path], sigma: float, before_apply: float, 
                    worker_compute_trace=tuple(computes), worker_trip_trace=tuple(trips),
                    worker_there_trace=tuple(theres) if log is not None else (),
                    worker_start=tuple(r - first if r is not None else never for r in reads),
-                   start_holding_weights=True, **overrides)
+                   start_holding_weights=True, lr_trace=_rate_trace(log), **overrides)
+
+
+def _rate_trace(log: PushLog | None) -> tuple[float, ...]:
+    """The rate each update was applied with, by the version it started from (entry k: the
+    push that made version k + 1), NaN where the log does not say; () without a log, or
+    with one from before rates were kept."""
+    if log is None or not log.version_lr:
+        return ()
+    trace = [math.nan] * max(log.version_lr)
+    for version, lr in log.version_lr.items():
+        if version >= 1:
+            trace[version - 1] = lr
+    return tuple(trace)
 
 
 def _logged_spec(run_dir, sigma: float, before_apply: float, **overrides) -> SimSpec:

@@ -39,6 +39,7 @@ pushes renew its lease), transfer time growing with the model (the delay is per 
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections import deque
@@ -102,6 +103,11 @@ class SimSpec:
     # Each worker begins holding the server's weights at its worker_start (a trace's first
     # read), instead of saying hello and pulling then
     start_holding_weights: bool = False
+    # The rate the real run's coordinator had set for each update (entry k: the push that
+    # made version k + 1; NaN: not known), replayed instead of the schedule where known: the
+    # real coordinator sets it when it polls, so during a warm-up it lags the schedule by up
+    # to a poll (psgd.simulate.calibrate fills it from the server's push log)
+    lr_trace: tuple[float, ...] = ()
     memory_limit_mb: float = 4096.0  # the weight copies in flight may not exceed this (worst case)
 
     def __post_init__(self):
@@ -126,6 +132,8 @@ class SimSpec:
             raise ConfigError(f"replay is one of {', '.join(REPLAYS)}, not {self.replay!r}")
         if not 0 <= self.before_apply <= 1:
             raise ConfigError(f"before_apply is a fraction of the round trip in [0, 1], not {self.before_apply}")
+        if any(not (math.isnan(lr) or 0 <= lr < math.inf) for lr in self.lr_trace):
+            raise ConfigError("a rate trace holds rates >= 0 (or NaN: not known)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -134,6 +142,9 @@ class SimSpec:
         for key in ("worker_compute_trace", "worker_trip_trace", "worker_there_trace"):  # a summary, not every time
             d[key] = {"lengths": [len(t) for t in d[key]], "means": [sum(t) / len(t) for t in d[key]]} \
                 if d[key] else None
+        known = [lr for lr in self.lr_trace if not math.isnan(lr)]
+        d["lr_trace"] = {"updates": len(self.lr_trace), "known": len(known),
+                         "first": known[0], "last": known[-1]} if known else None
         return d
 
 
@@ -573,7 +584,11 @@ class Simulator:
     # --- the coordinator, on virtual time -----------------------------------------------
 
     def _set_lr(self) -> None:
-        self.store.lr_override = float(self.schedule(self.store.version))
+        version, trace = self.store.version, self.spec.lr_trace
+        if version < len(trace) and math.isfinite(trace[version]):
+            self.store.lr_override = float(trace[version])  # what the real coordinator had set then
+        else:
+            self.store.lr_override = float(self.schedule(version))
 
     def _coordinate(self) -> None:
         """After an update: the schedule's rate, an evaluation when due, the stop rules."""
