@@ -2,6 +2,8 @@
 no processes. The channel here is the smallest honest one: it hands each push to the
 state's one door and copies the weights back, as the shared-memory path does."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -165,26 +167,88 @@ class OverlapStateChannel(StateChannel):
         return PushResult(decision.staleness, decision.outcome == REFUSED, self.record.data_generation)
 
 
-def test_an_overlapping_worker_computes_while_its_push_travels_and_leaves_none_in_flight():
+class ThreadedOverlapChannel(OverlapStateChannel):
+    """push_end in two halves, as ParameterClient has: ``await_acks`` (run on the core's
+    helper thread while the next step computes: it reads the fresh weights into the spare
+    buffer, and must not move the version that mark_window takes) and ``settle`` (on the
+    loop's thread). It checks that the helper never reads into the weights being computed
+    from (see ``lent``), and that the helper really ran on another thread."""
+
+    acks_in_background = True
+
+    def __init__(self, state, name="w"):
+        super().__init__(state, name)
+        self.helper_threads = set()
+        self.lent = None  # the weights buffer lent to the helper, from push_begin to settle
+
+    def push_begin(self, examples, params):
+        self.lent = params
+        super().push_begin(examples, params)
+
+    def await_acks(self):
+        self.helper_threads.add(threading.get_ident())
+        buffer, sent, decision, params = self.flight
+        self.flight = None
+        assert np.array_equal(buffer, sent), "the worker wrote into the gradient in flight"
+        if decision.outcome == SHUTDOWN:
+            raise ShutdownRequested("the server ended the run")
+        version = None
+        if params is not None:
+            params[...] = self.state.store.params
+            version = self.state.store.version
+        return decision, version
+
+    def settle(self, acks):
+        self.lent = None
+        decision, version = acks
+        if version is not None:
+            self.version = version
+        return PushResult(decision.staleness, decision.outcome == REFUSED, self.record.data_generation)
+
+
+@pytest.mark.parametrize("channel_kind", [OverlapStateChannel, ThreadedOverlapChannel])
+def test_an_overlapping_worker_computes_while_its_push_travels_and_leaves_none_in_flight(channel_kind):
     X, y = problem()
     state = ServerState(config())
     net = MLP(SPEC)
-    channel = OverlapStateChannel(state)
+    channel = channel_kind(state)
     core = WorkerCore(net, Minibatches(X, y, 32, seed=1), StepSettings(max_steps=200, overlap=True),
                       np.random.default_rng(0))
+    if channel_kind is ThreadedOverlapChannel:  # the weights each step computes from, checked
+        compute = net.loss_and_grad
+
+        def watched(params, *args):  # a step never computes from the buffer the helper reads into
+            assert channel.lent is None or params is not channel.lent, "computing from weights being read"
+            return compute(params, *args)
+        net.loss_and_grad = watched
     before = net.evaluate(state.store.params, X, y)[0]
     core.run(channel)
     after = net.evaluate(state.store.params, X, y)[0]
     assert channel.flight is None  # the last push was acked before run() returned
     assert state.store.version == 200 == core.stats["pushes"] and after < 0.6 * before
-    # each gradient but the first was computed while the previous push was applied: one update old
+    # each gradient but the first was computed while the previous push was applied: one
+    # update old (the helper's fresh weights do not move the version a window starts from)
     assert [d.staleness for d in channel.pushes] == [0] + [1] * 199
+    if channel_kind is ThreadedOverlapChannel:
+        assert channel.helper_threads and threading.get_ident() not in channel.helper_threads
 
 
-def test_overlap_with_pushes_every_few_steps_still_sums_each_window_from_its_own_weights():
+def test_overlap_with_a_helper_thread_ends_as_the_loop_does_on_a_shutdown():
+    X, y = problem()
+    state = ServerState(config(), max_updates=7)
+    core = WorkerCore(MLP(SPEC), Minibatches(X, y, 16, seed=1), StepSettings(overlap=True), np.random.default_rng(0))
+    before = threading.active_count()
+    with pytest.raises(ShutdownRequested):  # raised on the helper thread, heard on the loop's
+        core.run(ThreadedOverlapChannel(state))
+    assert state.store.version == 7 and core.stats["pushes"] == 7
+    assert threading.active_count() == before  # the helper thread is gone
+
+
+@pytest.mark.parametrize("channel_kind", [OverlapStateChannel, ThreadedOverlapChannel])
+def test_overlap_with_pushes_every_few_steps_still_sums_each_window_from_its_own_weights(channel_kind):
     X, y = problem()
     state = ServerState(config())
-    channel = OverlapStateChannel(state)
+    channel = channel_kind(state)
     core = WorkerCore(MLP(SPEC), Minibatches(X, y, 32, seed=1),
                       StepSettings(max_steps=60, n_push=3, n_fetch=3, overlap=True), np.random.default_rng(0))
     core.run(channel)
