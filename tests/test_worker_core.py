@@ -198,6 +198,10 @@ class ThreadedOverlapChannel(OverlapStateChannel):
             version = self.state.store.version
         return decision, version
 
+    def catch_up(self, params):
+        if self.state.store.version > self.version:
+            self.pull(params)
+
     def settle(self, acks):
         self.lent = None
         decision, version = acks
@@ -231,6 +235,40 @@ def test_an_overlapping_worker_computes_while_its_push_travels_and_leaves_none_i
     assert [d.staleness for d in channel.pushes] == [0] + [1] * 199
     if channel_kind is ThreadedOverlapChannel:
         assert channel.helper_threads and threading.get_ident() not in channel.helper_threads
+
+
+class BusyServerChannel(ThreadedOverlapChannel):
+    """As ThreadedOverlapChannel, with another worker's push landing on the server just
+    after each helper read the fresh weights (``catch_up``: whether the loop reads again)."""
+
+    def __init__(self, state, catch_up: bool):
+        super().__init__(state)
+        self.other = state.members.register("other", "inprocess")
+        self.catches_up = catch_up
+
+    def await_acks(self):
+        acks = super().await_acks()
+        self.state.push(self.other.worker_id, self.state.store.version, 1, np.zeros(self.state.store.size))
+        return acks
+
+    def catch_up(self, params):
+        if self.catches_up:
+            super().catch_up(params)
+
+
+@pytest.mark.parametrize("catch_up", [True, False])
+def test_weights_the_server_moved_on_from_since_the_helper_read_them_are_read_again(catch_up):
+    """One other push lands after each helper read. Caught up, a gradient is as old as one
+    read on the loop's thread would be: its own previous push and the other worker's one
+    (staleness 2); not caught up, one more."""
+    X, y = problem()
+    state = ServerState(config())
+    channel = BusyServerChannel(state, catch_up)
+    core = WorkerCore(MLP(SPEC), Minibatches(X, y, 16, seed=1), StepSettings(max_steps=30, overlap=True),
+                      np.random.default_rng(0))
+    core.run(channel)
+    staleness = [d.staleness for d in channel.pushes]
+    assert staleness[2:] == [2 if catch_up else 3] * 28, staleness
 
 
 def test_overlap_with_a_helper_thread_ends_as_the_loop_does_on_a_shutdown():

@@ -127,6 +127,10 @@ class ShmChannel:
     def pull(self, params: np.ndarray) -> int:
         return shm.read_consistent(self.weights, params, self.timeout, self.doorbell.alive)
 
+    def newest_version(self) -> int:
+        """The version of the weights in the server's segment now (one integer, no copy)."""
+        return int(self.weights.header[shm.VERSION])
+
     def push_begin(self, slot: int, base_version: int, examples: int, params: np.ndarray | None,
                    timing: dict | None = None) -> bool:
         """The doorbell's 16 bytes carry no timing: False (the client sends it by heartbeat)."""

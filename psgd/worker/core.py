@@ -15,18 +15,19 @@ The weights are double-buffered too, where the channel says that pays
 (``acks_in_background``) and splits its push_end in two (``await_acks() -> acks``,
 thread-safe against the compute, and ``settle(acks) -> PushResult``): a helper thread
 waits for the ack and reads the fresh weights into the spare buffer while the step
-computes, and the loop swaps the buffers after it. On the shared-memory path that read
-(1 MB that the server's core has just written) took 0.2-0.3 ms of a 3.7 ms step on the
-loop's own time; on the ZeroMQ path the same helper made each step slower (see
-ParameterClient.acks_in_background).
+computes; the loop swaps the buffers after it, and ``catch_up(params)`` reads again what
+the server has moved on from since (an early read would make every gradient staler). On
+the shared-memory path that read (1 MB that the server's core has just written) took
+0.2-0.3 ms of a 3.7 ms step on the loop's own time; on the ZeroMQ path the same helper
+made each step slower (see ParameterClient.acks_in_background).
 
 A channel (a joined psgd.wire.client.ParameterClient, or any object with the same methods):
 ``grad`` (the buffer the next gradient is computed into), ``pull(params) -> version``,
 ``mark_window()``, ``window_open``, ``push(examples, params_or_None) -> PushResult``,
 ``push_begin(examples, params_or_None)`` and ``push_end() -> PushResult`` (the same push in
-two halves; optionally ``acks_in_background``, ``await_acks`` and ``settle``, above),
-``heartbeat(first_only) -> assignment reply`` and ``last_contact`` (time.monotonic of the
-last exchange).
+two halves; optionally ``acks_in_background``, ``await_acks``, ``settle`` and
+``catch_up``, above), ``heartbeat(first_only) -> assignment reply`` and ``last_contact``
+(time.monotonic of the last exchange).
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ class WorkerCore:
             result = channel.settle(future.result())  # the helper's exception, if any, is raised here
             if fetched:
                 self.params, self.spare_params = self.spare_params, self.params
+                channel.catch_up(self.params)  # where the server moved on since the helper read: read again
         self._after_push(channel, result, examples, fetched, on_assignment)
 
     def _after_push(self, channel, result, examples: int, fetched: bool, on_assignment) -> None:
