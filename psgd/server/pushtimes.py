@@ -61,7 +61,8 @@ class PushTimes:
         names, dropped; whole or not at all (psgd.files.atomic_write)."""
         n = self.n
         arrays = dict(worker=self.worker[:n], time=self.time[:n], version=self.version[:n], base=self.base[:n],
-                      refused=self.refused[:n], lr=self.lr[:n], names=np.array(list(self.names) or [""]), dropped=np.int64(self.dropped))
+                      refused=self.refused[:n], lr=self.lr[:n], names=np.array(list(self.names) or [""]),
+                      dropped=np.int64(self.dropped))
         atomic_write(Path(path), lambda f: np.savez(f, **arrays))
         return Path(path)
 
