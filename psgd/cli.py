@@ -208,7 +208,7 @@ def training_options(f):
                    help="A diverged run stops with an error, or rolls every server back to the last validated "
                         "weights and goes on at a lower rate."),
         env_option("--rollback-factor", type=float, default=_DEFAULT.rollback_factor,
-                   help="rollback: multiply the learning rate by this at each rollback."),
+                   help="rollback: multiply the learning rate by this at each rollback, in (0, 1)."),
         env_option("--max-rollbacks", type=int, default=_DEFAULT.max_rollbacks,
                    help="rollback: give up (as stop) after this many."),
         env_option("--lease", "lease_s", type=float, default=_DEFAULT.lease_s,

@@ -51,3 +51,22 @@ def test_a_departed_workers_rate_is_over_the_time_it_was_there():
     assert record.to_dict(now=110.0)["examples_per_s"] == 500.0
     record.connected = False  # it left at 110 s: an hour later its rate is still what it did
     assert record.to_dict(now=3710.0)["examples_per_s"] == 500.0
+
+
+def test_divergence_advice_leaves_out_what_the_run_already_did():
+    from psgd.config import TrainConfig
+    from psgd.coordinator.loop import divergence_advice
+    from psgd.model.schedules import ScheduleSpec
+    assert divergence_advice(TrainConfig()) == "lower --lr, or --on-divergence rollback"  # dynsgd and warm-up: defaults
+    assert divergence_advice(TrainConfig(on_divergence="rollback")) == "lower --lr, or a smaller --rollback-factor"
+    bare = TrainConfig(schedule=ScheduleSpec(warmup=0), staleness_rule="divide", workers=2)
+    assert divergence_advice(bare) == ("lower --lr, add --warmup, use --staleness-rule dynsgd, "
+                                       "or --on-divergence rollback")
+
+
+def test_the_rollback_line_says_how_many_epochs_the_weights_kept():
+    from psgd.coordinator.report import rollback_line
+    rollbacks = [{"at_update": 227, "to_update": 118, "lr": 0.3, "examples_discarded": 14464}]
+    assert rollback_line(rollbacks, 125_400, 55_000) == (
+        "1 rollback (at update 227 to 118, rate 0.3): 14464 examples trained again, so 2.02 of the 2.28 epochs "
+        "trained were kept")

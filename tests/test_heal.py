@@ -35,6 +35,10 @@ def test_a_diverging_run_stops_without_rollback_and_heals_with_it(procs, tmp_pat
     n_train = summary["examples"] / summary["epochs"]  # 55,000: the validation set is held out
     assert discarded > 0 and summary["examples"] >= 2 * n_train + discarded, (summary["examples"], rollbacks)
     assert "the run trains the" in procs.log("healed")
+    kept = (summary["examples"] - discarded) / n_train
+    assert f"examples trained again, so {kept:.2f} of the {summary['epochs']:.2f} epochs" in procs.log("healed")
+    report = procs.start("report", str(tmp_path / "healed"), "--no-plots", log="report")
+    assert report.wait(60) == 0 and "examples trained again" in procs.log("report")
     # the healed run trained: its test loss is well below that of the weights it started from
     _, test = mnist
     net = MLP(ModelSpec((784, 64, 10), loss="sse"))

@@ -22,7 +22,7 @@ import numpy as np
 from ..config import TrainConfig, server_update
 from ..errors import Interrupted, PsgdError, TransportError
 from ..metrics import FLAG_AFTER_OUTLIERS, StalenessHistogram, time_shares
-from .report import momentum_line, traffic_line
+from .report import momentum_line, rollback_line, traffic_line
 from ..model.interface import build_model
 from ..data.prepared import PreparedData
 from .live import LiveRun
@@ -143,7 +143,7 @@ class Coordinator:
                 if examples != last_examples or joined != last_joined:  # a worker joining is progress too
                     last_examples, last_joined, progress_at = examples, joined, now
                 elif stalled_for > stall_limit or (refusing_now and stalled_for > NAN_STALL_S):
-                    raise PsgdError(_stall_message(stats, stalled_for))
+                    raise PsgdError(_stall_message(stats, stalled_for, c))
                 if t_first is None and version > 0:
                     t_first = time.perf_counter()
                     self._cpu_at_first = (stats.get("cpu_s", 0.0), version)  # the servers' start-up is not per push
@@ -308,8 +308,7 @@ class Coordinator:
         if c.on_divergence != "rollback" or len(self.rollbacks) >= c.max_rollbacks or self._validated is None:
             tried = f" after {len(self.rollbacks)} rollbacks" if self.rollbacks else ""
             raise PsgdError(f"training diverged{tried}: the validation loss is {diverged.val_loss} after "
-                            f"{diverged.version} updates (learning rate {self.lr_sent}); lower --lr, add --warmup, "
-                            f"use --staleness-rule dynsgd, or --on-divergence rollback")
+                            f"{diverged.version} updates (learning rate {self.lr_sent}); {divergence_advice(c)}")
         version, weights, examples_then = self._validated
         self.servers.set_params(weights)
         self.lr_scale *= c.rollback_factor
@@ -401,6 +400,8 @@ class Coordinator:
                 f"workers that started before it): rates count only the {updates - self._before[1]} since")
         if summary["momentum_rule"]:
             summary["report"].append(momentum_line(summary["momentum_rule"]))
+        if self.rollbacks:
+            summary["report"].append(rollback_line(self.rollbacks, examples, n_train))
         if c.compresses:
             summary["report"].append(traffic_line(summary["traffic"]))
         flagged = sorted(n for n, w in workers.items() if w["flagged"])
@@ -459,13 +460,28 @@ class _Diverged(Exception):
         self.val_loss, self.version = val_loss, version
 
 
-def _stall_message(stats: dict, seconds: float) -> str:
+def divergence_advice(c) -> str:
+    """What may help a diverged run, leaving out what it already did (an exhausted rollback
+    was told to try rollback, and dynsgd, the default, to use dynsgd)."""
+    tips = ["lower --lr"]
+    if c.schedule.warmup == 0:
+        tips.append("add --warmup")
+    if c.staleness_rule in ("none", "divide") and c.workers != 1:
+        tips.append("use --staleness-rule dynsgd")
+    if c.on_divergence != "rollback":
+        tips.append("or --on-divergence rollback")
+    elif c.max_rollbacks > 0:
+        tips.append("or a smaller --rollback-factor")
+    return ", ".join(tips)
+
+
+def _stall_message(stats: dict, seconds: float, config) -> str:
     errors = stats.get("errors") or {}
     live = stats["workers_connected"]
     why = ""
     if errors.get("not_finite"):
         why = (f"; the server refused {errors['not_finite']} gradients as NaN/Inf: training diverged "
-               f"(lower --lr, add --warmup, use --staleness-rule dynsgd, or --on-divergence rollback)")
+               f"({divergence_advice(config)})")
     elif errors:
         why = f"; the server refused pushes: {errors}"
     return f"no training progress for {seconds:.0f} s at {stats['examples']} examples with {live} workers connected{why}"

@@ -51,6 +51,15 @@ def traffic_line(traffic: dict) -> str:
     return f"payload pushed: {part(traffic.get('pushed', {}))}; pulled by workers: {part(traffic.get('pulled', {}))}"
 
 
+def rollback_line(rollbacks: list[dict], examples: int, n_train: int) -> str:
+    """The rollbacks in one line: the epochs trained count the examples trained again, so
+    say how many the weights kept."""
+    discarded = sum(r.get("examples_discarded", 0) for r in rollbacks)
+    went = "; ".join(f"at update {r['at_update']} to {r['to_update']}, rate {r['lr']:.4g}" for r in rollbacks)
+    return (f"{len(rollbacks)} rollback{'s' if len(rollbacks) > 1 else ''} ({went}): {discarded} examples trained "
+            f"again, so {(examples - discarded) / n_train:.2f} of the {examples / n_train:.2f} epochs trained were kept")
+
+
 def momentum_line(rule: dict) -> str:
     """What the server's momentum rule (psgd.model.momentum_rule) had chosen at the end."""
     if rule["rule"] != "adaptive":
@@ -105,6 +114,8 @@ def text_report(run: Run) -> list[str]:
     lines.append("  time to " + ", ".join(f"{a:.0%}: {_seconds(run.time_to(a))}" for a in TARGETS))
     if s.get("momentum_rule"):
         lines.append("  " + momentum_line(s["momentum_rule"]))
+    if s.get("rollbacks") and s.get("epochs"):
+        lines.append("  " + rollback_line(s["rollbacks"], s["examples"], s["examples"] / s["epochs"]))
     hist = run.staleness()
     if hist is not None and hist.total:
         sm = hist.summary()
