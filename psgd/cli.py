@@ -493,9 +493,13 @@ def train(ctx, resume_dir, keep_timings, dashboard, dashboard_hold, **kw):
 @env_option("--cores", type=int, default=0, help="CPU cores the workers share (0: one each).")
 @env_option("--memory-limit-mb", type=float, default=4096.0, show_default=True,
             help="Refuse a run whose in-flight weight copies could exceed this.")
+@env_option("--replay", "replay_dir", type=click.Path(file_okay=False, exists=True), default=None,
+            help="A finished run of psgd train --keep-timings: simulate it again, fed its measured step and "
+                 "round-trip times and its rates, with its configuration (every option above but --out is "
+                 "ignored; default --out: RUN_DIR-replay), and compare the two.")
 @click.pass_context
 def simulate(ctx, compute, delay, server_time, stragglers, straggler_factor, mtbf, downtime, cores, memory_limit_mb,
-             **kw):
+             replay_dir, **kw):
     """Simulate N workers on virtual time: real gradients, the server's own rules, one process.
 
     Writes the same run directory as psgd train (times in it are virtual seconds), so
@@ -503,6 +507,10 @@ def simulate(ctx, compute, delay, server_time, stragglers, straggler_factor, mtb
     run it with OPENBLAS_NUM_THREADS=1: its gradients are small and one at a time."""
     from .simulate import Dist, SimSpec
     from .simulate import simulate as run_simulation
+    if replay_dir is not None:
+        given = ctx.get_parameter_source("out_dir") is not click.core.ParameterSource.DEFAULT
+        replay(replay_dir, kw["out_dir"] if given else None)
+        return
     config = build_config(ctx, **kw)
     spec = SimSpec(compute=Dist.parse(compute), delay=Dist.parse(delay), server=Dist.parse(server_time),
                    stragglers=stragglers, straggler_factor=straggler_factor, mtbf_s=mtbf, downtime=Dist.parse(downtime),
@@ -510,6 +518,22 @@ def simulate(ctx, compute, delay, server_time, stragglers, straggler_factor, mtb
     summary = run_simulation(config, spec, Progress())
     print_summary(summary)
     say_where_the_run_went(config.out_dir, summary)
+
+
+def replay(real_dir: str, out_dir: str | None) -> None:
+    """psgd simulate --replay: the real run again, on its own timeline, and how close it came."""
+    from .simulate import simulate as run_simulation
+    from .simulate.calibrate import compare, measured_spec, replay_config
+    out = out_dir or str(Path(real_dir).resolve()) + "-replay"
+    config = replay_config(real_dir, out)
+    summary = run_simulation(config, measured_spec(real_dir), Progress())
+    print_summary(summary)
+    say_where_the_run_went(config.out_dir, summary)
+    c = compare(real_dir, out)
+    real_s, sim_s = c["real_staleness"], c["sim_staleness"]
+    click.echo(f"replay of {real_dir}: staleness mean {real_s['mean']:.2f} real, {sim_s['mean']:.2f} simulated "
+               f"(total-variation distance {c['tv']:.3f}); test accuracy {c['real_accuracy']:.2%} real, "
+               f"{c['sim_accuracy']:.2%} simulated")
 
 
 @cli.command()

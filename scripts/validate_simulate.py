@@ -24,7 +24,6 @@ who is stale), so a single figure is one sample: --repeats runs each size severa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -33,9 +32,8 @@ from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the simulator's gradients are small, one at a time
 
-from psgd.config import TrainConfig  # noqa: E402
 from psgd.simulate import simulate  # noqa: E402
-from psgd.simulate.calibrate import compare, measured_spec  # noqa: E402
+from psgd.simulate.calibrate import compare, measured_spec, replay_config  # noqa: E402
 
 FEEDS = {"replay": {}, "shuffled": {"replay": "shuffled"}, "means": {"traces": False}}
 
@@ -47,19 +45,10 @@ def real_run(out: Path, workers: int, epochs: float, layers: str, data: str, ext
 
 
 def simulated_run(real: Path, out: Path, sigma: float, seed: int | None = None, **feed) -> dict:
-    """Simulate the real run in ``real`` and compare. The simulation stops at the update
-    whose weights the real run evaluated last and kept (its last metrics record): a real
-    coordinator polls, and notices the last example of the last epoch some updates late
-    (866 for 860 in 2 epochs of one worker; its servers applied 6 more pushes while it
-    evaluated and stopped them), and the test accuracy of weights a few updates apart
-    differs by up to a point or more at 2 epochs. So stopped, a replay of one worker ends
-    with the real run's weights to the bit."""
-    config = TrainConfig.from_dict(json.loads((real / "config.json").read_text()))
-    last = json.loads((real / "metrics.jsonl").read_text().splitlines()[-1])
-    ended = json.loads((real / "summary.json").read_text())
-    config = config.with_(out_dir=str(out), seed=config.seed if seed is None else seed,
-                          max_updates=last["updates"], epochs=max(config.epochs, ended["epochs"]) + 1)
-    simulate(config, measured_spec(real, sigma, **feed), say=lambda text: None)
+    """Simulate the real run in ``real`` (stopped where it last evaluated: see
+    psgd.simulate.calibrate.replay_config; so stopped, a replay of one worker ends with the
+    real run's weights to the bit) and compare."""
+    simulate(replay_config(real, out, seed), measured_spec(real, sigma, **feed), say=lambda text: None)
     return compare(real, out)
 
 

@@ -73,3 +73,21 @@ def test_a_replay_of_a_real_run_at_a_constant_rate_ends_where_it_did(tmp_path, d
     print(result)
     assert result["tv"] <= 0.05
     assert result["accuracy_gap"] <= 0.002
+
+
+def test_psgd_simulate_replays_a_kept_run_and_says_how_close_it_came(procs, tmp_path):
+    """The operator's way (no script): psgd train --keep-timings, then psgd simulate
+    --replay RUN_DIR, which writes RUN_DIR-replay and prints one comparison line."""
+    import re
+    real = tmp_path / "real"
+    train = procs.start("train", "--workers", "2", "--layers", "784,64,10", "--epochs", "1", "--keep-timings",
+                        "--out", str(real), log="train")
+    assert train.wait(180) == 0, procs.log("train")
+    replay = procs.start("simulate", "--replay", str(real), log="replay", extra_env={"OPENBLAS_NUM_THREADS": "1"})
+    assert replay.wait(180) == 0, procs.log("replay")
+    line = re.search(r"replay of .*: staleness mean ([\d.]+) real, ([\d.]+) simulated \(total-variation distance "
+                     r"([\d.]+)\); test accuracy ([\d.]+)% real, ([\d.]+)% simulated", procs.log("replay"))
+    assert line, procs.log("replay")
+    real_mean, sim_mean, tv, real_acc, sim_acc = map(float, line.groups())
+    assert tv <= 0.15 and abs(real_mean - sim_mean) <= 0.1 and abs(real_acc - sim_acc) <= 1.0, line.group(0)
+    assert (tmp_path / "real-replay" / "summary.json").exists()

@@ -289,6 +289,26 @@ def _logged_spec(run_dir, sigma: float, before_apply: float, **overrides) -> Sim
                    **overrides)
 
 
+def replay_config(real_dir, out_dir, seed: int | None = None):
+    """The real run's configuration, to simulate it again into ``out_dir``: stopped at the
+    update whose weights the real run evaluated last and kept (its last metrics record). A
+    real coordinator polls, and notices the last example of the last epoch some updates late
+    (866 for 860 in 2 epochs of one worker; its servers applied 6 more pushes while it
+    evaluated and stopped them), and the test accuracy of weights a few updates apart
+    differs by up to a point or more at 2 epochs."""
+    from ..config import TrainConfig
+    real_dir = Path(real_dir)
+    try:
+        config = TrainConfig.from_dict(json.loads((real_dir / "config.json").read_text()))
+        last = json.loads((real_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        ended = json.loads((real_dir / "summary.json").read_text())
+    except (OSError, ValueError, IndexError) as exc:
+        raise DataError(f"{real_dir} is not a finished run directory (config.json, metrics.jsonl, summary.json): "
+                        f"{exc}") from None
+    return config.with_(out_dir=str(out_dir), seed=config.seed if seed is None else seed,
+                        max_updates=last["updates"], epochs=max(config.epochs, ended["epochs"]) + 1)
+
+
 def compare(real_dir, sim_dir) -> dict:
     """Staleness total-variation distance and accuracy gap between two run directories."""
     real, sim = (json.loads((Path(d) / "summary.json").read_text()) for d in (real_dir, sim_dir))
