@@ -127,7 +127,8 @@ class ServerState:
         record.last_push, record.last_ack = seq, None
         decision = Decision(HELD)
         if action in (APPLY, APPLY_HOLD):
-            lr = self.store.lr()  # the coordinator's rate this push is applied at (kept in the push log)
+            # the coordinator's rate this push is applied at, for the push log (kept only then)
+            lr = self.store.lr() if self.push_times is not None else None
             version, staleness = self.store.apply(base_version, examples, grad)
             self.members.count(worker_id, examples, staleness)
             if self.push_times is not None:
